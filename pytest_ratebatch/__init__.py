@@ -1,0 +1,34 @@
+"""pytest-ratebatch: a global token-bucket rate, batches and stop conditions for pytest."""
+
+from __future__ import annotations
+
+from .clock import MONOTONIC, Clock, MonotonicClock
+from .ledger import Ledger, MemoryLedger
+from .limiter import Admission, RateLimiter
+from .policy import ExecutionPolicy, PolicyError, RateLimit, format_duration, parse_duration
+from .report import worst_excess
+from .scheduler import TaskScheduler, Ticket
+from .stores import BucketStore, MemoryBucketStore, StoreError
+
+__all__ = [
+    "MONOTONIC",
+    "Admission",
+    "BucketStore",
+    "Clock",
+    "ExecutionPolicy",
+    "Ledger",
+    "MemoryBucketStore",
+    "MemoryLedger",
+    "MonotonicClock",
+    "PolicyError",
+    "RateLimit",
+    "RateLimiter",
+    "StoreError",
+    "TaskScheduler",
+    "Ticket",
+    "format_duration",
+    "parse_duration",
+    "worst_excess",
+]
+
+__version__ = "0.1.0"

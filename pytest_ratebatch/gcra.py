@@ -1,0 +1,75 @@
+"""The token bucket as GCRA arithmetic on two numbers, in integer nanoseconds.
+
+GCRA keeps a bucket in one number, the *theoretical arrival time* (TAT): the bucket is full
+when TAT <= now, and every token pushes TAT one ``interval`` into the future. A request of
+``cost`` tokens conforms at ``now`` when ``TAT + (cost - burst) * interval <= now``.
+
+Two TATs make waiting exact without polling:
+
+``reserved``
+    advanced when a request reserves its slot; it orders waiters (FIFO) and tells each one
+    how long to sleep.
+``admitted``
+    advanced when a request is admitted, at the clock reading of its admission. A waiter
+    that wakes late is checked against it again, so the admissions themselves obey the bound
+    ``cost(window) <= burst + window / interval`` whatever the wake-up jitter.
+
+A request admitted without waiting updates both in one step. Integers keep the arithmetic
+exact. Everything here is pure and allocation-light (it runs once per test); stores wrap it
+in their own atomicity (a lock, a file lock, a Lua script).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ADMITTED", "REFUSED", "RESERVED", "WAIT", "Outcome", "commit", "level", "take"]
+
+# Outcome status codes: plain ints, because this is the per-test hot path.
+ADMITTED = 0  # tokens taken: the request may start now
+RESERVED = 1  # slot reserved: sleep ``wait_ns``, then commit (unless reserve-only)
+WAIT = 2  # commit not possible yet: sleep ``wait_ns`` and commit again
+REFUSED = 3  # the slot is later than the caller accepts; nothing changed
+
+#: ``(status, now_ns, wait_ns)``: the store's clock reading is the admission time if admitted.
+Outcome = tuple[int, int, int]
+
+
+def take(
+    reserved: int,
+    admitted: int,
+    now: int,
+    cost: int,
+    interval: int,
+    burst: int,
+    max_wait: int | None = None,
+    admit: bool = True,
+) -> tuple[int, int, int, int]:
+    """Reserve ``cost`` tokens behind every earlier reservation; admit too if no wait is needed.
+
+    Returns ``(reserved, admitted, status, wait_ns)``. With ``admit=False`` (a batch holding
+    its place) the tokens are only reserved; each test commits its own cost when it starts.
+    """
+    base = max(reserved, admitted, now)
+    wait = base + (cost - burst) * interval - now
+    if wait > 0:
+        if max_wait is not None and wait > max_wait:
+            return reserved, admitted, REFUSED, wait
+        return base + cost * interval, admitted, RESERVED, wait
+    if admit:
+        return base + cost * interval, max(admitted, now) + cost * interval, ADMITTED, 0
+    return base + cost * interval, admitted, RESERVED, 0
+
+
+def commit(
+    reserved: int, admitted: int, now: int, cost: int, interval: int, burst: int
+) -> tuple[int, int, int, int]:
+    """Admit ``cost`` reserved tokens if the admissions so far leave room at ``now``."""
+    wait = admitted + (cost - burst) * interval - now
+    if wait > 0:
+        return reserved, admitted, WAIT, wait
+    return reserved, max(admitted, now) + cost * interval, ADMITTED, 0
+
+
+def level(reserved: int, admitted: int, now: int, interval: int, burst: int) -> float:
+    """Tokens a request could take right now without waiting (0 to ``burst``)."""
+    debt = max(reserved, admitted) - now
+    return float(burst) if debt <= 0 else max(0.0, burst - debt / interval)

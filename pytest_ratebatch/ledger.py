@@ -1,0 +1,207 @@
+"""The session's shared bookkeeping: batches, the barrier between them, failures, the stop.
+
+``SessionState`` and the functions on it are pure; a ``Ledger`` applies them atomically and
+lets a caller block until a batch has drained or been released. The in-memory ledger serves
+one process (and its threads); the file ledger the workers of a pytest-xdist session.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Protocol
+
+__all__ = [
+    "Entry",
+    "Ledger",
+    "MemoryLedger",
+    "SessionState",
+    "StopRule",
+    "check_stop",
+    "enter",
+    "finish",
+    "leave",
+    "release",
+    "stop",
+]
+
+
+@dataclass
+class SessionState:
+    """What every process of a session must agree on; a few numbers, whatever the suite size."""
+
+    failures: int = 0
+    stop_reason: str = ""
+    batch: int = 0  # the newest batch (0: none yet)
+    members: int = 0  # tests that joined the newest batch
+    running: int = 0  # of those, not finished yet
+    released: bool = True  # the newest batch holds its tokens; its members may start
+    draining: int = 0  # tests of the previous batch still running while the newest opens
+    drained_ns: int = 0  # when the previous batch's last test finished
+    last_finish_ns: int = 0  # when the newest batch's latest test finished
+
+
+class Entry(NamedTuple):
+    """What a test arriving at its start must do.
+
+    ``go``: start (after taking its own tokens); ``open``: this test opens ``batch`` and
+    must pass the barrier, the backoff and the batch's tokens first; ``join``: member of
+    ``batch``, which is still opening; ``wait``: the newest batch is full and opening, wait
+    for its release and try again; ``cancel``: the session stopped, ``reason`` says why.
+    """
+
+    action: Literal["go", "open", "join", "wait", "cancel"]
+    batch: int = 0
+    reason: str = ""
+
+
+class StopRule(NamedTuple):
+    max_failures: int | None
+    deadline_ns: int | None
+    timeout_text: str
+
+
+def check_stop(state: SessionState, now: int, rule: StopRule) -> str:
+    """Record and return the stop reason if a stop condition holds (the first reason wins)."""
+    if not state.stop_reason:
+        if rule.max_failures is not None and state.failures >= rule.max_failures:
+            state.stop_reason = f"max failures ({rule.max_failures}) reached"
+        elif rule.deadline_ns is not None and now >= rule.deadline_ns:
+            state.stop_reason = f"total timeout ({rule.timeout_text}) passed"
+    return state.stop_reason
+
+
+def enter(state: SessionState, now: int, rule: StopRule, batch_size: int | None) -> Entry:
+    """A test arrives at its start: decide, and count it in if it belongs to a batch."""
+    reason = check_stop(state, now, rule)
+    if reason:
+        return Entry("cancel", reason=reason)
+    if batch_size is None:
+        return Entry("go")
+    if state.batch and state.members < batch_size:
+        state.members += 1
+        state.running += 1
+        return Entry("go" if state.released else "join", state.batch)
+    if not state.released:
+        return Entry("wait", state.batch)
+    state.draining = state.running
+    if not state.draining:
+        state.drained_ns = state.last_finish_ns
+    state.batch += 1
+    state.members = state.running = 1
+    state.released = False
+    state.last_finish_ns = 0
+    return Entry("open", state.batch)
+
+
+def release(state: SessionState, batch: int) -> None:
+    if state.batch == batch:
+        state.released = True
+
+
+def leave(state: SessionState, batch: int) -> None:
+    """A member of the opening batch that will not run after all (the session stopped)."""
+    if batch and batch == state.batch:
+        state.running -= 1
+
+
+def finish(state: SessionState, batch: int, failed: bool, now: int) -> None:
+    if failed:
+        state.failures += 1
+    if not batch:
+        return
+    if batch == state.batch:
+        state.running -= 1
+        state.last_finish_ns = max(state.last_finish_ns, now)
+    elif batch == state.batch - 1:
+        state.draining -= 1
+        if not state.draining:
+            state.drained_ns = now
+
+
+def stop(state: SessionState, reason: str) -> str:
+    if not state.stop_reason:
+        state.stop_reason = reason
+    return state.stop_reason
+
+
+class Ledger(Protocol):
+    """Atomic access to one ``SessionState``, and the two blocking waits of the barrier."""
+
+    def enter(self, now: int, rule: StopRule, batch_size: int | None) -> Entry: ...
+
+    def release(self, batch: int) -> None: ...
+
+    def finish(self, batch: int, failed: bool, now: int) -> None: ...
+
+    def leave(self, batch: int) -> None: ...
+
+    def stop(self, reason: str) -> str:
+        """Record ``reason`` unless the session already stopped; return the reason in force."""
+        ...
+
+    def check_stop(self, now: int, rule: StopRule) -> str: ...
+
+    def wait_drained(self, batch: int) -> int:
+        """Block until every test of ``batch`` finished; return when the last one did."""
+        ...
+
+    def wait_released(self, batch: int) -> None:
+        """Block until ``batch`` was released or the session stopped."""
+        ...
+
+    def snapshot(self) -> SessionState: ...
+
+
+class MemoryLedger:
+    """The ledger of a single process; thread-safe, so threads may share a scheduler."""
+
+    def __init__(self) -> None:
+        self._state = SessionState()
+        self._changed = threading.Condition()
+
+    def enter(self, now: int, rule: StopRule, batch_size: int | None) -> Entry:
+        with self._changed:
+            return enter(self._state, now, rule, batch_size)
+
+    def release(self, batch: int) -> None:
+        with self._changed:
+            release(self._state, batch)
+            self._changed.notify_all()
+
+    def finish(self, batch: int, failed: bool, now: int) -> None:
+        with self._changed:
+            finish(self._state, batch, failed, now)
+            self._changed.notify_all()
+
+    def leave(self, batch: int) -> None:
+        with self._changed:
+            leave(self._state, batch)
+            self._changed.notify_all()
+
+    def stop(self, reason: str) -> str:
+        with self._changed:
+            result = stop(self._state, reason)
+            self._changed.notify_all()
+            return result
+
+    def check_stop(self, now: int, rule: StopRule) -> str:
+        with self._changed:
+            return check_stop(self._state, now, rule)
+
+    def wait_drained(self, batch: int) -> int:
+        state = self._state
+        with self._changed:
+            self._changed.wait_for(lambda: state.batch > batch + 1 or state.draining <= 0)
+            return state.drained_ns
+
+    def wait_released(self, batch: int) -> None:
+        state = self._state
+        with self._changed:
+            self._changed.wait_for(
+                lambda: state.batch != batch or state.released or bool(state.stop_reason)
+            )
+
+    def snapshot(self) -> SessionState:
+        with self._changed:
+            return SessionState(**vars(self._state))

@@ -1,0 +1,123 @@
+"""``RateLimiter``: a token bucket that reserves a slot atomically, then sleeps until it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from .clock import MONOTONIC, Clock
+from .gcra import ADMITTED, REFUSED
+from .policy import NANOS_PER_SECOND, RateLimit
+from .stores import BucketStore, MemoryBucketStore
+
+__all__ = ["Admission", "RateLimiter"]
+
+OnWait = Callable[[float], None]
+
+
+class Admission(NamedTuple):
+    tokens: int
+    at_ns: int  # the store's clock when the tokens were taken (the slot, if reserve-only)
+    waited_ns: int  # time spent sleeping for them, on the limiter's clock
+
+
+class RateLimiter:
+    """GCRA token bucket over a ``BucketStore``, on an injectable clock.
+
+    ``acquire`` reserves its slot in one atomic store operation, so waiters are served in
+    the order they arrived, then sleeps outside any lock exactly until the slot. Asking for
+    more tokens than the burst raises ``ValueError``: no wait could ever admit such a request
+    within the bound, and spinning forever would hide the mistake.
+    """
+
+    def __init__(
+        self,
+        rate_limit: RateLimit,
+        store: BucketStore | None = None,
+        clock: Clock = MONOTONIC,
+    ) -> None:
+        self.rate_limit = rate_limit
+        self.store: BucketStore = store if store is not None else MemoryBucketStore(clock)
+        self._clock = clock
+        self._interval = rate_limit.interval_ns
+        self._burst = rate_limit.burst
+
+    def admit(
+        self,
+        tokens: int = 1,
+        *,
+        timeout: float | None = None,
+        reserve_only: bool = False,
+        on_wait: OnWait | None = None,
+    ) -> Admission | None:
+        """Take ``tokens``, sleeping as long as needed; ``None`` if that exceeds ``timeout``.
+
+        ``on_wait(seconds)`` is called before each sleep. With ``reserve_only`` the tokens
+        hold a place in line but are not admitted: the caller ``commit``s them later.
+        """
+        if type(tokens) is not int or not 0 < tokens <= self._burst:
+            self._check(tokens)
+            return Admission(0, self._clock.now_ns(), 0)
+        max_wait = None if timeout is None else max(0, int(timeout * NANOS_PER_SECOND))
+        status, now, wait = self.store.take(
+            tokens, self._interval, self._burst, max_wait, not reserve_only
+        )
+        if status == ADMITTED:
+            return Admission(tokens, now, 0)
+        if status == REFUSED:
+            return None
+        return self._wait_for_slot(tokens, now, wait, reserve_only, on_wait)
+
+    def _wait_for_slot(
+        self, tokens: int, now: int, wait: int, reserve_only: bool, on_wait: OnWait | None
+    ) -> Admission:
+        started = self._clock.now_ns()
+        self._sleep(wait, on_wait)
+        at = now + wait if reserve_only else self.commit(tokens, on_wait=on_wait)
+        return Admission(tokens, at, self._clock.now_ns() - started)
+
+    def _check(self, tokens: object) -> None:
+        """Raise for anything but a whole number of tokens within the burst (0 is allowed)."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens must be a whole number >= 0, not {tokens!r}")
+        if tokens > self._burst:
+            raise ValueError(
+                f"{tokens} tokens exceed the burst ({self._burst}): a request larger than the "
+                "bucket could never start within the rate bound"
+            )
+
+    def commit(self, tokens: int, *, on_wait: OnWait | None = None) -> int:
+        """Admit tokens reserved with ``reserve_only``; returns the admission time."""
+        while True:
+            status, now, wait = self.store.commit(tokens, self._interval, self._burst)
+            if status == ADMITTED:
+                return now
+            self._sleep(wait, on_wait)
+
+    def _sleep(self, wait_ns: int, on_wait: OnWait | None) -> None:
+        if wait_ns <= 0:
+            return
+        seconds = wait_ns / NANOS_PER_SECOND
+        if on_wait is not None:
+            on_wait(seconds)
+        self._clock.sleep(seconds)
+
+    def acquire(self, tokens: int = 1, timeout: float | None = None) -> bool:
+        """Block until ``tokens`` are taken; ``False``, taking nothing, if that would exceed
+        ``timeout`` seconds."""
+        if timeout is None and type(tokens) is int and 0 < tokens <= self._burst:
+            # The common case, kept lean: one store call, no allocation when admitted.
+            status, now, wait = self.store.take(tokens, self._interval, self._burst, None, True)
+            if status != ADMITTED:
+                self._wait_for_slot(tokens, now, wait, False, None)
+            return True
+        return self.admit(tokens, timeout=timeout) is not None
+
+    def try_acquire(self, tokens: int = 1) -> bool:
+        """Take ``tokens`` only if no wait is needed."""
+        return self.admit(tokens, timeout=0) is not None
+
+    @property
+    def available_tokens(self) -> float:
+        """Tokens that could be taken right now without waiting."""
+        return self.store.level(self._interval, self._burst)

@@ -1,0 +1,325 @@
+"""The execution policy: option specs, parsing, validation and the frozen value objects.
+
+Nothing here imports pytest: the plugin feeds raw strings in and turns a ``PolicyError``
+into ``pytest.UsageError``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "COMMAND_LINE",
+    "OPTIONS",
+    "ExecutionPolicy",
+    "OptionSpec",
+    "PolicyError",
+    "RateLimit",
+    "RawValue",
+    "build_policy",
+    "format_duration",
+    "parse_duration",
+    "parse_value",
+]
+
+NANOS_PER_SECOND = 1_000_000_000
+COMMAND_LINE = "command line"
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: ``per_minute`` tokens refill per minute, at most ``burst`` stored."""
+
+    per_minute: float
+    burst: int = 1
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.per_minute) and self.per_minute > 0):
+            raise ValueError(f"per_minute must be a finite number > 0, not {self.per_minute!r}")
+        if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1:
+            raise ValueError(f"burst must be an integer >= 1, not {self.burst!r}")
+
+    @property
+    def interval_ns(self) -> int:
+        """Nanoseconds per token, rounded up so the bucket never runs faster than asked."""
+        return max(1, math.ceil(60 * NANOS_PER_SECOND / self.per_minute))
+
+    @property
+    def per_second(self) -> float:
+        return self.per_minute / 60
+
+
+@dataclass(frozen=True)
+class ExecutionPolicy:
+    """Everything the scheduler enforces; ``None`` means "no limit"."""
+
+    rate_limit: RateLimit | None = None
+    batch_size: int | None = None
+    batch_backoff: float = 0.0
+    max_failures: int | None = None
+    total_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {self.batch_size!r}")
+        if not (math.isfinite(self.batch_backoff) and self.batch_backoff >= 0):
+            raise ValueError(f"batch_backoff must be >= 0, not {self.batch_backoff!r}")
+        if self.max_failures is not None and self.max_failures < 1:
+            raise ValueError(f"max_failures must be >= 1, not {self.max_failures!r}")
+        if self.total_timeout is not None and not (
+            math.isfinite(self.total_timeout) and self.total_timeout > 0
+        ):
+            raise ValueError(f"total_timeout must be > 0, not {self.total_timeout!r}")
+        if (
+            self.rate_limit is not None
+            and self.batch_size is not None
+            and self.rate_limit.burst < self.batch_size
+        ):
+            raise ValueError(
+                f"burst ({self.rate_limit.burst}) is smaller than batch_size ({self.batch_size})"
+            )
+
+    @property
+    def is_active(self) -> bool:
+        """Whether any limit is set; an inactive policy lets the plugin stay out of the way."""
+        return (
+            self.rate_limit is not None
+            or self.batch_size is not None
+            or self.max_failures is not None
+            or self.total_timeout is not None
+        )
+
+    def describe(self) -> str:
+        """One line for the session header, e.g. ``rate 60/min, burst 5, batch size 5``."""
+        parts = []
+        if self.rate_limit is not None:
+            parts.append(f"rate {_format_number(self.rate_limit.per_minute)}/min")
+            parts.append(f"burst {self.rate_limit.burst}")
+        if self.batch_size is not None:
+            parts.append(f"batch size {self.batch_size}")
+            parts.append(f"backoff {format_duration(self.batch_backoff)}")
+        if self.max_failures is not None:
+            parts.append(f"max failures {self.max_failures}")
+        if self.total_timeout is not None:
+            parts.append(f"total timeout {format_duration(self.total_timeout)}")
+        return ", ".join(parts) if parts else "no limits"
+
+    def to_json(self) -> dict[str, Any]:
+        rate = self.rate_limit
+        return {
+            "rate_per_minute": rate.per_minute if rate else None,
+            "burst": rate.burst if rate else None,
+            "interval_ns": rate.interval_ns if rate else None,
+            "batch_size": self.batch_size,
+            "batch_backoff": self.batch_backoff,
+            "max_failures": self.max_failures,
+            "total_timeout": self.total_timeout,
+        }
+
+
+class PolicyError(ValueError):
+    """A bad option value, with the option, the value and where it came from."""
+
+
+# --- value parsers: each takes the raw text and raises ValueError with a short reason ---
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_PLAIN_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``1.5s``, ``250ms``, ``10m``, ``2h`` or ``1h30m``."""
+    compact = text.strip().lower().replace(" ", "")
+    if _PLAIN_NUMBER.fullmatch(compact):
+        seconds = float(compact)
+    else:
+        parts = _DURATION_PART.findall(compact)
+        if not parts or "".join(number + unit for number, unit in parts) != compact:
+            raise ValueError("not a duration (use seconds or a unit: 90, 1.5s, 250ms, 10m, 2h)")
+        seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    if not math.isfinite(seconds):
+        raise ValueError("not a finite duration")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling: ``10m``, ``2h``, ``1m30s``, ``1.5s``, ``0s``."""
+    if seconds >= 60 and float(seconds).is_integer():
+        hours, rest = divmod(int(seconds), 3600)
+        minutes, secs = divmod(rest, 60)
+        units = ((hours, "h"), (minutes, "m"), (secs, "s"))
+        return "".join(f"{amount}{unit}" for amount, unit in units if amount)
+    return f"{_format_number(seconds)}s"
+
+
+def _format_number(value: float) -> str:
+    return f"{value:.6f}".rstrip("0").rstrip(".") or "0"
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError("not a whole number") from None
+    if value < 1:
+        raise ValueError("must be >= 1")
+    return value
+
+
+def _non_negative_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _any_text(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One setting: its flag, its ini key (``name``), its help text and its parser."""
+
+    name: str
+    metavar: str
+    help: str
+    parse: Callable[[str], Any]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec(
+        "rate_per_minute",
+        "N",
+        "Average cost of tests started per minute, across all processes sharing the limiter "
+        "(a number > 0, e.g. 60 or 0.5). Default: no rate limit.",
+        _positive_float,
+    ),
+    OptionSpec(
+        "burst",
+        "N",
+        "Bucket capacity: how much may start back to back after idling (integer >= 1). "
+        "Default: the batch size, else 1. Needs a rate.",
+        _positive_int,
+    ),
+    OptionSpec(
+        "batch_size",
+        "K",
+        "Release tests in batches of at most K; a batch starts only after the previous one "
+        "finished and the backoff passed. Default: no batches.",
+        _positive_int,
+    ),
+    OptionSpec(
+        "batch_backoff",
+        "DURATION",
+        "Pause after a batch finishes, before the next starts (90, 1.5s, 250ms, 10m, 2h). "
+        "Default: 0. Needs a batch size.",
+        _non_negative_duration,
+    ),
+    OptionSpec(
+        "max_failures",
+        "N",
+        "Start no more tests once N tests failed or errored; the rest are reported as "
+        "cancelled skips. Default: no limit.",
+        _positive_int,
+    ),
+    OptionSpec(
+        "total_timeout",
+        "DURATION",
+        "Start no more tests once the session is this old (90, 1.5s, 10m, 2h); the rest are "
+        "reported as cancelled skips. Default: no limit.",
+        _positive_duration,
+    ),
+    OptionSpec(
+        "ratebatch_report",
+        "PATH",
+        "Write a JSON report (policy, each test's start, finish, batch, tokens, wait and "
+        "outcome, stop reason) to PATH. Default: no report.",
+        _any_text,
+    ),
+)
+
+_SPECS = {spec.name: spec for spec in OPTIONS}
+
+
+@dataclass(frozen=True)
+class RawValue:
+    """An option value as the user wrote it, and where: the command line or an ini file."""
+
+    text: str
+    source: str
+
+    def describe(self, name: str) -> str:
+        """``--burst='3' (command line)`` or ``burst='3' (ini file /repo/pytest.ini)``."""
+        option = _SPECS[name].flag if self.source == COMMAND_LINE else name
+        return f"{option}={self.text!r} ({self.source})"
+
+
+def parse_value(name: str, raw: RawValue) -> Any:
+    """Parse one raw value, or raise ``PolicyError`` naming option, value and source."""
+    try:
+        return _SPECS[name].parse(raw.text)
+    except ValueError as error:
+        raise PolicyError(f"ratebatch: {raw.describe(name)}: {error}") from None
+
+
+def build_policy(raw: Mapping[str, RawValue]) -> ExecutionPolicy:
+    """The validated policy from raw option values (missing keys mean "not set")."""
+    values = {name: parse_value(name, value) for name, value in raw.items()}
+
+    def conflict(name: str, problem: str) -> PolicyError:
+        return PolicyError(f"ratebatch: {raw[name].describe(name)}: {problem}")
+
+    batch_size: int | None = values.get("batch_size")
+    rate: float | None = values.get("rate_per_minute")
+    burst: int | None = values.get("burst")
+    if burst is not None and rate is None:
+        raise conflict("burst", "a burst needs a rate (--rate-per-minute)")
+    if "batch_backoff" in values and batch_size is None:
+        raise conflict("batch_backoff", "a batch backoff needs a batch size (--batch-size)")
+    if burst is not None and batch_size is not None and burst < batch_size:
+        raise conflict(
+            "burst",
+            f"smaller than the batch size ({batch_size}); a batch takes its tokens at once, "
+            "so the burst must hold a whole batch",
+        )
+    rate_limit = None
+    if rate is not None:
+        rate_limit = RateLimit(rate, burst if burst is not None else (batch_size or 1))
+    return ExecutionPolicy(
+        rate_limit=rate_limit,
+        batch_size=batch_size,
+        batch_backoff=values.get("batch_backoff", 0.0),
+        max_failures=values.get("max_failures"),
+        total_timeout=values.get("total_timeout"),
+    )

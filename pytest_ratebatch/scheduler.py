@@ -1,0 +1,165 @@
+"""``TaskScheduler``: admits each test at its start, or cancels it. Knows nothing of pytest.
+
+For every test, in the process that runs it: check the stop conditions, then (batched) join
+the current batch or open the next one, which means waiting for the previous batch to drain,
+for the backoff, and for the whole batch's tokens; finally take the test's own tokens.
+Which limiter store and which ledger it talks to is the caller's choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from .clock import MONOTONIC, Clock
+from .ledger import Ledger, MemoryLedger, StopRule
+from .limiter import RateLimiter
+from .policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
+
+__all__ = ["OnWait", "TaskScheduler", "Ticket"]
+
+#: Called before a wait of known length: ``on_wait(what, seconds)``.
+OnWait = Callable[[str, float], None]
+
+
+class Ticket(NamedTuple):
+    """The scheduler's answer for one test: admitted (``cancelled`` empty) or cancelled."""
+
+    batch: int  # 0 when unbatched
+    tokens: int
+    start_ns: int  # admission time on the limiter store's clock (or the scheduler's clock)
+    waited_ns: int
+    cancelled: str = ""  # the stop reason, e.g. "max failures (3) reached"
+
+
+class TaskScheduler:
+    """Batches, the barrier between them, backoff, stop conditions and rate, per test."""
+
+    def __init__(
+        self,
+        policy: ExecutionPolicy,
+        *,
+        limiter: RateLimiter | None = None,
+        ledger: Ledger | None = None,
+        clock: Clock = MONOTONIC,
+        session_start_ns: int | None = None,
+        on_wait: OnWait | None = None,
+    ) -> None:
+        self.policy = policy
+        self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
+        self._clock = clock
+        if limiter is None and policy.rate_limit is not None:
+            limiter = RateLimiter(policy.rate_limit, clock=clock)
+        self.limiter = limiter
+        self._on_wait = on_wait
+        start = clock.now_ns() if session_start_ns is None else session_start_ns
+        timeout = policy.total_timeout
+        self._stop_rule = StopRule(
+            policy.max_failures,
+            None if timeout is None else start + int(timeout * NANOS_PER_SECOND),
+            "" if timeout is None else format_duration(timeout),
+        )
+
+    @property
+    def stop_reason(self) -> str:
+        return self.ledger.snapshot().stop_reason
+
+    def admit(self, cost: int = 1) -> Ticket:
+        """Block until the test may start, or return a cancelled ticket; never raises on a stop."""
+        batch_size = self.policy.batch_size
+        arrived = self._clock.now_ns()
+        while True:
+            entry = self.ledger.enter(self._clock.now_ns(), self._stop_rule, batch_size)
+            if entry.action == "cancel":
+                return Ticket(
+                    0, 0, self._clock.now_ns(), self._clock.now_ns() - arrived, entry.reason
+                )
+            if entry.action == "wait":
+                self.ledger.wait_released(entry.batch)
+                continue
+            reason = ""
+            if entry.action == "open":
+                reason = self._open(entry.batch)
+            elif entry.action == "join":
+                self.ledger.wait_released(entry.batch)
+                reason = self.ledger.check_stop(self._clock.now_ns(), self._stop_rule)
+            if not reason:
+                start_ns, reason = self._take_tokens(cost, batched=bool(entry.batch))
+            if reason:
+                self.ledger.leave(entry.batch)
+                return Ticket(0, 0, self._clock.now_ns(), self._clock.now_ns() - arrived, reason)
+            return Ticket(entry.batch, cost, start_ns, self._clock.now_ns() - arrived)
+
+    def finish(self, ticket: Ticket, failed: bool) -> None:
+        """The admitted test of ``ticket`` finished; ``failed`` if it failed or errored."""
+        if not ticket.cancelled:
+            self.ledger.finish(ticket.batch, failed, self._clock.now_ns())
+
+    def _open(self, batch: int) -> str:
+        """Pass the barrier, the backoff and the batch's tokens, then release the batch.
+
+        Returns a stop reason instead if the session must stop.
+        """
+        drained_ns = self.ledger.wait_drained(batch - 1)
+        now = self._clock.now_ns()
+        reason = self.ledger.check_stop(now, self._stop_rule)
+        if reason:
+            return reason
+        backoff_ns = int(self.policy.batch_backoff * NANOS_PER_SECOND)
+        if batch > 1 and backoff_ns:
+            until = drained_ns + backoff_ns
+            if self._past_deadline(until):
+                return self.ledger.stop(self._timeout_ahead())
+            if until > now:
+                self._wait("batch backoff", until - now)
+        limiter = self.limiter
+        if limiter is not None:
+            tokens = min(self.policy.batch_size or 1, limiter.rate_limit.burst)
+            admission = limiter.admit(
+                tokens,
+                timeout=self._time_left(),
+                reserve_only=True,
+                on_wait=self._waiter(f"rate tokens for batch {batch}"),
+            )
+            if admission is None:
+                return self.ledger.stop(self._timeout_ahead())
+        self.ledger.release(batch)
+        return ""
+
+    def _take_tokens(self, cost: int, batched: bool) -> tuple[int, str]:
+        """The test's own tokens: committed from its batch's reservation, or taken anew."""
+        limiter = self.limiter
+        if limiter is None or cost == 0:
+            return self._clock.now_ns(), ""
+        on_wait = self._waiter("rate tokens")
+        if batched:
+            return limiter.commit(cost, on_wait=on_wait), ""
+        admission = limiter.admit(cost, timeout=self._time_left(), on_wait=on_wait)
+        if admission is None:
+            return 0, self.ledger.stop(self._timeout_ahead())
+        return admission.at_ns, ""
+
+    def _time_left(self) -> float | None:
+        deadline = self._stop_rule.deadline_ns
+        if deadline is None:
+            return None
+        return max(0, deadline - self._clock.now_ns()) / NANOS_PER_SECOND
+
+    def _past_deadline(self, when_ns: int) -> bool:
+        deadline = self._stop_rule.deadline_ns
+        return deadline is not None and when_ns >= deadline
+
+    def _timeout_ahead(self) -> str:
+        return f"total timeout ({self._stop_rule.timeout_text}) would pass before the next start"
+
+    def _waiter(self, what: str) -> Callable[[float], None] | None:
+        on_wait = self._on_wait
+        if on_wait is None:
+            return None
+        return lambda seconds: on_wait(what, seconds)
+
+    def _wait(self, what: str, wait_ns: int) -> None:
+        seconds = wait_ns / NANOS_PER_SECOND
+        if self._on_wait is not None:
+            self._on_wait(what, seconds)
+        self._clock.sleep(seconds)

@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+import heapq
+import random
+import threading
+
+import pytest
+
+from pytest_ratebatch import gcra
+from pytest_ratebatch.limiter import RateLimiter
+from pytest_ratebatch.policy import RateLimit
+from pytest_ratebatch.report import worst_excess
+from pytest_ratebatch.stores import MemoryBucketStore
+from tests.fakes import FakeClock
+
+SECOND = 1_000_000_000
+
+
+def limiter(clock: FakeClock, per_minute: float = 60, burst: int = 1) -> RateLimiter:
+    return RateLimiter(RateLimit(per_minute, burst), clock=clock)
+
+
+def test_bucket_starts_full_then_refills_at_the_rate(clock: FakeClock) -> None:
+    bucket = limiter(clock, per_minute=60, burst=3)
+    for _ in range(3):
+        assert bucket.acquire()
+    assert clock.sleeps == []
+    assert bucket.acquire()
+    assert clock.sleeps == [1.0]  # one token refills in exactly one second, computed, not polled
+    clock.advance(10)
+    assert bucket.available_tokens == 3
+
+
+def test_available_tokens_counts_the_refill(clock: FakeClock) -> None:
+    bucket = limiter(clock, per_minute=60, burst=4)
+    assert bucket.available_tokens == 4
+    assert bucket.acquire(3)
+    assert bucket.available_tokens == 1
+    clock.advance(1.5)
+    assert bucket.available_tokens == pytest.approx(2.5)
+
+
+def test_span_of_n_starts_is_exactly_ideal(clock: FakeClock) -> None:
+    bucket = limiter(clock, per_minute=600, burst=5)
+    starts = []
+    for _ in range(105):
+        admission = bucket.admit()
+        assert admission is not None
+        starts.append(admission.at_ns)
+    assert starts[-1] - starts[0] == 100 * SECOND // 10  # (N - burst) / rate
+    assert worst_excess([(start, 1) for start in starts], bucket.rate_limit.interval_ns, 5) == 0
+
+
+def test_timeout_refuses_without_taking_anything(clock: FakeClock) -> None:
+    bucket = limiter(clock, per_minute=60, burst=1)
+    assert bucket.acquire()
+    assert not bucket.acquire(timeout=0.5)
+    assert not bucket.try_acquire()
+    assert clock.sleeps == []
+    assert bucket.acquire(timeout=1.0)  # exactly one second: still accepted
+    assert clock.sleeps == [1.0]
+
+
+def test_try_acquire_takes_only_what_is_there(clock: FakeClock) -> None:
+    bucket = limiter(clock, per_minute=60, burst=2)
+    assert bucket.try_acquire(2)
+    assert not bucket.try_acquire(1)
+    clock.advance(1)
+    assert bucket.try_acquire(1)
+    assert clock.sleeps == []
+
+
+def test_zero_tokens_never_wait(clock: FakeClock) -> None:
+    bucket = limiter(clock)
+    assert bucket.acquire()
+    assert bucket.acquire(0)
+    assert bucket.try_acquire(0)
+    assert clock.sleeps == []
+
+
+@pytest.mark.parametrize("tokens", [-1, 1.5, True, "1"])
+def test_tokens_must_be_whole_and_not_negative(clock: FakeClock, tokens: object) -> None:
+    with pytest.raises(ValueError, match="whole number"):
+        limiter(clock).acquire(tokens)  # type: ignore[arg-type]
+
+
+def test_more_than_the_burst_is_an_error_not_a_hang(clock: FakeClock) -> None:
+    bucket = limiter(clock, burst=3)
+    with pytest.raises(ValueError, match=r"4 tokens exceed the burst \(3\)"):
+        bucket.acquire(4)
+    with pytest.raises(ValueError, match="exceed the burst"):
+        bucket.try_acquire(4)
+    assert bucket.available_tokens == 3
+
+
+def test_waiters_are_served_in_arrival_order(clock: FakeClock) -> None:
+    store = MemoryBucketStore(clock)
+    interval = RateLimit(60).interval_ns
+    slots = []
+    for _ in range(5):
+        _status, now, wait = store.take(1, interval, 1, None, True)
+        slots.append(now + wait)
+    assert slots == [clock.now + k * SECOND for k in range(5)]
+
+
+def test_reserve_only_holds_a_place_that_commit_admits(clock: FakeClock) -> None:
+    bucket = limiter(clock, per_minute=60, burst=3)
+    held = bucket.admit(3, reserve_only=True)
+    assert held is not None
+    # Someone else arriving now queues behind the held place.
+    status, _now, wait = bucket.store.take(1, bucket.rate_limit.interval_ns, 3, None, True)
+    assert status == gcra.RESERVED
+    assert wait == SECOND
+    for _ in range(3):
+        assert bucket.commit(1) == clock.now  # the held tokens start without waiting
+    assert clock.sleeps == []
+
+
+def simulate(
+    per_minute: float, burst: int, processes: int, tests: int, lateness: float, seed: int
+) -> list[tuple[int, int]]:
+    """Processes that reserve, sleep (waking up to ``lateness`` seconds late) and commit.
+
+    An event simulation on a fake clock: the admissions it returns are those a real run
+    would record, with wake-up jitter that makes some waiters late and others on time.
+    """
+    rng = random.Random(seed)
+    clock = FakeClock()
+    store = MemoryBucketStore(clock)
+    rate = RateLimit(per_minute, burst)
+    events: list[tuple[int, int, str, int]] = []  # (time, order, action, cost)
+    order = 0
+    for _ in range(processes):
+        heapq.heappush(events, (clock.now, order, "take", rng.randint(1, burst)))
+        order += 1
+    admitted: list[tuple[int, int]] = []
+    while events and len(admitted) < tests:
+        clock.now, _, action, cost = heapq.heappop(events)
+        if action == "take":
+            status, now, wait = store.take(cost, rate.interval_ns, burst, None, True)
+        else:
+            status, now, wait = store.commit(cost, rate.interval_ns, burst)
+        if status == gcra.ADMITTED:
+            admitted.append((now, cost))
+            run_time = rng.randint(0, rate.interval_ns * 2)
+            next_action, delay = "take", run_time
+        else:
+            next_action, delay = "commit", wait + rng.randint(0, int(lateness * SECOND))
+        heapq.heappush(events, (clock.now + delay, order, next_action, cost))
+        order += 1
+    return admitted
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_late_wakers_never_break_the_bound(seed: int) -> None:
+    per_minute, burst = [(600, 1), (600, 3), (60, 5), (6000, 2)][seed % 4]
+    admitted = simulate(per_minute, burst, processes=4, tests=300, lateness=0.2, seed=seed)
+    assert len(admitted) == 300
+    assert worst_excess(admitted, RateLimit(per_minute, burst).interval_ns, burst) <= 0
+
+
+def test_without_lateness_contended_pacing_is_ideal() -> None:
+    admitted = simulate(600, 1, processes=4, tests=200, lateness=0.0, seed=1)
+    starts = sorted(time for time, _ in admitted)
+    interval = RateLimit(600, 1).interval_ns
+    cost = sum(cost for _, cost in admitted)
+    assert starts[-1] - starts[0] == (cost - 1) * interval
+
+
+def test_threads_sharing_a_limiter_keep_the_bound() -> None:
+    bucket = RateLimiter(RateLimit(60_000, 2))  # real clock: 1 ms per token
+    admissions: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(25):
+            admission = bucket.admit()
+            assert admission is not None
+            with lock:
+                admissions.append((admission.at_ns, admission.tokens))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(admissions) == 100
+    assert worst_excess(admissions, bucket.rate_limit.interval_ns, 2) <= 0

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pytest_ratebatch.policy import (
+    COMMAND_LINE,
+    ExecutionPolicy,
+    PolicyError,
+    RateLimit,
+    RawValue,
+    build_policy,
+    format_duration,
+    parse_duration,
+)
+
+
+def cli(**values: str) -> dict[str, RawValue]:
+    return {name: RawValue(text, COMMAND_LINE) for name, text in values.items()}
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("90", 90.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        (".5", 0.5),
+        ("1.5s", 1.5),
+        ("250ms", 0.25),
+        ("10m", 600.0),
+        ("2h", 7200.0),
+        ("1h30m", 5400.0),
+        ("1m 30s", 90.0),
+        (" 2H ", 7200.0),
+    ],
+)
+def test_parse_duration_accepts_seconds_and_units(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "abc", "10x", "-5", "5m5", "nan", "inf", "1e400", "m", "1.2.3s"]
+)
+def test_parse_duration_rejects_garbage(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (600, "10m"),
+        (7200, "2h"),
+        (90, "1m30s"),
+        (5400, "1h30m"),
+        (1.5, "1.5s"),
+        (0, "0s"),
+        (30, "30s"),
+    ],
+)
+def test_format_duration_is_short_and_exact(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
+
+
+def test_nothing_set_is_inactive() -> None:
+    policy = build_policy({})
+    assert policy == ExecutionPolicy()
+    assert not policy.is_active
+    assert policy.describe() == "no limits"
+
+
+def test_burst_defaults_to_batch_size_else_one() -> None:
+    assert build_policy(cli(rate_per_minute="60")).rate_limit == RateLimit(60.0, 1)
+    assert build_policy(cli(rate_per_minute="60", batch_size="5")).rate_limit == RateLimit(60.0, 5)
+    assert build_policy(
+        cli(rate_per_minute="60", burst="7", batch_size="5")
+    ).rate_limit == RateLimit(60.0, 7)
+
+
+def test_full_policy_round_trip() -> None:
+    policy = build_policy(
+        cli(
+            rate_per_minute="0.5",
+            burst="3",
+            batch_size="2",
+            batch_backoff="1.5s",
+            max_failures="4",
+            total_timeout="10m",
+        )
+    )
+    assert policy == ExecutionPolicy(RateLimit(0.5, 3), 2, 1.5, 4, 600.0)
+    assert policy.is_active
+    assert policy.describe() == (
+        "rate 0.5/min, burst 3, batch size 2, backoff 1.5s, max failures 4, total timeout 10m"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "problem"),
+    [
+        ("rate_per_minute", "0", "must be > 0"),
+        ("rate_per_minute", "-1", "must be > 0"),
+        ("rate_per_minute", "nan", "finite"),
+        ("rate_per_minute", "inf", "finite"),
+        ("rate_per_minute", "1e999", "finite"),
+        ("rate_per_minute", "sixty", "not a number"),
+        ("burst", "0", "must be >= 1"),
+        ("burst", "2.5", "not a whole number"),
+        ("batch_size", "-3", "must be >= 1"),
+        ("batch_size", "five", "not a whole number"),
+        ("batch_size", "5.0", "not a whole number"),
+        ("batch_backoff", "-1s", "duration"),
+        ("batch_backoff", "3 fortnights", "duration"),
+        ("max_failures", "0", "must be >= 1"),
+        ("max_failures", "1.5", "not a whole number"),
+        ("total_timeout", "0", "must be > 0"),
+        ("total_timeout", "0s", "must be > 0"),
+        ("total_timeout", "10 parsecs", "duration"),
+    ],
+)
+def test_bad_values_name_option_value_and_source(name: str, text: str, problem: str) -> None:
+    values = {
+        "rate_per_minute": RawValue("60", COMMAND_LINE),
+        "batch_size": RawValue("1", COMMAND_LINE),
+    }
+    values[name] = RawValue(text, "ini file /repo/pytest.ini")
+    with pytest.raises(PolicyError) as error:
+        build_policy(values)
+    message = str(error.value)
+    assert message.startswith(f"ratebatch: {name}={text!r} (ini file /repo/pytest.ini): ")
+    assert problem in message
+
+
+def test_command_line_values_are_named_by_their_flag() -> None:
+    with pytest.raises(PolicyError, match=r"--batch-size='0' \(command line\): must be >= 1"):
+        build_policy(cli(batch_size="0"))
+
+
+def test_burst_smaller_than_batch_size_is_refused() -> None:
+    with pytest.raises(
+        PolicyError, match=r"--burst='3' \(command line\): smaller than the batch size \(5\)"
+    ):
+        build_policy(cli(rate_per_minute="60", burst="3", batch_size="5"))
+
+
+def test_settings_that_would_do_nothing_are_refused() -> None:
+    with pytest.raises(PolicyError, match="a burst needs a rate"):
+        build_policy(cli(burst="3"))
+    with pytest.raises(PolicyError, match="a batch backoff needs a batch size"):
+        build_policy(cli(batch_backoff="2s"))
+
+
+def test_interval_rounds_up_to_whole_nanoseconds() -> None:
+    assert RateLimit(60).interval_ns == 1_000_000_000
+    assert RateLimit(7).interval_ns == math.ceil(60e9 / 7)
+    assert RateLimit(7).interval_ns * 7 >= 60e9
+    assert RateLimit(1e15).interval_ns == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"per_minute": 0},
+        {"per_minute": math.nan},
+        {"per_minute": 60, "burst": 0},
+        {"per_minute": 60, "burst": True},
+    ],
+)
+def test_rate_limit_validates_its_fields(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        RateLimit(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_size": 0},
+        {"batch_backoff": -1.0},
+        {"max_failures": 0},
+        {"total_timeout": 0.0},
+        {"rate_limit": RateLimit(60, 2), "batch_size": 3},
+    ],
+)
+def test_execution_policy_validates_its_fields(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=r"must be|smaller"):
+        ExecutionPolicy(**kwargs)  # type: ignore[arg-type]
