@@ -133,6 +133,7 @@ class RateBatchSession:
             policy, session_start_ns=self.start_ns, on_wait=self._announce_wait
         )
         self._terminal: TerminalReporter | None = None
+        self.interrupted = False
 
     # --- the session -----------------------------------------------------------------
 
@@ -197,6 +198,9 @@ class RateBatchSession:
 
     # --- the end -----------------------------------------------------------------------
 
+    def pytest_keyboard_interrupt(self) -> None:
+        self.interrupted = True
+
     @property
     def cancelled(self) -> int:
         return sum(record.outcome == "cancelled" for record in self.records.values())
@@ -211,7 +215,7 @@ class RateBatchSession:
                 self.report_path,
                 self.policy,
                 list(self.records.values()),
-                stop_reason=self.scheduler.stop_reason,
+                stop_reason="interrupted" if self.interrupted else self.scheduler.stop_reason,
                 store=self._store_name(),
                 session_wall=self.start_wall,
                 duration_ns=MONOTONIC.now_ns() - self.start_ns,
@@ -224,7 +228,8 @@ class RateBatchSession:
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         terminalreporter.section("ratebatch")
         summary = summarize(self.records.values())
-        for line in describe_summary(self.policy, summary, self.scheduler.stop_reason):
-            terminalreporter.write_line(line)
+        stop_reason = "interrupted" if self.interrupted else self.scheduler.stop_reason
+        for line in describe_summary(self.policy, summary, stop_reason):
+            terminalreporter.line(line)
         if self.report_path is not None:
-            terminalreporter.write_line(f"report: {self.report_path}")
+            terminalreporter.line(f"report: {self.report_path}")

@@ -1,0 +1,75 @@
+"""End to end: the example API suite passes under its ini policy and fails without the plugin.
+
+Each run is a fresh ``python -m pytest examples/api_suite`` that starts its own server (the
+environment passed on holds no ``RATE_LIMITED_API_*`` variable), so the server's counts
+belong to that run alone. Nothing here asserts on timing: only exit codes and the counts
+the server reports.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SUITE = "examples/api_suite"
+# The suite's conftest prints this line; the counts come from the server itself.
+API_STATS = re.compile(r"^rate-limited API: (\d+) requests, (\d+) rejected with 429$", re.M)
+PASSED = re.compile(r"\b(\d+) passed\b")
+
+
+def run_suite(*args: str) -> tuple[int, str]:
+    """Run the example suite in a subprocess; its exit code and its combined output."""
+    # A server URL or limit from outside would change what this run measures, and
+    # PYTEST_ADDOPTS or PYTEST_DISABLE_PLUGIN_AUTOLOAD what it runs: pass none of them on.
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("RATE_LIMITED_API_", "PYTEST_"))
+    }
+    assert "RATE_LIMITED_API_URL" not in env
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", SUITE, "--color=no", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    return completed.returncode, completed.stdout
+
+
+def api_stats(output: str) -> tuple[int, int]:
+    """``(requests, rejected)`` from the suite's summary line."""
+    match = API_STATS.search(output)
+    assert match is not None, f"no 'rate-limited API: ...' line in the output:\n{output}"
+    return int(match.group(1)), int(match.group(2))
+
+
+def test_suite_passes_with_the_plugin() -> None:
+    code, output = run_suite()
+    assert code == pytest.ExitCode.OK, output
+    # The policy really came from the suite's pytest.ini.
+    assert "ratebatch: rate 120/min, burst 5, batch size 5" in output, output
+    requests, rejected = api_stats(output)
+    assert rejected == 0, output
+    passed = PASSED.search(output)
+    assert passed is not None, output
+    # One API call per test: every test reached the server exactly once.
+    assert requests == int(passed.group(1)), output
+
+
+def test_suite_hits_429_without_the_plugin() -> None:
+    code, output = run_suite("-p", "no:ratebatch")
+    assert code == pytest.ExitCode.TESTS_FAILED, output
+    assert "ratebatch: rate" not in output, output
+    assert "429 Too Many Requests from the API" in output, output
+    _, rejected = api_stats(output)
+    assert rejected > 0, output

@@ -1,0 +1,324 @@
+"""The plugin inside real pytest sessions (``pytester``): options, outcomes, output, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+
+from pytest_ratebatch.policy import OPTIONS
+from pytest_ratebatch.report import worst_excess
+
+pytest_plugins = ["pytester"]
+
+SECOND = 1_000_000_000
+
+
+def write_tests(pytester: pytest.Pytester, count: int = 4, body: str = "pass") -> None:
+    pytester.makepyfile(
+        test_many=f"""
+        import pytest
+
+        @pytest.mark.parametrize("n", range({count}))
+        def test_one(n):
+            {body}
+        """
+    )
+
+
+def load_report(path: Path) -> dict[str, object]:
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+# --- options -------------------------------------------------------------------------
+
+
+def test_inert_without_a_policy(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+        def pytest_sessionfinish(session):
+            print("active:", session.config.pluginmanager.has_plugin("ratebatch-session"))
+        """
+    )
+    write_tests(pytester)
+    result = pytester.runpytest("-s")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*active: False*"])
+    result.stdout.no_fnmatch_line("ratebatch:*")
+
+
+def test_header_shows_the_effective_policy(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 1)
+    result = pytester.runpytest("--rate-per-minute=600", "--batch-size=2", "--max-failures=3")
+    result.stdout.fnmatch_lines(
+        ["ratebatch: rate 600/min, burst 2, batch size 2, backoff 0s, max failures 3; store: *"]
+    )
+    assert result.ret == 0
+
+
+def test_help_lists_every_flag_and_ini_key_with_one_text(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--help")
+    output = result.stdout.str()
+    assert "rate limit, batches and stop conditions (pytest-ratebatch)" in output
+    for spec in OPTIONS:
+        assert f"{spec.flag}={spec.metavar}" in output
+        assert f"  {spec.name} (string):" in output
+        first_words = " ".join(spec.help.split()[:4])
+        assert output.count(first_words) >= 2, spec.name  # once for the flag, once for the ini key
+
+
+def test_plays_along_with_xdist_timeout_and_rerunfailures(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 2)
+    result = pytester.runpytest(
+        "-p", "xdist", "-p", "timeout", "-p", "rerunfailures",
+        "--rate-per-minute=6000", "--timeout=30", "--reruns=1", "--maxfail=5",
+    )  # fmt: skip
+    result.assert_outcomes(passed=2)
+    assert (
+        pytester.runpytest("-p", "xdist", "-p", "timeout", "-p", "rerunfailures", "--help").ret == 0
+    )
+
+
+BAD_VALUES = [
+    (["--rate-per-minute=0"], "", "--rate-per-minute='0' (command line): must be > 0"),
+    (["--rate-per-minute", "nan"], "", "--rate-per-minute='nan' (command line): must be a finite*"),
+    (["--batch-size=2.5"], "", "--batch-size='2.5' (command line): not a whole number"),
+    (["--total-timeout=10y"], "", "--total-timeout='10y' (command line): not a duration*"),
+    (["--max-failures=-1"], "", "--max-failures='-1' (command line): must be >= 1"),
+    (["--batch-backoff=inf"], "batch_size = 2", "--batch-backoff='inf' (command line): not a dur*"),
+    (
+        ["--burst=2", "--batch-size=3", "--rate-per-minute=60"],
+        "",
+        "--burst='2' (command line): smaller than the batch size (3)*",
+    ),
+    ([], "rate_per_minute = fast", "rate_per_minute='fast' (ini file */tox.ini): not a number"),
+    ([], "burst = 4", "burst='4' (ini file */tox.ini): a burst needs a rate*"),
+    (["-o", "batch_size=0"], "", "batch_size='0' (-o/--override-ini): must be >= 1"),
+    (["--ratebatch-report= "], "", "--ratebatch-report=' ' (command line): must not be empty"),
+]
+
+
+@pytest.mark.parametrize(("args", "ini", "message"), BAD_VALUES)
+def test_bad_values_end_the_run_before_any_test(
+    pytester: pytest.Pytester, args: list[str], ini: str, message: str
+) -> None:
+    if ini:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile(test_never="def test_never(): raise AssertionError('ran')")
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: ratebatch: {message}"])
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+    assert "ran" not in result.stdout.str()
+
+
+def test_a_toml_number_is_a_clear_error_not_a_traceback(pytester: pytest.Pytester) -> None:
+    pytester.makepyprojecttoml("[tool.pytest]\nrate_per_minute = 60\n")
+    pytester.makepyfile(test_never="def test_never(): pass")
+    result = pytester.runpytest()
+    output = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in output
+    if result.ret == 0:
+        # pytest before 9 ignores the native [tool.pytest] table altogether.
+        assert pytest.version_tuple < (9,)
+    else:
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(['*ratebatch: rate_per_minute*rate_per_minute = "60"*'])
+
+
+def test_command_line_wins_over_the_ini_file(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nrate_per_minute = 1\nbatch_size = 3\n")
+    write_tests(pytester, 1)
+    result = pytester.runpytest("--rate-per-minute=120")
+    result.stdout.fnmatch_lines(["ratebatch: rate 120/min, burst 3, batch size 3*"])
+
+
+def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 2)
+    assert pytester.runpytest("-p", "no:ratebatch", "--rate-per-minute=60").ret == (
+        pytest.ExitCode.USAGE_ERROR
+    )
+    pytester.makeini("[pytest]\nmax_failures = 1\n")
+    result = pytester.runpytest("-p", "no:ratebatch")
+    result.assert_outcomes(passed=2)
+    result.stdout.no_fnmatch_line("ratebatch:*")
+
+
+# --- stop conditions and accounting ---------------------------------------------------
+
+
+def test_max_failures_cancels_the_rest_as_skips_everywhere(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 6, body="assert n not in (1, 2)")
+    result = pytester.runpytest(
+        "--max-failures=2", "-rs", "--junit-xml=junit.xml", "--ratebatch-report=report.json"
+    )
+    result.assert_outcomes(passed=1, failed=2, skipped=3)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(
+        ["SKIPPED [3] test_many.py:3: ratebatch: cancelled (max failures (2) reached)"]
+    )
+    skipped = ElementTree.parse(pytester.path / "junit.xml").getroot().findall(".//skipped")
+    assert [element.get("message") for element in skipped] == [
+        "ratebatch: cancelled (max failures (2) reached)"
+    ] * 3
+    report = load_report(pytester.path / "report.json")
+    tests = report["tests"]
+    assert isinstance(tests, list)
+    assert [test["outcome"] for test in tests] == ["passed", "failed", "failed"] + ["cancelled"] * 3
+    assert report["session"] == {**report["session"], "stop_reason": "max failures (2) reached"}  # type: ignore[dict-item]
+
+
+def test_cancelled_tests_fail_the_session_even_without_failures(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 3, body="import time; time.sleep(1.0 if n == 0 else 0)")
+    result = pytester.runpytest("--total-timeout=0.5s", "-rs")
+    result.assert_outcomes(passed=1, skipped=2)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*ratebatch: cancelled (total timeout (0.5s) passed)*"])
+    result.stdout.fnmatch_lines(["stop: total timeout (0.5s) passed"])
+
+
+def test_every_outcome_lands_in_the_report(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.fixture
+        def broken():
+            raise RuntimeError("set-up failed")
+
+        def test_pass(): pass
+        def test_fail(): assert False
+        def test_error(broken): pass
+        @pytest.mark.skip(reason="not today")
+        def test_skip(): pass
+        @pytest.mark.xfail(strict=False)
+        def test_xfail(): assert False
+        @pytest.mark.xfail(strict=False)
+        def test_xpass(): pass
+        """
+    )
+    result = pytester.runpytest("--ratebatch-report=out/report.json")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    tests = load_report(pytester.path / "out" / "report.json")["tests"]
+    assert isinstance(tests, list)
+    outcomes = {test["nodeid"].split("::")[1]: test["outcome"] for test in tests}
+    assert outcomes == {
+        "test_pass": "passed",
+        "test_fail": "failed",
+        "test_error": "error",
+        "test_skip": "skipped",
+        "test_xfail": "xfailed",
+        "test_xpass": "xpassed",
+    }
+    result.stdout.fnmatch_lines(["report: *report.json"])
+
+
+def test_report_alone_records_without_limiting(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 3)
+    result = pytester.runpytest("--ratebatch-report=r.json")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["ratebatch: no limits; store: memory"])
+    report = load_report(pytester.path / "r.json")
+    assert report["policy"] == {**report["policy"], "rate_per_minute": None}  # type: ignore[dict-item]
+
+
+# --- pacing ----------------------------------------------------------------------------
+
+
+def test_report_proves_the_rate_bound(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 12)
+    result = pytester.runpytest("--rate-per-minute=1200", "--burst=3", "--ratebatch-report=r.json")
+    result.assert_outcomes(passed=12)
+    report = load_report(pytester.path / "r.json")
+    policy = report["policy"]
+    tests = report["tests"]
+    assert isinstance(policy, dict)
+    assert isinstance(tests, list)
+    starts = [(test["start_ns"], test["tokens"]) for test in tests]
+    assert worst_excess(starts, policy["interval_ns"], policy["burst"]) <= 0
+    span = max(start for start, _ in starts) - min(start for start, _ in starts)
+    assert span >= (12 - 3) * policy["interval_ns"]  # the rate really bound
+    for test in tests:
+        assert test["finish_ns"] >= test["start_ns"]
+        assert test["started_at"].endswith("+00:00")
+
+
+def test_batches_in_the_report_keep_the_barrier_and_backoff(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 5, body="import time; time.sleep(0.05)")
+    result = pytester.runpytest(
+        "--batch-size=2", "--batch-backoff=0.2s", "--ratebatch-report=r.json"
+    )
+    result.assert_outcomes(passed=5)
+    tests = load_report(pytester.path / "r.json")["tests"]
+    assert isinstance(tests, list)
+    assert [test["batch"] for test in tests] == [1, 1, 2, 2, 3]
+    for batch in (2, 3):
+        previous_finish = max(t["finish_ns"] for t in tests if t["batch"] == batch - 1)
+        first_start = min(t["start_ns"] for t in tests if t["batch"] == batch)
+        assert first_start >= previous_finish + 0.2 * SECOND
+    result.stdout.fnmatch_lines(["tests: 5 run, 0 cancelled, in 3 batches"])
+
+
+def test_long_waits_are_announced_between_progress_lines(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 2)
+    result = pytester.runpytest("--rate-per-minute=40")  # 1.5 s between starts
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        ["test_many.py .*", "ratebatch: waiting 1.5s for rate tokens", "test_many.py .*"]
+    )
+
+
+def test_waits_do_not_count_toward_the_test_timeout(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 2)
+    result = pytester.runpytest("-p", "timeout", "--timeout=1", "--rate-per-minute=40")
+    result.assert_outcomes(passed=2)
+
+
+def test_summary_section(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 4)
+    result = pytester.runpytest("--rate-per-minute=1200", "--burst=2")
+    result.stdout.fnmatch_lines(
+        [
+            "*= ratebatch =*",
+            "policy: rate 1200/min, burst 2",
+            "tests: 4 run, 0 cancelled",
+            "waited: * in total, longest *",
+            "sustained rate: *.*/min (cost started beyond the burst, over the span of starts)",
+            "stop: none, every test was started",
+        ]
+    )
+
+
+def test_ctrl_c_during_a_wait_interrupts_at_once(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 2)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "--rate-per-minute=2"],
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "waiting 30s for rate tokens" in line:  # the second test now waits for its token
+            break
+    assert "waiting 30s for rate tokens" in seen[-1], seen
+    interrupted = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=20)
+    assert time.monotonic() - interrupted < 5  # generous: a loaded machine, not a 30 s wait
+    assert process.returncode == pytest.ExitCode.INTERRUPTED
+    assert "KeyboardInterrupt" in output
+    assert "stop: interrupted" in output
