@@ -1,20 +1,27 @@
-"""The pytest glue: options, the header, pacing each test's start, reporting.
+"""The pytest glue: options, roles, pacing each test's start, reporting.
 
 Without any policy (and no report asked for) only ``pytest_addoption`` and
-``pytest_configure`` run: the per-test hooks live on ``RateBatchSession``, which is
-registered only when there is something to enforce.
+``pytest_configure`` run. Otherwise ``pytest_configure`` registers the parts this process
+needs: a ``Pacer`` where tests run (a plain session, or a pytest-xdist worker) and a
+``Reporter`` where outcomes are reported (a plain session, or the xdist controller).
+Under xdist the controller creates the session's shared directory and hands it to the
+workers through ``workerinput`` (see ``distributed``).
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from .clock import MONOTONIC
+from .distributed import SharedSession, is_distributing, worker_session
+from .ledger import Ledger, MemoryLedger
+from .limiter import RateLimiter
 from .policy import (
     COMMAND_LINE,
     OPTIONS,
@@ -33,16 +40,19 @@ from .report import (
     summarize,
     write_report,
 )
-from .scheduler import TaskScheduler
+from .scheduler import TaskScheduler, Ticket
+from .stores import BucketStore, MemoryBucketStore
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
-__all__ = ["SESSION_KEY", "RateBatchSession"]
+__all__ = ["Pacer", "Reporter", "TerminalGuard", "WorkerPacer"]
 
 #: Waits shorter than this are not announced on the terminal.
 ANNOUNCE_WAITS_FROM = 1.0
 REPORT_OPTION = "ratebatch_report"
+#: The attribute of a TestReport that carries a test's ticket from a worker to the controller.
+REPORT_ATTRIBUTE = "ratebatch"
 
 
 def _dest(name: str) -> str:
@@ -93,14 +103,10 @@ def load_policy(config: pytest.Config) -> tuple[ExecutionPolicy, Path | None]:
     except PolicyError as error:
         raise pytest.UsageError(str(error)) from None
     report_path = None
-    if report_text is not None:
-        assert report is not None
+    if report is not None and report_text is not None:
         base = config.invocation_params.dir if report.source == COMMAND_LINE else config.rootpath
         report_path = base / Path(report_text).expanduser()
     return policy, report_path
-
-
-SESSION_KEY = pytest.StashKey["RateBatchSession"]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -112,46 +118,65 @@ def pytest_configure(config: pytest.Config) -> None:
     policy, report_path = load_policy(config)
     if not policy.is_active and report_path is None:
         return
-    session = RateBatchSession(config, policy, report_path)
-    config.stash[SESSION_KEY] = session
-    config.pluginmanager.register(session, "ratebatch-session")
+    worker = worker_session(config)
+    if worker is not None:
+        start_ns = worker.start_ns
+        store: BucketStore = worker.bucket()
+        ledger: Ledger = worker.ledger()
+        config.pluginmanager.register(
+            WorkerPacer(_scheduler(policy, store, ledger, start_ns, worker.announce), start_ns),
+            "ratebatch-pacer",
+        )
+        return
+    shared = None
+    if is_distributing(config):
+        shared = SharedSession.create()
+        config.add_cleanup(shared.close)
+        start_ns = shared.start_ns
+        store, ledger = shared.bucket(), shared.ledger()
+        config.pluginmanager.register(TerminalGuard(shared.output_lock), "ratebatch-guard")
+    else:
+        start_ns = MONOTONIC.now_ns()
+        store, ledger = MemoryBucketStore(), MemoryLedger()
+    reporter = Reporter(config, policy, report_path, shared, store, ledger, start_ns)
+    config.pluginmanager.register(reporter, "ratebatch-reporter")
+    if shared is None:
+        scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait)
+        config.pluginmanager.register(Pacer(scheduler, start_ns, reporter), "ratebatch-pacer")
 
 
-class RateBatchSession:
-    """The active plugin: one per pytest process that runs or reports tests."""
+def _scheduler(
+    policy: ExecutionPolicy,
+    store: BucketStore,
+    ledger: Ledger,
+    start_ns: int,
+    on_wait: Callable[[str, float], None],
+) -> TaskScheduler:
+    limiter = RateLimiter(policy.rate_limit, store) if policy.rate_limit is not None else None
+    return TaskScheduler(
+        policy, limiter=limiter, ledger=ledger, session_start_ns=start_ns, on_wait=on_wait
+    )
+
+
+def ticket_data(ticket: Ticket, start_offset: int) -> dict[str, Any]:
+    return {
+        "batch": ticket.batch,
+        "tokens": ticket.tokens,
+        "start_ns": start_offset if not ticket.cancelled else None,
+        "waited_ns": ticket.waited_ns,
+        "cancelled": ticket.cancelled,
+    }
+
+
+class Pacer:
+    """Where tests run: admit each test at its start, or cancel it."""
 
     def __init__(
-        self, config: pytest.Config, policy: ExecutionPolicy, report_path: Path | None
+        self, scheduler: TaskScheduler, start_ns: int, reporter: Reporter | None = None
     ) -> None:
-        self.config = config
-        self.policy = policy
-        self.report_path = report_path
-        self.records: dict[str, TestRecord] = {}
-        self.start_ns = MONOTONIC.now_ns()
-        self.start_wall = time.time()
-        self.scheduler = TaskScheduler(
-            policy, session_start_ns=self.start_ns, on_wait=self._announce_wait
-        )
-        self._terminal: TerminalReporter | None = None
-        self.interrupted = False
-
-    # --- the session -----------------------------------------------------------------
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_sessionstart(self, session: pytest.Session) -> None:
-        self._terminal = self.config.pluginmanager.get_plugin("terminalreporter")
-
-    def pytest_report_header(self, config: pytest.Config) -> str:
-        store = self.scheduler.limiter.store.describe() if self.scheduler.limiter else "memory"
-        return f"ratebatch: {self.policy.describe()}; store: {store}"
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        # Every collected test gets a record, so the report accounts for tests never reached.
-        for item in items:
-            self.records.setdefault(item.nodeid, TestRecord(item.nodeid, outcome="not run"))
-
-    # --- each test ---------------------------------------------------------------------
+        self.scheduler = scheduler
+        self.start_ns = start_ns
+        self.reporter = reporter  # in the same process (no xdist), else None
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_protocol(
@@ -159,42 +184,196 @@ class RateBatchSession:
     ) -> Generator[None, object, object]:
         # Outermost wrapper: waits happen before the test's own timers (pytest-timeout) start.
         ticket = self.scheduler.admit(1)
-        record = self.records.get(item.nodeid)
-        if record is None:
-            record = self.records[item.nodeid] = TestRecord(item.nodeid)
-        record.outcome = ""
-        record.waited_ns = ticket.waited_ns
         if ticket.cancelled:
-            record.reason = f"{CANCELLED_PREFIX} ({ticket.cancelled})"
-            item.add_marker(pytest.mark.skip(reason=record.reason))
-        else:
-            record.batch = ticket.batch
-            record.tokens = ticket.tokens
-            record.start_ns = ticket.start_ns - self.start_ns
+            item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
+        self.started(item.nodeid, ticket_data(ticket, ticket.start_ns - self.start_ns))
         try:
             return (yield)
         finally:
             if not ticket.cancelled:
-                record.finish_ns = MONOTONIC.now_ns() - self.start_ns
-                self.scheduler.finish(ticket, record.failed)
+                failed = self.finished(item.nodeid, MONOTONIC.now_ns() - self.start_ns)
+                self.scheduler.finish(ticket, failed)
+
+    def started(self, nodeid: str, data: dict[str, Any]) -> None:
+        assert self.reporter is not None
+        self.reporter.started(nodeid, data)
+
+    def finished(self, nodeid: str, finish_offset: int) -> bool:
+        """Note the end of a test; whether it failed or errored."""
+        assert self.reporter is not None
+        return self.reporter.finished(nodeid, finish_offset)
+
+
+class WorkerPacer(Pacer):
+    """A pytest-xdist worker's pacer: tickets travel to the controller on the test's reports."""
+
+    def __init__(self, scheduler: TaskScheduler, start_ns: int) -> None:
+        super().__init__(scheduler, start_ns)
+        self._tickets: dict[str, dict[str, Any]] = {}
+
+    def started(self, nodeid: str, data: dict[str, Any]) -> None:
+        self._tickets[nodeid] = data
+
+    def finished(self, nodeid: str, finish_offset: int) -> bool:
+        return bool(self._tickets.pop(nodeid, {}).get("failed"))
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        data = self._tickets.get(item.nodeid)
+        if data is not None:
+            if report.failed:
+                data["failed"] = True
+            if call.when == "teardown" and data["start_ns"] is not None:
+                data["finish_ns"] = MONOTONIC.now_ns() - self.start_ns
+            setattr(report, REPORT_ATTRIBUTE, dict(data))
+        return report
+
+
+class TerminalGuard:
+    """xdist controller: the hooks that print hold the lock the announcer thread prints under."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_logstart(self) -> Generator[None, object, object]:
+        with self.lock:
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_logreport(self) -> Generator[None, object, object]:
+        with self.lock:
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_logfinish(self) -> Generator[None, object, object]:
+        with self.lock:
+            return (yield)
+
+
+class Reporter:
+    """Where outcomes are reported: records, header, waits, summary, JSON, exit status."""
+
+    def __init__(
+        self,
+        config: pytest.Config,
+        policy: ExecutionPolicy,
+        report_path: Path | None,
+        shared: SharedSession | None,
+        store: BucketStore,
+        ledger: Ledger,
+        start_ns: int,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.report_path = report_path
+        self.shared = shared
+        self.store = store
+        self.ledger = ledger
+        self.start_ns = start_ns
+        self.start_wall = time.time() - (MONOTONIC.now_ns() - start_ns) / 1e9
+        self.records: dict[str, TestRecord] = {}
+        self.interrupted = False
+        self._terminal: TerminalReporter | None = None
+
+    def _record(self, nodeid: str) -> TestRecord:
+        record = self.records.get(nodeid)
+        if record is None:
+            record = self.records[nodeid] = TestRecord(nodeid)
+        return record
+
+    # --- the session -----------------------------------------------------------------
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self._terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+        if self.shared is not None:
+            self.shared.start_announcer(self._write_announcement)
+
+    def pytest_report_header(self, config: pytest.Config) -> str:
+        return f"ratebatch: {self.policy.describe()}; store: {self.store.describe()}"
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist hook (controller): hand the shared session to each worker."""
+        assert self.shared is not None
+        node.workerinput.update(self.shared.workerinput())
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        # Every collected test gets a record, so the report accounts for tests never reached.
+        for item in items:
+            self.records.setdefault(item.nodeid, TestRecord(item.nodeid, outcome="not run"))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        for nodeid in ids:
+            self.records.setdefault(nodeid, TestRecord(nodeid, outcome="not run"))
+
+    # --- each test ---------------------------------------------------------------------
+
+    def started(self, nodeid: str, data: dict[str, Any]) -> None:
+        """A test was admitted or cancelled in this process."""
+        record = self._record(nodeid)
+        record.outcome = ""
+        self._apply(record, data)
+
+    def finished(self, nodeid: str, finish_offset: int) -> bool:
+        """A test of this process finished: note when, and say whether it failed."""
+        record = self._record(nodeid)
+        record.finish_ns = finish_offset
+        return record.failed
+
+    def _apply(self, record: TestRecord, data: dict[str, Any]) -> None:
+        record.waited_ns = data["waited_ns"]
+        if data["cancelled"]:
+            record.reason = f"{CANCELLED_PREFIX} ({data['cancelled']})"
+        else:
+            record.batch = data["batch"]
+            record.tokens = data["tokens"]
+            record.start_ns = data["start_ns"]
+        if data.get("finish_ns") is not None:
+            record.finish_ns = data["finish_ns"]
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        record = self.records.get(report.nodeid)
-        if record is None:
-            return
+        record = self._record(report.nodeid)
+        data = getattr(report, REPORT_ATTRIBUTE, None)
+        if data is not None:  # from a worker
+            if record.outcome == "not run":
+                record.outcome = ""
+            self._apply(record, data)
+        worker = getattr(report, "node", None)
+        if worker is not None:
+            record.worker = str(getattr(getattr(worker, "gateway", None), "id", ""))
+        if report.failed and report.when not in ("setup", "call", "teardown"):
+            # xdist's report for a test whose worker crashed: it counts as a failure.
+            self.ledger.finish(0, failed=True, now=MONOTONIC.now_ns())
         if record.reason and report.skipped:
             record.outcome = "cancelled"
             return
         record.outcome = merge_outcome(
-            record.outcome, report.when, report.outcome, hasattr(report, "wasxfail")
+            record.outcome if record.outcome != "not run" else "",
+            report.when,
+            report.outcome,
+            hasattr(report, "wasxfail"),
         )
 
-    def _announce_wait(self, what: str, seconds: float) -> None:
+    def announce_wait(self, what: str, seconds: float) -> None:
+        if seconds >= ANNOUNCE_WAITS_FROM:
+            self._write_announcement(f"waiting {format_duration(round(seconds, 1))} for {what}")
+
+    def _write_announcement(self, text: str) -> None:
         terminal = self._terminal
-        if terminal is not None and seconds >= ANNOUNCE_WAITS_FROM:
-            terminal.write_line(
-                f"ratebatch: waiting {format_duration(round(seconds, 1))} for {what}"
-            )
+        if terminal is None:
+            return
+        terminal.ensure_newline()
+        writer = getattr(terminal, "_tw", None)
+        if getattr(writer, "width_of_current_line", 0):
+            terminal.write("\n")  # xdist prints progress letters without tracking the line
+        terminal.write_line(f"ratebatch: {text}")
 
     # --- the end -----------------------------------------------------------------------
 
@@ -202,12 +381,15 @@ class RateBatchSession:
         self.interrupted = True
 
     @property
-    def cancelled(self) -> int:
-        return sum(record.outcome == "cancelled" for record in self.records.values())
+    def stop_reason(self) -> str:
+        return "interrupted" if self.interrupted else self.ledger.snapshot().stop_reason
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.cancelled and session.exitstatus == pytest.ExitCode.OK:
+        if self.shared is not None:
+            self.shared.stop_announcer()
+        cancelled = any(record.outcome == "cancelled" for record in self.records.values())
+        if cancelled and session.exitstatus == pytest.ExitCode.OK:
             # Tests that never ran are not a success, even if nothing failed.
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if self.report_path is not None:
@@ -215,21 +397,16 @@ class RateBatchSession:
                 self.report_path,
                 self.policy,
                 list(self.records.values()),
-                stop_reason="interrupted" if self.interrupted else self.scheduler.stop_reason,
-                store=self._store_name(),
+                stop_reason=self.stop_reason,
+                store=self.store.describe(),
                 session_wall=self.start_wall,
                 duration_ns=MONOTONIC.now_ns() - self.start_ns,
             )
 
-    def _store_name(self) -> str:
-        limiter = self.scheduler.limiter
-        return limiter.store.describe() if limiter is not None else "memory"
-
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         terminalreporter.section("ratebatch")
         summary = summarize(self.records.values())
-        stop_reason = "interrupted" if self.interrupted else self.scheduler.stop_reason
-        for line in describe_summary(self.policy, summary, stop_reason):
+        for line in describe_summary(self.policy, summary, self.stop_reason):
             terminalreporter.line(line)
         if self.report_path is not None:
             terminalreporter.line(f"report: {self.report_path}")

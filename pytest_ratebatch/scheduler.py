@@ -83,6 +83,9 @@ class TaskScheduler:
             elif entry.action == "join":
                 self.ledger.wait_released(entry.batch)
                 reason = self.ledger.check_stop(self._clock.now_ns(), self._stop_rule)
+                state = self.ledger.snapshot()
+                if not reason and state.batch == entry.batch and not state.released:
+                    reason = self._open(entry.batch)  # its opener died before releasing it
             if not reason:
                 start_ns, reason = self._take_tokens(cost, batched=bool(entry.batch))
             if reason:

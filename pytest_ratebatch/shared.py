@@ -1,0 +1,277 @@
+"""The bucket and the ledger in files, shared by the processes of one pytest-xdist session.
+
+One directory per session (created by the controller, handed to workers in ``workerinput``)
+holds a fixed-size state file for each, updated under ``fcntl.flock``: the kernel releases
+such a lock when its process dies, so a crashed worker never leaves the session stuck, and
+the state stays a few dozen bytes however many tests run. Each update is one lock, one read
+and one write; all waiting happens outside the lock:
+
+- a test waiting for tokens sleeps until its reserved slot (see ``gcra``);
+- the barrier between batches is a lock file per batch: every member holds it shared while
+  it runs, and the opener of the next batch takes it exclusively, which returns exactly
+  when the last member finished (or died);
+- members of a batch still opening wait on the batch's gate file, which the opener holds
+  exclusively until the batch is released.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+from . import gcra
+from .clock import MONOTONIC, Clock
+from .gcra import Outcome
+from .ledger import Entry, SessionState, StopRule, check_stop, enter, finish, leave, release, stop
+
+__all__ = ["FileBucketStore", "FileLedger", "SharedFile"]
+
+BUCKET_FILE = "bucket"
+LEDGER_FILE = "ledger"
+
+
+class SharedFile:
+    """A small fixed-size record in a file, read and written under an exclusive ``flock``."""
+
+    def __init__(self, path: Path, layout: struct.Struct) -> None:
+        self.path = path
+        self._layout = layout
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._thread_lock = threading.Lock()  # flock does not exclude threads sharing an fd
+
+    def __enter__(self) -> tuple[Any, ...] | None:
+        self._thread_lock.acquire()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        data = os.pread(self._fd, self._layout.size, 0)
+        return self._layout.unpack(data) if len(data) == self._layout.size else None
+
+    def write(self, *values: object) -> None:
+        """Only between ``__enter__`` and ``__exit__``."""
+        os.pwrite(self._fd, self._layout.pack(*values), 0)
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class FileBucketStore:
+    """The GCRA bucket of ``gcra`` in a file: two signed 64-bit integers."""
+
+    _LAYOUT = struct.Struct("<qq")
+
+    def __init__(self, directory: Path, clock: Clock = MONOTONIC) -> None:
+        self._file = SharedFile(directory / BUCKET_FILE, self._LAYOUT)
+        self._now = clock.now_ns
+
+    def take(
+        self, cost: int, interval_ns: int, burst: int, max_wait_ns: int | None, admit: bool
+    ) -> Outcome:
+        with self._file as stored:
+            reserved, admitted = stored or (0, 0)
+            now = self._now()
+            new_reserved, new_admitted, status, wait = gcra.take(
+                reserved, admitted, now, cost, interval_ns, burst, max_wait_ns, admit
+            )
+            if status != gcra.REFUSED:
+                self._file.write(new_reserved, new_admitted)
+        return status, now, wait
+
+    def commit(self, cost: int, interval_ns: int, burst: int) -> Outcome:
+        with self._file as stored:
+            reserved, admitted = stored or (0, 0)
+            now = self._now()
+            reserved, new_admitted, status, wait = gcra.commit(
+                reserved, admitted, now, cost, interval_ns, burst
+            )
+            if status == gcra.ADMITTED:
+                self._file.write(reserved, new_admitted)
+        return status, now, wait
+
+    def level(self, interval_ns: int, burst: int) -> float:
+        with self._file as stored:
+            reserved, admitted = stored or (0, 0)
+            return gcra.level(reserved, admitted, self._now(), interval_ns, burst)
+
+    def describe(self) -> str:
+        return "file (shared by this session's workers)"
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class FileLedger:
+    """``SessionState`` in a file; the barrier and the gate as per-batch lock files."""
+
+    _REASON_BYTES = 240
+    _LAYOUT = struct.Struct(f"<qqqq?qqq{_REASON_BYTES}s")
+
+    def __init__(self, directory: Path, clock: Clock = MONOTONIC) -> None:
+        self.directory = directory
+        self._file = SharedFile(directory / LEDGER_FILE, self._LAYOUT)
+        self._now = clock.now_ns
+        self._held: dict[int, int] = {}  # batch -> fd of the members file this process holds
+        self._gates: dict[int, int] = {}  # batch -> fd of the gate this process holds
+
+    # --- the state record -------------------------------------------------------------
+
+    def _load(self, stored: tuple[Any, ...] | None) -> SessionState:
+        if stored is None:
+            return SessionState()
+        failures, batch, members, running, released, draining, drained, last, reason = stored
+        assert isinstance(reason, bytes)
+        return SessionState(
+            failures=int(failures),
+            stop_reason=reason.rstrip(b"\0").decode("utf-8", "replace"),
+            batch=int(batch),
+            members=int(members),
+            running=int(running),
+            released=bool(released),
+            draining=int(draining),
+            drained_ns=int(drained),
+            last_finish_ns=int(last),
+        )
+
+    def _save(self, state: SessionState) -> None:
+        reason = state.stop_reason.encode("utf-8")[: self._REASON_BYTES]
+        self._file.write(
+            state.failures,
+            state.batch,
+            state.members,
+            state.running,
+            state.released,
+            state.draining,
+            state.drained_ns,
+            state.last_finish_ns,
+            reason,
+        )
+
+    # --- lock files of the barrier ----------------------------------------------------
+
+    def _lock_path(self, batch: int, kind: str) -> Path:
+        return self.directory / f"batch-{batch}.{kind}"
+
+    def _hold(self, batch: int) -> None:
+        """Hold the batch's members file shared: the barrier of the next batch waits for it."""
+        if batch in self._held:
+            return
+        fd = os.open(self._lock_path(batch, "members"), os.O_RDWR | os.O_CREAT, 0o600)
+        # Never blocks: the next batch's opener locks it only once this batch is full.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        self._held[batch] = fd
+
+    def _let_go(self, batch: int) -> None:
+        fd = self._held.pop(batch, None)
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
+
+    # --- the ledger ---------------------------------------------------------------------
+
+    def enter(self, now: int, rule: StopRule, batch_size: int | None) -> Entry:
+        with self._file as stored:
+            state = self._load(stored)
+            entry = enter(state, now, rule, batch_size)
+            if entry.batch and entry.action in ("go", "join", "open"):
+                self._hold(entry.batch)
+            if entry.action == "open":
+                gate = os.open(self._lock_path(entry.batch, "gate"), os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(gate, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: never contended
+                self._gates[entry.batch] = gate
+            self._save(state)
+        return entry
+
+    def release(self, batch: int) -> None:
+        with self._file as stored:
+            state = self._load(stored)
+            release(state, batch)
+            self._save(state)
+        self._open_gate(batch)
+
+    def _open_gate(self, batch: int) -> None:
+        gate = self._gates.pop(batch, None)
+        if gate is not None:
+            os.unlink(self._lock_path(batch, "gate"))
+            os.close(gate)
+
+    def finish(self, batch: int, failed: bool, now: int) -> None:
+        with self._file as stored:
+            state = self._load(stored)
+            finish(state, batch, failed, now)
+            self._save(state)
+        self._let_go(batch)
+
+    def leave(self, batch: int) -> None:
+        with self._file as stored:
+            state = self._load(stored)
+            leave(state, batch)
+            self._save(state)
+        self._let_go(batch)
+        self._open_gate(batch)
+
+    def stop(self, reason: str) -> str:
+        with self._file as stored:
+            state = self._load(stored)
+            result = stop(state, reason)
+            self._save(state)
+        for batch in list(self._gates):
+            self._open_gate(batch)
+        return result
+
+    def check_stop(self, now: int, rule: StopRule) -> str:
+        with self._file as stored:
+            state = self._load(stored)
+            reason = check_stop(state, now, rule)
+            if reason:
+                self._save(state)
+        return reason
+
+    def wait_drained(self, batch: int) -> int:
+        if batch < 1:
+            return self.snapshot().drained_ns
+        path = self._lock_path(batch, "members")
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return self.snapshot().drained_ns
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # returns when the last member let go, or died
+            locked_at = self._now()
+            os.unlink(path)
+        finally:
+            os.close(fd)
+        state = self.snapshot()
+        # A member that died never wrote its finish time: then the lock's release is the end.
+        return state.drained_ns if state.draining <= 0 else locked_at
+
+    def wait_released(self, batch: int) -> None:
+        try:
+            fd = os.open(self._lock_path(batch, "gate"), os.O_RDWR)
+        except FileNotFoundError:
+            return  # already released (the opener removes the gate)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        finally:
+            os.close(fd)
+
+    def snapshot(self) -> SessionState:
+        with self._file as stored:
+            return self._load(stored)
+
+    def close(self) -> None:
+        for batch in list(self._held):
+            self._let_go(batch)
+        for batch in list(self._gates):
+            self._open_gate(batch)
+        self._file.close()
