@@ -47,7 +47,7 @@ def merge_outcome(current: str, when: str, outcome: str, xfail: bool) -> str:
     """Fold one phase's report (``when``, pytest ``outcome``) into the test's outcome."""
     if xfail:
         phase = "xfailed" if outcome == "skipped" else "xpassed" if outcome == "passed" else outcome
-    elif outcome == "failed" and when != "call":
+    elif outcome == "failed" and when in ("setup", "teardown"):
         phase = "error"
     else:
         phase = outcome
