@@ -25,7 +25,14 @@ from .clock import MONOTONIC
 from .policy import format_duration
 from .shared import FileBucketStore, FileLedger
 
-__all__ = ["SharedSession", "WorkerSession", "is_distributing", "worker_session"]
+__all__ = [
+    "SessionDirectory",
+    "SharedSession",
+    "WorkerSession",
+    "is_distributing",
+    "worker_session",
+]
+
 
 WORKERINPUT_KEY = "ratebatch"
 ANNOUNCE_SOCKET = "announce"
@@ -37,7 +44,9 @@ def is_distributing(config: pytest.Config) -> bool:
     return getattr(config.option, "dist", "no") != "no" and bool(getattr(config.option, "tx", None))
 
 
-class _Shared:
+class SessionDirectory:
+    """A session's shared directory: its file bucket and ledger, opened on first use."""
+
     directory: Path
     start_ns: int
 
@@ -62,7 +71,7 @@ class _Shared:
         self._bucket = self._ledger = None
 
 
-class SharedSession(_Shared):
+class SharedSession(SessionDirectory):
     """The controller's side: owns the directory and prints the workers' announcements."""
 
     def __init__(self, directory: Path, start_ns: int) -> None:
@@ -119,7 +128,7 @@ class SharedSession(_Shared):
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-class WorkerSession(_Shared):
+class WorkerSession(SessionDirectory):
     """A worker's side: the controller's directory and session start."""
 
     def __init__(self, directory: Path, start_ns: int, worker_id: str) -> None:

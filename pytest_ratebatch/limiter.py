@@ -88,6 +88,9 @@ class RateLimiter:
 
     def commit(self, tokens: int, *, on_wait: OnWait | None = None) -> int:
         """Admit tokens reserved with ``reserve_only``; returns the admission time."""
+        if type(tokens) is not int or not 0 < tokens <= self._burst:
+            self._check(tokens)
+            return self._clock.now_ns()
         while True:
             status, now, wait = self.store.commit(tokens, self._interval, self._burst)
             if status == ADMITTED:

@@ -14,12 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import pytest
 
 from .clock import MONOTONIC
-from .distributed import SharedSession, is_distributing, worker_session
+from .distributed import SessionDirectory, SharedSession, is_distributing, worker_session
 from .ledger import Ledger, MemoryLedger
 from .limiter import RateLimiter
 from .policy import (
@@ -30,8 +30,10 @@ from .policy import (
     RawValue,
     build_policy,
     format_duration,
+    parse_cost,
     parse_value,
 )
+from .redis_store import DEFAULT_KEY, RedisBucketStore
 from .report import (
     CANCELLED_PREFIX,
     TestRecord,
@@ -41,16 +43,18 @@ from .report import (
     write_report,
 )
 from .scheduler import TaskScheduler, Ticket
-from .stores import BucketStore, MemoryBucketStore
+from .stores import BucketStore, MemoryBucketStore, StoreError
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
-__all__ = ["Pacer", "Reporter", "TerminalGuard", "WorkerPacer"]
+__all__ = ["Pacer", "RateBatch", "Reporter", "TerminalGuard", "WorkerPacer", "ratebatch"]
 
 #: Waits shorter than this are not announced on the terminal.
 ANNOUNCE_WAITS_FROM = 1.0
 REPORT_OPTION = "ratebatch_report"
+STORE_OPTION = "ratebatch_store"
+KEY_OPTION = "ratebatch_key"
 #: The attribute of a TestReport that carries a test's ticket from a worker to the controller.
 REPORT_ATTRIBUTE = "ratebatch"
 
@@ -93,56 +97,97 @@ def read_raw_options(config: pytest.Config) -> dict[str, RawValue]:
     return raw
 
 
-def load_policy(config: pytest.Config) -> tuple[ExecutionPolicy, Path | None]:
-    """The validated policy and report path, or ``pytest.UsageError`` naming the bad value."""
+class Settings(NamedTuple):
+    policy: ExecutionPolicy
+    report_path: Path | None
+    store: RawValue | None  # as written; None: the default for this kind of session
+    key: str
+
+
+def load_settings(config: pytest.Config) -> Settings:
+    """The validated settings, or ``pytest.UsageError`` naming the bad value."""
     raw = read_raw_options(config)
-    report = raw.pop(REPORT_OPTION, None)
+    extra = {
+        name: raw.pop(name) for name in (REPORT_OPTION, STORE_OPTION, KEY_OPTION) if name in raw
+    }
     try:
         policy = build_policy(raw)
-        report_text = None if report is None else parse_value(REPORT_OPTION, report)
+        values = {name: parse_value(name, value) for name, value in extra.items()}
     except PolicyError as error:
         raise pytest.UsageError(str(error)) from None
     report_path = None
-    if report is not None and report_text is not None:
-        base = config.invocation_params.dir if report.source == COMMAND_LINE else config.rootpath
-        report_path = base / Path(report_text).expanduser()
-    return policy, report_path
+    if REPORT_OPTION in values:
+        from_cli = extra[REPORT_OPTION].source == COMMAND_LINE
+        base = config.invocation_params.dir if from_cli else config.rootpath
+        report_path = base / Path(values[REPORT_OPTION]).expanduser()
+    return Settings(
+        policy, report_path, extra.get(STORE_OPTION), values.get(KEY_OPTION, DEFAULT_KEY)
+    )
+
+
+def open_store(
+    config: pytest.Config, settings: Settings, shared: SessionDirectory | None
+) -> BucketStore:
+    """The bucket the settings name; a ``pytest.UsageError`` if it cannot be used."""
+    raw = settings.store
+    choice = raw.text.strip() if raw is not None else ("file" if shared is not None else "memory")
+    if choice == "memory":
+        if shared is not None:
+            assert raw is not None
+            raise pytest.UsageError(
+                f"ratebatch: {raw.describe(STORE_OPTION)}: the memory store cannot be shared by "
+                "pytest-xdist workers; use file (the default under xdist) or redis://"
+            )
+        return MemoryBucketStore()
+    if choice == "file":
+        if shared is None:
+            shared = SharedSession.create()  # a file store for this process alone
+            config.add_cleanup(shared.close)
+        return shared.bucket()
+    try:
+        store = RedisBucketStore(choice, settings.key)
+        config.add_cleanup(store.close)
+        if shared is None or isinstance(shared, SharedSession):
+            store.check()  # once per session, before any test: the workers trust it
+    except StoreError as error:
+        raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
+    return store
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "ratebatch(cost=1): tokens this test takes at its start (0 exempts it)."
+        "markers",
+        "ratebatch(cost=1): tokens this test takes at its start; cost=0 exempts it from the "
+        "rate and from batches (pytest-ratebatch).",
     )
     if config.option.help or config.option.version:
         return
-    policy, report_path = load_policy(config)
-    if not policy.is_active and report_path is None:
+    settings = load_settings(config)
+    policy = settings.policy
+    if not policy.is_active and settings.report_path is None:
         return
     worker = worker_session(config)
     if worker is not None:
-        start_ns = worker.start_ns
-        store: BucketStore = worker.bucket()
-        ledger: Ledger = worker.ledger()
-        config.pluginmanager.register(
-            WorkerPacer(_scheduler(policy, store, ledger, start_ns, worker.announce), start_ns),
-            "ratebatch-pacer",
-        )
+        store = open_store(config, settings, worker)
+        scheduler = _scheduler(policy, store, worker.ledger(), worker.start_ns, worker.announce)
+        pacer: Pacer = WorkerPacer(scheduler, worker.start_ns)
+        config.stash[PACER_KEY] = pacer
+        config.pluginmanager.register(pacer, "ratebatch-pacer")
         return
-    shared = None
-    if is_distributing(config):
-        shared = SharedSession.create()
+    shared = SharedSession.create() if is_distributing(config) else None
+    if shared is not None:
         config.add_cleanup(shared.close)
-        start_ns = shared.start_ns
-        store, ledger = shared.bucket(), shared.ledger()
         config.pluginmanager.register(TerminalGuard(shared.output_lock), "ratebatch-guard")
-    else:
-        start_ns = MONOTONIC.now_ns()
-        store, ledger = MemoryBucketStore(), MemoryLedger()
-    reporter = Reporter(config, policy, report_path, shared, store, ledger, start_ns)
+    store = open_store(config, settings, shared)
+    ledger: Ledger = shared.ledger() if shared is not None else MemoryLedger()
+    start_ns = shared.start_ns if shared is not None else MONOTONIC.now_ns()
+    reporter = Reporter(config, policy, settings.report_path, shared, store, ledger, start_ns)
     config.pluginmanager.register(reporter, "ratebatch-reporter")
     if shared is None:
         scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait)
-        config.pluginmanager.register(Pacer(scheduler, start_ns, reporter), "ratebatch-pacer")
+        pacer = Pacer(scheduler, start_ns, reporter)
+        config.stash[PACER_KEY] = pacer
+        config.pluginmanager.register(pacer, "ratebatch-pacer")
 
 
 def _scheduler(
@@ -163,9 +208,45 @@ def ticket_data(ticket: Ticket, start_offset: int) -> dict[str, Any]:
         "batch": ticket.batch,
         "tokens": ticket.tokens,
         "start_ns": start_offset if not ticket.cancelled else None,
+        "store_ns": ticket.store_ns,
         "waited_ns": ticket.waited_ns,
         "cancelled": ticket.cancelled,
+        "acquired": [],
     }
+
+
+PACER_KEY = pytest.StashKey["Pacer"]()
+
+
+class RateBatch:
+    """What the ``ratebatch`` fixture gives a test: tokens from the session's own bucket."""
+
+    def __init__(self, pacer: Pacer | None, nodeid: str) -> None:
+        self._pacer = pacer
+        self._nodeid = nodeid
+
+    @property
+    def active(self) -> bool:
+        """Whether a policy is in force (else ``acquire`` returns at once)."""
+        return self._pacer is not None
+
+    def acquire(self, cost: int = 1) -> None:
+        """Take ``cost`` tokens from the bucket the session's tests start from, waiting as
+        long as the rate requires; a cost above the burst is taken a burst at a time.
+
+        If the session has stopped (max failures, total timeout, store lost) the test is
+        skipped as cancelled instead, like the tests that did not start.
+        """
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+            raise ValueError(f"cost must be a whole number >= 0, not {cost!r}")
+        if self._pacer is not None and cost:
+            self._pacer.acquire(self._nodeid, cost)
+
+
+@pytest.fixture
+def ratebatch(request: pytest.FixtureRequest) -> RateBatch:
+    """Take tokens inside a test, from the same bucket as the session (``acquire(cost=1)``)."""
+    return RateBatch(request.config.stash.get(PACER_KEY, None), request.node.nodeid)
 
 
 class Pacer:
@@ -177,21 +258,60 @@ class Pacer:
         self.scheduler = scheduler
         self.start_ns = start_ns
         self.reporter = reporter  # in the same process (no xdist), else None
+        rate = scheduler.policy.rate_limit
+        self._burst = rate.burst if rate is not None else None
+        self._costs: dict[str, int] = {}  # tests whose cost is not 1
+        self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_pycollect_makeitem(
+        self, collector: pytest.Collector, name: str, obj: object
+    ) -> Generator[None, Any, Any]:
+        # A bad marker is a collection error that names the test, before anything runs.
+        result = yield
+        items = result if isinstance(result, list) else [result]
+        for item in items:
+            if not isinstance(item, pytest.Item):
+                continue
+            mark = item.get_closest_marker("ratebatch")
+            if mark is None:
+                continue
+            try:
+                cost = parse_cost(mark.args, mark.kwargs, self._burst)
+            except ValueError as error:
+                raise collector.CollectError(
+                    f"ratebatch: {item.nodeid}: @pytest.mark.ratebatch: {error}"
+                ) from None
+            if cost != 1:
+                self._costs[item.nodeid] = cost
+        return result
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        batch_size = self.scheduler.policy.batch_size
+        if batch_size is None or not self._costs or self.reporter is None:
+            return
+        # In one process the run order is known: a batch's cost is that of its next tests.
+        costs = [self._costs.get(item.nodeid, 1) for item in items]
+        for index, item in enumerate(items):
+            paced = [cost for cost in costs[index:] if cost][:batch_size]
+            self._batch_costs[item.nodeid] = sum(paced)
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_protocol(
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> Generator[None, object, object]:
         # Outermost wrapper: waits happen before the test's own timers (pytest-timeout) start.
-        ticket = self.scheduler.admit(1)
+        nodeid = item.nodeid
+        ticket = self.scheduler.admit(self._costs.get(nodeid, 1), self._batch_costs.get(nodeid))
         if ticket.cancelled:
             item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
-        self.started(item.nodeid, ticket_data(ticket, ticket.start_ns - self.start_ns))
+        self.started(nodeid, ticket_data(ticket, ticket.start_ns - self.start_ns))
         try:
             return (yield)
         finally:
             if not ticket.cancelled:
-                failed = self.finished(item.nodeid, MONOTONIC.now_ns() - self.start_ns)
+                failed = self.finished(nodeid, MONOTONIC.now_ns() - self.start_ns)
                 self.scheduler.finish(ticket, failed)
 
     def started(self, nodeid: str, data: dict[str, Any]) -> None:
@@ -202,6 +322,21 @@ class Pacer:
         """Note the end of a test; whether it failed or errored."""
         assert self.reporter is not None
         return self.reporter.finished(nodeid, finish_offset)
+
+    def acquire(self, nodeid: str, cost: int) -> None:
+        """Tokens taken inside a running test (the ``ratebatch`` fixture), a burst at a time."""
+        burst = self._burst or cost
+        while cost > 0:
+            chunk = min(cost, burst)
+            taken = self.scheduler.acquire(chunk)
+            if taken.cancelled:
+                pytest.skip(f"{CANCELLED_PREFIX} ({taken.cancelled})")
+            self.acquired(nodeid, [taken.start_ns - self.start_ns, chunk, taken.store_ns])
+            cost -= chunk
+
+    def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
+        assert self.reporter is not None
+        self.reporter.acquired(nodeid, acquisition)
 
 
 class WorkerPacer(Pacer):
@@ -217,6 +352,11 @@ class WorkerPacer(Pacer):
     def finished(self, nodeid: str, finish_offset: int) -> bool:
         return bool(self._tickets.pop(nodeid, {}).get("failed"))
 
+    def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
+        data = self._tickets.get(nodeid)
+        if data is not None:
+            data["acquired"].append(acquisition)
+
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
         self, item: pytest.Item, call: pytest.CallInfo[None]
@@ -228,7 +368,7 @@ class WorkerPacer(Pacer):
                 data["failed"] = True
             if call.when == "teardown" and data["start_ns"] is not None:
                 data["finish_ns"] = MONOTONIC.now_ns() - self.start_ns
-            setattr(report, REPORT_ATTRIBUTE, dict(data))
+            setattr(report, REPORT_ATTRIBUTE, {**data, "acquired": list(data["acquired"])})
         return report
 
 
@@ -327,6 +467,10 @@ class Reporter:
         record.finish_ns = finish_offset
         return record.failed
 
+    def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
+        """A test of this process took tokens while running."""
+        self._record(nodeid).acquired.append(acquisition)
+
     def _apply(self, record: TestRecord, data: dict[str, Any]) -> None:
         record.waited_ns = data["waited_ns"]
         if data["cancelled"]:
@@ -335,8 +479,11 @@ class Reporter:
             record.batch = data["batch"]
             record.tokens = data["tokens"]
             record.start_ns = data["start_ns"]
+            record.store_ns = data["store_ns"]
         if data.get("finish_ns") is not None:
             record.finish_ns = data["finish_ns"]
+        if data["acquired"]:
+            record.acquired = data["acquired"]
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         record = self._record(report.nodeid)

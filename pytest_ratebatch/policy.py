@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "COMMAND_LINE",
@@ -22,6 +23,8 @@ __all__ = [
     "RawValue",
     "build_policy",
     "format_duration",
+    "mask_url",
+    "parse_cost",
     "parse_duration",
     "parse_value",
 ]
@@ -203,6 +206,57 @@ def _any_text(text: str) -> str:
     return text.strip()
 
 
+STORE_KINDS = ("memory", "file")
+STORE_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _store(text: str) -> str:
+    value = text.strip()
+    if value in STORE_KINDS:
+        return value
+    parts = urlsplit(value)
+    if parts.scheme not in STORE_SCHEMES or not (parts.hostname or parts.path):
+        raise ValueError(
+            "not a store (use memory, file, redis://[user:password@]host:port/db or rediss://...)"
+        )
+    return value
+
+
+def _key(text: str) -> str:
+    value = text.strip()
+    if not value or any(character.isspace() for character in value):
+        raise ValueError("must be a non-empty name without spaces")
+    return value
+
+
+def parse_cost(args: tuple[Any, ...], kwargs: Mapping[str, Any], burst: int | None) -> int:
+    """Tokens from ``@pytest.mark.ratebatch(cost=N)`` (or ``ratebatch(N)``); 1 by default."""
+    if len(args) + len(kwargs) > 1 or set(kwargs) - {"cost"}:
+        raise ValueError("takes one argument: cost=N")
+    cost = kwargs.get("cost", args[0] if args else 1)
+    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+        raise ValueError(f"cost must be a whole number >= 0, not {cost!r}")
+    if burst is not None and cost > burst:
+        raise ValueError(
+            f"cost {cost} exceeds the burst ({burst}): such a test could never start within "
+            "the rate bound; raise --burst or lower the cost"
+        )
+    return cost
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***``: safe to print."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 @dataclass(frozen=True)
 class OptionSpec:
     """One setting: its flag, its ini key (``name``), its help text and its parser."""
@@ -261,6 +315,21 @@ OPTIONS: tuple[OptionSpec, ...] = (
         _positive_duration,
     ),
     OptionSpec(
+        "ratebatch_store",
+        "URL",
+        "Where the token bucket lives: memory (one process), file (the workers of one "
+        "pytest-xdist session), or redis://[user:password@]host:port/db (rediss:// for TLS) "
+        "to share one rate across sessions and machines. Default: memory, file under xdist.",
+        _store,
+    ),
+    OptionSpec(
+        "ratebatch_key",
+        "NAME",
+        "Name of the shared bucket in a Redis store: sessions with the same store and key "
+        "share one rate and burst. Default: default.",
+        _key,
+    ),
+    OptionSpec(
         "ratebatch_report",
         "PATH",
         "Write a JSON report (policy, each test's start, finish, batch, tokens, wait and "
@@ -282,7 +351,8 @@ class RawValue:
     def describe(self, name: str) -> str:
         """``--burst='3' (command line)`` or ``burst='3' (ini file /repo/pytest.ini)``."""
         option = _SPECS[name].flag if self.source == COMMAND_LINE else name
-        return f"{option}={self.text!r} ({self.source})"
+        text = mask_url(self.text) if name == "ratebatch_store" else self.text
+        return f"{option}={text!r} ({self.source})"
 
 
 def parse_value(name: str, raw: RawValue) -> Any:

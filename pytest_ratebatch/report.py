@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,9 @@ class TestRecord:
     finish_ns: int | None = None
     reason: str = ""  # for a cancelled test: why
     worker: str = ""
+    store_ns: int | None = None  # the admission on a shared store's own clock (Redis)
+    #: Tokens taken while running (the ``ratebatch`` fixture): ``[start_ns, tokens, store_ns]``.
+    acquired: list[list[int | None]] = field(default_factory=list)
 
     @property
     def failed(self) -> bool:

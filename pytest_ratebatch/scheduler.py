@@ -15,6 +15,7 @@ from .clock import MONOTONIC, Clock
 from .ledger import Ledger, MemoryLedger, StopRule
 from .limiter import RateLimiter
 from .policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
+from .stores import StoreError
 
 __all__ = ["OnWait", "TaskScheduler", "Ticket"]
 
@@ -27,9 +28,10 @@ class Ticket(NamedTuple):
 
     batch: int  # 0 when unbatched
     tokens: int
-    start_ns: int  # admission time on the limiter store's clock (or the scheduler's clock)
+    start_ns: int  # when the test was admitted, on the scheduler's (monotonic) clock
     waited_ns: int
     cancelled: str = ""  # the stop reason, e.g. "max failures (3) reached"
+    store_ns: int | None = None  # the admission on the store's own clock, if it has one
 
 
 class TaskScheduler:
@@ -64,41 +66,80 @@ class TaskScheduler:
     def stop_reason(self) -> str:
         return self.ledger.snapshot().stop_reason
 
-    def admit(self, cost: int = 1) -> Ticket:
-        """Block until the test may start, or return a cancelled ticket; never raises on a stop."""
-        batch_size = self.policy.batch_size
+    def admit(self, cost: int = 1, batch_cost: int | None = None) -> Ticket:
+        """Block until the test may start, or return a cancelled ticket; never raises on a stop.
+
+        ``cost`` is the test's own tokens (0: exempt from batches and the rate, but not from a
+        stop); ``batch_cost`` what the batch this test may open is expected to cost in all
+        (default: the batch size times ``cost``).
+        """
         arrived = self._clock.now_ns()
+        try:
+            return self._admit(cost, batch_cost, arrived)
+        except StoreError as error:
+            reason = self.ledger.stop(f"store unavailable: {error}")
+            return self._cancelled(reason, arrived)
+
+    def _cancelled(self, reason: str, arrived: int) -> Ticket:
+        now = self._clock.now_ns()
+        return Ticket(0, 0, now, now - arrived, reason)
+
+    def _admit(self, cost: int, batch_cost: int | None, arrived: int) -> Ticket:
+        batch_size = self.policy.batch_size if cost else None
         while True:
             entry = self.ledger.enter(self._clock.now_ns(), self._stop_rule, batch_size)
             if entry.action == "cancel":
-                return Ticket(
-                    0, 0, self._clock.now_ns(), self._clock.now_ns() - arrived, entry.reason
-                )
+                return self._cancelled(entry.reason, arrived)
             if entry.action == "wait":
                 self.ledger.wait_released(entry.batch)
                 continue
             reason = ""
-            if entry.action == "open":
-                reason = self._open(entry.batch)
-            elif entry.action == "join":
-                self.ledger.wait_released(entry.batch)
-                reason = self.ledger.check_stop(self._clock.now_ns(), self._stop_rule)
-                state = self.ledger.snapshot()
-                if not reason and state.batch == entry.batch and not state.released:
-                    reason = self._open(entry.batch)  # its opener died before releasing it
-            if not reason:
-                start_ns, reason = self._take_tokens(cost, batched=bool(entry.batch))
+            try:
+                if entry.action == "open":
+                    expected = batch_cost if batch_cost is not None else cost * (batch_size or 1)
+                    reason = self._open(entry.batch, expected)
+                elif entry.action == "join":
+                    self.ledger.wait_released(entry.batch)
+                    reason = self.ledger.check_stop(self._clock.now_ns(), self._stop_rule)
+                    state = self.ledger.snapshot()
+                    if not reason and state.batch == entry.batch and not state.released:
+                        reason = self._open(entry.batch, cost * (batch_size or 1))  # opener died
+                if not reason:
+                    store_ns, reason = self._take_tokens(cost, batched=bool(entry.batch))
+            except BaseException:
+                self.ledger.leave(entry.batch)
+                raise
             if reason:
                 self.ledger.leave(entry.batch)
-                return Ticket(0, 0, self._clock.now_ns(), self._clock.now_ns() - arrived, reason)
-            return Ticket(entry.batch, cost, start_ns, self._clock.now_ns() - arrived)
+                return self._cancelled(reason, arrived)
+            return self._admitted(entry.batch, cost, store_ns, arrived)
+
+    def _admitted(self, batch: int, cost: int, store_ns: int | None, arrived: int) -> Ticket:
+        now = self._clock.now_ns()
+        if store_ns is not None and self.limiter is not None and self.limiter.store.local_clock:
+            return Ticket(batch, cost, store_ns, now - arrived)  # the exact admission time
+        return Ticket(batch, cost, now, now - arrived, store_ns=store_ns)
+
+    def acquire(self, cost: int) -> Ticket:
+        """Tokens for a test already running (no batch): a ticket, or a cancelled one."""
+        arrived = self._clock.now_ns()
+        try:
+            reason = self.ledger.check_stop(arrived, self._stop_rule)
+            store_ns = None
+            if not reason:
+                store_ns, reason = self._take_tokens(cost, batched=False)
+        except StoreError as error:
+            reason = self.ledger.stop(f"store unavailable: {error}")
+        if reason:
+            return self._cancelled(reason, arrived)
+        return self._admitted(0, cost, store_ns, arrived)
 
     def finish(self, ticket: Ticket, failed: bool) -> None:
         """The admitted test of ``ticket`` finished; ``failed`` if it failed or errored."""
         if not ticket.cancelled:
             self.ledger.finish(ticket.batch, failed, self._clock.now_ns())
 
-    def _open(self, batch: int) -> str:
+    def _open(self, batch: int, expected_cost: int) -> str:
         """Pass the barrier, the backoff and the batch's tokens, then release the batch.
 
         Returns a stop reason instead if the session must stop.
@@ -117,7 +158,9 @@ class TaskScheduler:
                 self._wait("batch backoff", until - now)
         limiter = self.limiter
         if limiter is not None:
-            tokens = min(self.policy.batch_size or 1, limiter.rate_limit.burst)
+            # The batch's cost, or the burst if it costs more: then its tests beyond the
+            # burst are paced one by one as they start (each takes its own tokens).
+            tokens = min(expected_cost, limiter.rate_limit.burst)
             admission = limiter.admit(
                 tokens,
                 timeout=self._time_left(),
@@ -129,17 +172,21 @@ class TaskScheduler:
         self.ledger.release(batch)
         return ""
 
-    def _take_tokens(self, cost: int, batched: bool) -> tuple[int, str]:
-        """The test's own tokens: committed from its batch's reservation, or taken anew."""
+    def _take_tokens(self, cost: int, batched: bool) -> tuple[int | None, str]:
+        """The test's own tokens, committed from its batch's reservation or taken anew.
+
+        Returns the admission time on the store's clock (``None`` if nothing was taken), or
+        a stop reason.
+        """
         limiter = self.limiter
         if limiter is None or cost == 0:
-            return self._clock.now_ns(), ""
+            return None, ""
         on_wait = self._waiter("rate tokens")
         if batched:
             return limiter.commit(cost, on_wait=on_wait), ""
         admission = limiter.admit(cost, timeout=self._time_left(), on_wait=on_wait)
         if admission is None:
-            return 0, self.ledger.stop(self._timeout_ahead())
+            return None, self.ledger.stop(self._timeout_ahead())
         return admission.at_ns, ""
 
     def _time_left(self) -> float | None:

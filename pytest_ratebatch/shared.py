@@ -70,6 +70,8 @@ class SharedFile:
 class FileBucketStore:
     """The GCRA bucket of ``gcra`` in a file: two signed 64-bit integers."""
 
+    local_clock = True  # the monotonic clock is system-wide: every worker reads the same one
+
     _LAYOUT = struct.Struct("<qq")
 
     def __init__(self, directory: Path, clock: Clock = MONOTONIC) -> None:

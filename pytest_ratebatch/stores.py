@@ -22,7 +22,13 @@ class StoreError(RuntimeError):
 
 
 class BucketStore(Protocol):
-    """Atomic operations on one token bucket (see ``gcra`` for their meaning)."""
+    """Atomic operations on one token bucket (see ``gcra`` for their meaning).
+
+    Operations may raise ``StoreError`` when the store cannot be used.
+    """
+
+    #: Whether the times in outcomes are this machine's monotonic clock (else the store's own).
+    local_clock: bool
 
     def take(
         self, cost: int, interval_ns: int, burst: int, max_wait_ns: int | None, admit: bool
@@ -39,6 +45,8 @@ class BucketStore(Protocol):
 
 class MemoryBucketStore:
     """A bucket in this process, safe to share between threads."""
+
+    local_clock = True
 
     def __init__(self, clock: Clock = MONOTONIC) -> None:
         self._now = clock.now_ns

@@ -1,0 +1,158 @@
+"""The bucket in Redis, shared by every session that names the same server and key.
+
+Each operation is one round trip: an atomic Lua script on one hash (``r`` and ``a``, the two
+GCRA numbers of ``gcra``), on the server's clock (``TIME``, in microseconds), never the
+clients' clocks, so sessions on different machines agree on time. The key expires once the
+bucket has been full and idle for a minute. redis-py (the ``redis`` extra) does the
+talking, with its own retry for brief outages; what stays down becomes a ``StoreError``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+from urllib.parse import urlsplit
+
+from .gcra import Outcome
+from .policy import mask_url
+from .stores import StoreError
+
+__all__ = ["DEFAULT_KEY", "RedisBucketStore"]
+
+DEFAULT_KEY = "default"
+KEY_PREFIX = "pytest-ratebatch:"
+IDLE_EXPIRY_MS = 60_000
+RETRY_SECONDS = 2.0  # how long a lost server is retried before the session stops
+
+# Shared preamble: the server's clock and the bucket, in microseconds.
+_READ = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local cost, interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'r', 'a')
+local reserved, admitted = tonumber(state[1]) or 0, tonumber(state[2]) or 0
+local function save()
+  redis.call('HSET', KEYS[1], 'r', string.format('%.0f', reserved),
+             'a', string.format('%.0f', admitted))
+  local busy_ms = math.ceil((math.max(reserved, admitted) - now) / 1000)
+  redis.call('PEXPIRE', KEYS[1], math.max(busy_ms, 0) + tonumber(ARGV[6]))
+end
+"""
+
+# gcra.take: ARGV[4] = max wait (-1: none), ARGV[5] = 1 to admit when no wait is needed.
+TAKE_SCRIPT = (
+    _READ
+    + """
+local base = math.max(reserved, admitted, now)
+local wait = base + (cost - burst) * interval - now
+local max_wait = tonumber(ARGV[4])
+if wait > 0 and max_wait >= 0 and wait > max_wait then return {3, now, wait} end
+reserved = base + cost * interval
+local status = 1
+if wait <= 0 then
+  wait = 0
+  if ARGV[5] == '1' then
+    admitted = math.max(admitted, now) + cost * interval
+    status = 0
+  end
+end
+save()
+return {status, now, wait}
+"""
+)
+
+# gcra.commit
+COMMIT_SCRIPT = (
+    _READ
+    + """
+local wait = admitted + (cost - burst) * interval - now
+if wait > 0 then return {2, now, wait} end
+admitted = math.max(admitted, now) + cost * interval
+save()
+return {0, now, 0}
+"""
+)
+
+# gcra.level needs the debt only: max(reserved, admitted) - now.
+DEBT_SCRIPT = (
+    _READ
+    + """
+return math.max(reserved, admitted) - now
+"""
+)
+
+
+class RedisBucketStore:
+    """GCRA in Redis: ``take`` and ``commit`` are one script call (one round trip) each."""
+
+    local_clock = False  # times are the server's, not this machine's monotonic clock
+
+    def __init__(self, url: str, key: str = DEFAULT_KEY) -> None:
+        try:
+            import redis
+            from redis.backoff import ExponentialBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise StoreError(
+                "the Redis store needs redis-py: pip install 'pytest-ratebatch[redis]'"
+            ) from None
+        self.url = url
+        self.key = KEY_PREFIX + key
+        self._secret = urlsplit(url).password or ""
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        backoff = ExponentialBackoff(cap=0.5, base=0.05)
+        try:
+            self._client = redis.Redis.from_url(
+                url,
+                socket_timeout=5,
+                socket_connect_timeout=2,
+                retry=Retry(backoff, retries=max(1, math.ceil(RETRY_SECONDS / 0.25))),
+                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            )
+        except ValueError as error:
+            raise StoreError(self._clean(f"bad Redis URL {mask_url(url)}: {error}")) from None
+        self._take = self._client.register_script(TAKE_SCRIPT)
+        self._commit = self._client.register_script(COMMIT_SCRIPT)
+        self._debt = self._client.register_script(DEBT_SCRIPT)
+
+    def _clean(self, message: str) -> str:
+        """No output, report or error ever contains the password."""
+        return message.replace(self._secret, "***") if self._secret else message
+
+    def _call(self, script: Any, *args: int) -> Any:
+        try:
+            return script(keys=[self.key], args=[*args, IDLE_EXPIRY_MS])
+        except self._errors as error:
+            raise StoreError(self._clean(f"{self.describe()}: {error}")) from None
+
+    def check(self) -> None:
+        """Fail now, with a clear message, if the server is unreachable or refuses us."""
+        self._call(self._debt, 0, 1, 1)
+
+    def take(
+        self, cost: int, interval_ns: int, burst: int, max_wait_ns: int | None, admit: bool
+    ) -> Outcome:
+        max_wait = -1 if max_wait_ns is None else max_wait_ns // 1000
+        status, now, wait = self._call(
+            self._take, cost, _micros(interval_ns), burst, max_wait, int(admit)
+        )
+        return int(status), int(now) * 1000, int(wait) * 1000
+
+    def commit(self, cost: int, interval_ns: int, burst: int) -> Outcome:
+        status, now, wait = self._call(self._commit, cost, _micros(interval_ns), burst, -1, 0)
+        return int(status), int(now) * 1000, int(wait) * 1000
+
+    def level(self, interval_ns: int, burst: int) -> float:
+        debt = int(self._call(self._debt, 0, 1, burst)) * 1000
+        return float(burst) if debt <= 0 else max(0.0, burst - debt / interval_ns)
+
+    def describe(self) -> str:
+        return f"redis {mask_url(self.url)} key {self.key}"
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _micros(interval_ns: int) -> int:
+    """The interval in whole microseconds, rounded up: the server's clock has no finer grain."""
+    return max(1, -(-interval_ns // 1000))
