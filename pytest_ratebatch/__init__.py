@@ -6,8 +6,10 @@ from .clock import MONOTONIC, Clock, MonotonicClock
 from .ledger import Ledger, MemoryLedger
 from .limiter import Admission, RateLimiter
 from .policy import ExecutionPolicy, PolicyError, RateLimit, format_duration, parse_duration
+from .redis_store import RedisBucketStore
 from .report import worst_excess
 from .scheduler import TaskScheduler, Ticket
+from .shared import FileBucketStore, FileLedger
 from .stores import BucketStore, MemoryBucketStore, StoreError
 
 __all__ = [
@@ -16,6 +18,8 @@ __all__ = [
     "BucketStore",
     "Clock",
     "ExecutionPolicy",
+    "FileBucketStore",
+    "FileLedger",
     "Ledger",
     "MemoryBucketStore",
     "MemoryLedger",
@@ -23,6 +27,7 @@ __all__ = [
     "PolicyError",
     "RateLimit",
     "RateLimiter",
+    "RedisBucketStore",
     "StoreError",
     "TaskScheduler",
     "Ticket",

@@ -73,3 +73,11 @@ def test_suite_hits_429_without_the_plugin() -> None:
     assert "429 Too Many Requests from the API" in output, output
     _, rejected = api_stats(output)
     assert rejected > 0, output
+
+
+def test_suite_passes_on_four_workers_sharing_the_rate() -> None:
+    code, output = run_suite("-n", "4")
+    assert code == pytest.ExitCode.OK, output
+    assert "store: file (shared by this session's workers)" in output, output
+    requests, rejected = api_stats(output)
+    assert (requests, rejected) == (25, 0), output
