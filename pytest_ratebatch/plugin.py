@@ -291,11 +291,19 @@ class Pacer:
         batch_size = self.scheduler.policy.batch_size
         if batch_size is None or not self._costs or self.reporter is None:
             return
-        # In one process the run order is known: a batch's cost is that of its next tests.
+        # In one process the run order is known: a batch's cost is that of the next
+        # batch_size tests that take tokens (exempt tests join no batch).
         costs = [self._costs.get(item.nodeid, 1) for item in items]
+        paced = [index for index, cost in enumerate(costs) if cost]
+        running = [0]
+        for index in paced:
+            running.append(running[-1] + costs[index])
+        first = 0  # the first paced test at or after the current one
         for index, item in enumerate(items):
-            paced = [cost for cost in costs[index:] if cost][:batch_size]
-            self._batch_costs[item.nodeid] = sum(paced)
+            while first < len(paced) and paced[first] < index:
+                first += 1
+            last = min(first + batch_size, len(paced))
+            self._batch_costs[item.nodeid] = running[last] - running[first]
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_protocol(

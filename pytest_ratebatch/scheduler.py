@@ -19,6 +19,9 @@ from .stores import StoreError
 
 __all__ = ["OnWait", "TaskScheduler", "Ticket"]
 
+#: How often a test retries while the batch it waits for is being opened by a new opener.
+ORPHAN_RETRY_SECONDS = 0.01
+
 #: Called before a wait of known length: ``on_wait(what, seconds)``.
 OnWait = Callable[[str, float], None]
 
@@ -92,6 +95,10 @@ class TaskScheduler:
                 return self._cancelled(entry.reason, arrived)
             if entry.action == "wait":
                 self.ledger.wait_released(entry.batch)
+                state = self.ledger.snapshot()
+                if state.batch == entry.batch and not state.released and not state.stop_reason:
+                    # Its opener died; a member is taking over. Do not spin meanwhile.
+                    self._clock.sleep(ORPHAN_RETRY_SECONDS)
                 continue
             reason = ""
             try:
