@@ -1,7 +1,7 @@
 """The bucket in Redis, shared by every session that names the same server and key.
 
-Each operation is one round trip: an atomic Lua script on one hash (``r`` and ``a``, the two
-GCRA numbers of ``gcra``), on the server's clock (``TIME``, in microseconds), never the
+Each operation is one round trip: an atomic Lua script on one key (the two GCRA numbers of
+``gcra``, as ``reserved:admitted``), on the server's clock (``TIME``, in microseconds), never the
 clients' clocks, so sessions on different machines agree on time. The key expires once the
 bucket has been full and idle for a minute. redis-py (the ``redis`` extra) does the
 talking, with its own retry for brief outages; what stays down becomes a ``StoreError``.
@@ -9,7 +9,9 @@ talking, with its own retry for brief outages; what stays down becomes a ``Store
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,18 +26,23 @@ KEY_PREFIX = "pytest-ratebatch:"
 IDLE_EXPIRY_MS = 60_000
 RETRY_SECONDS = 2.0  # how long a lost server is retried before the session stops
 
-# Shared preamble: the server's clock and the bucket, in microseconds.
+# Shared preamble: the server's clock and the bucket, in microseconds. The bucket is one
+# string "reserved:admitted" (one GET, one SET with its expiry: fewest calls per round trip).
 _READ = """
 local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local now = clock[1] * 1000000 + clock[2]
 local cost, interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'r', 'a')
-local reserved, admitted = tonumber(state[1]) or 0, tonumber(state[2]) or 0
+local reserved, admitted = 0, 0
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local colon = string.find(stored, ':', 1, true)
+  reserved = tonumber(string.sub(stored, 1, colon - 1))
+  admitted = tonumber(string.sub(stored, colon + 1))
+end
 local function save()
-  redis.call('HSET', KEYS[1], 'r', string.format('%.0f', reserved),
-             'a', string.format('%.0f', admitted))
-  local busy_ms = math.ceil((math.max(reserved, admitted) - now) / 1000)
-  redis.call('PEXPIRE', KEYS[1], math.max(busy_ms, 0) + tonumber(ARGV[6]))
+  local busy_ms = math.max(math.ceil((math.max(reserved, admitted) - now) / 1000), 0)
+  redis.call('SET', KEYS[1], string.format('%.0f:%.0f', reserved, admitted),
+             'PX', busy_ms + tonumber(ARGV[6]))
 end
 """
 
@@ -82,6 +89,14 @@ return math.max(reserved, admitted) - now
 )
 
 
+class Script:
+    """A Lua script and its SHA1, the name the server caches it under."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
 class RedisBucketStore:
     """GCRA in Redis: ``take`` and ``commit`` are one script call (one round trip) each."""
 
@@ -111,17 +126,23 @@ class RedisBucketStore:
             )
         except ValueError as error:
             raise StoreError(self._clean(f"bad Redis URL {mask_url(url)}: {error}")) from None
-        self._take = self._client.register_script(TAKE_SCRIPT)
-        self._commit = self._client.register_script(COMMIT_SCRIPT)
-        self._debt = self._client.register_script(DEBT_SCRIPT)
+        self._noscript = redis.exceptions.NoScriptError
+        self._take = Script(TAKE_SCRIPT)
+        self._commit = Script(COMMIT_SCRIPT)
+        self._debt = Script(DEBT_SCRIPT)
 
     def _clean(self, message: str) -> str:
         """No output, report or error ever contains the password."""
         return message.replace(self._secret, "***") if self._secret else message
 
-    def _call(self, script: Any, *args: int) -> Any:
+    def _call(self, script: Script, *args: int) -> Any:
+        """One EVALSHA (the script is sent once per server, on its first NOSCRIPT)."""
+        execute: Callable[..., Any] = self._client.execute_command
         try:
-            return script(keys=[self.key], args=[*args, IDLE_EXPIRY_MS])
+            try:
+                return execute("EVALSHA", script.sha, 1, self.key, *args, IDLE_EXPIRY_MS)
+            except self._noscript:
+                return execute("EVAL", script.source, 1, self.key, *args, IDLE_EXPIRY_MS)
         except self._errors as error:
             raise StoreError(self._clean(f"{self.describe()}: {error}")) from None
 
