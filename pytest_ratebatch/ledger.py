@@ -158,7 +158,7 @@ class MemoryLedger:
 
     def __init__(self) -> None:
         self._state = SessionState()
-        self._changed = threading.Condition()
+        self._changed = threading.Condition(threading.Lock())
 
     def enter(self, now: int, rule: StopRule, batch_size: int | None) -> Entry:
         with self._changed:

@@ -314,7 +314,7 @@ class Pacer:
         ticket = self.scheduler.admit(self._costs.get(nodeid, 1), self._batch_costs.get(nodeid))
         if ticket.cancelled:
             item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
-        self.started(nodeid, ticket_data(ticket, ticket.start_ns - self.start_ns))
+        self.started(nodeid, ticket)
         try:
             return (yield)
         finally:
@@ -322,9 +322,9 @@ class Pacer:
                 failed = self.finished(nodeid, MONOTONIC.now_ns() - self.start_ns)
                 self.scheduler.finish(ticket, failed)
 
-    def started(self, nodeid: str, data: dict[str, Any]) -> None:
+    def started(self, nodeid: str, ticket: Ticket) -> None:
         assert self.reporter is not None
-        self.reporter.started(nodeid, data)
+        self.reporter.started(nodeid, ticket, ticket.start_ns - self.start_ns)
 
     def finished(self, nodeid: str, finish_offset: int) -> bool:
         """Note the end of a test; whether it failed or errored."""
@@ -354,8 +354,8 @@ class WorkerPacer(Pacer):
         super().__init__(scheduler, start_ns)
         self._tickets: dict[str, dict[str, Any]] = {}
 
-    def started(self, nodeid: str, data: dict[str, Any]) -> None:
-        self._tickets[nodeid] = data
+    def started(self, nodeid: str, ticket: Ticket) -> None:
+        self._tickets[nodeid] = ticket_data(ticket, ticket.start_ns - self.start_ns)
 
     def finished(self, nodeid: str, finish_offset: int) -> bool:
         return bool(self._tickets.pop(nodeid, {}).get("failed"))
@@ -463,11 +463,18 @@ class Reporter:
 
     # --- each test ---------------------------------------------------------------------
 
-    def started(self, nodeid: str, data: dict[str, Any]) -> None:
+    def started(self, nodeid: str, ticket: Ticket, start_offset: int) -> None:
         """A test was admitted or cancelled in this process."""
         record = self._record(nodeid)
         record.outcome = ""
-        self._apply(record, data)
+        record.waited_ns = ticket.waited_ns
+        if ticket.cancelled:
+            record.reason = f"{CANCELLED_PREFIX} ({ticket.cancelled})"
+        else:
+            record.batch = ticket.batch
+            record.tokens = ticket.tokens
+            record.start_ns = start_offset
+            record.store_ns = ticket.store_ns
 
     def finished(self, nodeid: str, finish_offset: int) -> bool:
         """A test of this process finished: note when, and say whether it failed."""
@@ -480,6 +487,7 @@ class Reporter:
         self._record(nodeid).acquired.append(acquisition)
 
     def _apply(self, record: TestRecord, data: dict[str, Any]) -> None:
+        """A worker's ticket, as it travelled on a report."""
         record.waited_ns = data["waited_ns"]
         if data["cancelled"]:
             record.reason = f"{CANCELLED_PREFIX} ({data['cancelled']})"
@@ -494,8 +502,10 @@ class Reporter:
             record.acquired = data["acquired"]
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        record = self._record(report.nodeid)
         data = getattr(report, REPORT_ATTRIBUTE, None)
+        if data is None and report.passed and report.when != "call":
+            return  # a set-up or teardown that passed changes no outcome: keep this path short
+        record = self._record(report.nodeid)
         if data is not None:  # from a worker
             if record.outcome == "not run":
                 record.outcome = ""
