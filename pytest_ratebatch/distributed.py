@@ -26,6 +26,7 @@ from .policy import format_duration
 from .shared import FileBucketStore, FileLedger
 
 __all__ = [
+    "ANNOUNCE_WAITS_FROM",
     "SessionDirectory",
     "SharedSession",
     "WorkerSession",
@@ -36,7 +37,8 @@ __all__ = [
 
 WORKERINPUT_KEY = "ratebatch"
 ANNOUNCE_SOCKET = "announce"
-ANNOUNCE_WAITS_FROM = 1.0  # seconds; shorter waits are not worth a line
+#: Waits shorter than this (seconds) are not announced on the terminal.
+ANNOUNCE_WAITS_FROM = 1.0
 
 
 def is_distributing(config: pytest.Config) -> bool:

@@ -1,0 +1,247 @@
+"""Where outcomes are reported (a plain session, or the xdist controller).
+
+Records for every collected test, the header, wait announcements, the summary section, the
+JSON report and the exit status.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .clock import MONOTONIC
+from .distributed import ANNOUNCE_WAITS_FROM, SharedSession
+from .ledger import Ledger
+from .policy import ExecutionPolicy, format_duration
+from .report import (
+    CANCELLED_PREFIX,
+    TestRecord,
+    describe_summary,
+    merge_outcome,
+    summarize,
+    write_report,
+)
+from .scheduler import Ticket
+from .stores import BucketStore
+
+if TYPE_CHECKING:
+    from _pytest.terminal import TerminalReporter
+
+__all__ = ["REPORT_ATTRIBUTE", "Reporter", "TerminalGuard", "ticket_data"]
+
+#: The attribute of a TestReport that carries a test's ticket from a worker to the controller.
+REPORT_ATTRIBUTE = "ratebatch"
+
+
+def ticket_data(ticket: Ticket, start_offset: int) -> dict[str, Any]:
+    return {
+        "batch": ticket.batch,
+        "tokens": ticket.tokens,
+        "start_ns": start_offset if not ticket.cancelled else None,
+        "store_ns": ticket.store_ns,
+        "waited_ns": ticket.waited_ns,
+        "cancelled": ticket.cancelled,
+        "acquired": [],
+    }
+
+
+class TerminalGuard:
+    """xdist controller: the hooks that print hold the lock the announcer thread prints under."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.lock = lock
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_logstart(self) -> Generator[None, object, object]:
+        with self.lock:
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_logreport(self) -> Generator[None, object, object]:
+        with self.lock:
+            return (yield)
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_logfinish(self) -> Generator[None, object, object]:
+        with self.lock:
+            return (yield)
+
+
+class Reporter:
+    """Where outcomes are reported: records, header, waits, summary, JSON, exit status."""
+
+    def __init__(
+        self,
+        config: pytest.Config,
+        policy: ExecutionPolicy,
+        report_path: Path | None,
+        shared: SharedSession | None,
+        store: BucketStore,
+        ledger: Ledger,
+        start_ns: int,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.report_path = report_path
+        self.shared = shared
+        self.store = store
+        self.ledger = ledger
+        self.start_ns = start_ns
+        self.start_wall = time.time() - (MONOTONIC.now_ns() - start_ns) / 1e9
+        self.records: dict[str, TestRecord] = {}
+        self.interrupted = False
+        self._terminal: TerminalReporter | None = None
+
+    def _record(self, nodeid: str) -> TestRecord:
+        record = self.records.get(nodeid)
+        if record is None:
+            record = self.records[nodeid] = TestRecord(nodeid)
+        return record
+
+    # --- the session -----------------------------------------------------------------
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self._terminal = self.config.pluginmanager.get_plugin("terminalreporter")
+        if self.shared is not None:
+            self.shared.start_announcer(self._write_announcement)
+
+    def pytest_report_header(self, config: pytest.Config) -> str:
+        return f"ratebatch: {self.policy.describe()}; store: {self.store.describe()}"
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist hook (controller): hand the shared session to each worker."""
+        assert self.shared is not None
+        node.workerinput.update(self.shared.workerinput())
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        # Every collected test gets a record, so the report accounts for tests never reached.
+        for item in items:
+            self.records.setdefault(item.nodeid, TestRecord(item.nodeid, outcome="not run"))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        for nodeid in ids:
+            self.records.setdefault(nodeid, TestRecord(nodeid, outcome="not run"))
+
+    # --- each test ---------------------------------------------------------------------
+
+    def started(self, nodeid: str, ticket: Ticket, start_offset: int) -> None:
+        """A test was admitted or cancelled in this process."""
+        record = self._record(nodeid)
+        record.outcome = ""
+        record.waited_ns = ticket.waited_ns
+        if ticket.cancelled:
+            record.reason = f"{CANCELLED_PREFIX} ({ticket.cancelled})"
+        else:
+            record.batch = ticket.batch
+            record.tokens = ticket.tokens
+            record.start_ns = start_offset
+            record.store_ns = ticket.store_ns
+
+    def finished(self, nodeid: str, finish_offset: int) -> bool:
+        """A test of this process finished: note when, and say whether it failed."""
+        record = self._record(nodeid)
+        record.finish_ns = finish_offset
+        return record.failed
+
+    def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
+        """A test of this process took tokens while running."""
+        self._record(nodeid).acquired.append(acquisition)
+
+    def _apply(self, record: TestRecord, data: dict[str, Any]) -> None:
+        """A worker's ticket, as it travelled on a report."""
+        record.waited_ns = data["waited_ns"]
+        if data["cancelled"]:
+            record.reason = f"{CANCELLED_PREFIX} ({data['cancelled']})"
+        else:
+            record.batch = data["batch"]
+            record.tokens = data["tokens"]
+            record.start_ns = data["start_ns"]
+            record.store_ns = data["store_ns"]
+        if data.get("finish_ns") is not None:
+            record.finish_ns = data["finish_ns"]
+        if data["acquired"]:
+            record.acquired = data["acquired"]
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        data = getattr(report, REPORT_ATTRIBUTE, None)
+        if data is None and report.passed and report.when != "call":
+            return  # a set-up or teardown that passed changes no outcome: keep this path short
+        record = self._record(report.nodeid)
+        if data is not None:  # from a worker
+            if record.outcome == "not run":
+                record.outcome = ""
+            self._apply(record, data)
+        worker = getattr(report, "node", None)
+        if worker is not None:
+            record.worker = str(getattr(getattr(worker, "gateway", None), "id", ""))
+        if report.failed and report.when not in ("setup", "call", "teardown"):
+            # xdist's report for a test whose worker crashed: it counts as a failure.
+            self.ledger.finish(0, failed=True, now=MONOTONIC.now_ns())
+        if record.reason and report.skipped:
+            record.outcome = "cancelled"
+            return
+        record.outcome = merge_outcome(
+            record.outcome if record.outcome != "not run" else "",
+            report.when,
+            report.outcome,
+            hasattr(report, "wasxfail"),
+        )
+
+    def announce_wait(self, what: str, seconds: float) -> None:
+        if seconds >= ANNOUNCE_WAITS_FROM:
+            self._write_announcement(f"waiting {format_duration(round(seconds, 1))} for {what}")
+
+    def _write_announcement(self, text: str) -> None:
+        terminal = self._terminal
+        if terminal is None:
+            return
+        terminal.ensure_newline()
+        writer = getattr(terminal, "_tw", None)
+        if getattr(writer, "width_of_current_line", 0):
+            terminal.write("\n")  # xdist prints progress letters without tracking the line
+        terminal.write_line(f"ratebatch: {text}")
+
+    # --- the end -----------------------------------------------------------------------
+
+    def pytest_keyboard_interrupt(self) -> None:
+        self.interrupted = True
+
+    @property
+    def stop_reason(self) -> str:
+        return "interrupted" if self.interrupted else self.ledger.snapshot().stop_reason
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.shared is not None:
+            self.shared.stop_announcer()
+        cancelled = any(record.outcome == "cancelled" for record in self.records.values())
+        if cancelled and session.exitstatus == pytest.ExitCode.OK:
+            # Tests that never ran are not a success, even if nothing failed.
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if self.report_path is not None:
+            write_report(
+                self.report_path,
+                self.policy,
+                list(self.records.values()),
+                stop_reason=self.stop_reason,
+                store=self.store.describe(),
+                session_wall=self.start_wall,
+                duration_ns=MONOTONIC.now_ns() - self.start_ns,
+            )
+
+    def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
+        terminalreporter.section("ratebatch")
+        summary = summarize(self.records.values())
+        for line in describe_summary(self.policy, summary, self.stop_reason):
+            terminalreporter.line(line)
+        if self.report_path is not None:
+            terminalreporter.line(f"report: {self.report_path}")
