@@ -7,7 +7,8 @@ What is measured, with P processes (default 4) sharing one bucket:
    its calls, median over processes and rounds. Side by side: this project's file store
    (the one pytest-xdist workers share: one ``flock``, one read, one write) and
    pyrate-limiter's SQLite bucket (``try_acquire``, non-blocking; SQLite's own locking,
-   as its optional file lock fails with filelock 4).
+   as its optional file lock fails with filelock 4). A call that fails (SQLite's "database is
+   locked" after its busy timeout) is counted and printed beside the cost.
 2. *Fairness*: every process calls a blocking acquire in a loop against a binding rate
    (default 100/s, burst 1) for a few seconds. Fair means each process is served in turn:
    the admissions split evenly, and no process waits for more than P slots in a row. Printed:
@@ -29,9 +30,11 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import platform
+import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,7 +64,13 @@ def pyrate_taker(directory: str) -> Callable[[], object]:
         use_file_lock=False,  # its file lock fails with filelock 4 (TypeError on timeout)
     )
     limiter = Limiter(bucket)
+    threading.excepthook = note_thread_death  # its leak thread also meets "database is locked"
     return lambda: limiter.try_acquire("bench", blocking=False)
+
+
+def note_thread_death(args: threading.ExceptHookArgs) -> None:
+    name = args.thread.name if args.thread is not None else "a thread"
+    print(f"  ({name} died: {args.exc_value})", file=sys.stderr)
 
 
 TAKERS: dict[str, Callable[[str], Callable[[], object]]] = {
@@ -75,23 +84,27 @@ def cost_worker(
     directory: str,
     calls: int,
     start: multiprocessing.synchronize.Barrier,
-    out: multiprocessing.Queue[float],
+    out: multiprocessing.Queue[tuple[float, int]],
 ) -> None:
     take = TAKERS[name](directory)
     take()  # open files, create tables
     start.wait()
+    errors = 0
     began = time.perf_counter()
     for _ in range(calls):
-        take()
-    out.put((time.perf_counter() - began) / calls * 1e6)
+        try:
+            take()
+        except sqlite3.OperationalError:  # "database is locked": a failed call, still timed
+            errors += 1
+    out.put(((time.perf_counter() - began) / calls * 1e6, errors))
 
 
-def measure_cost(name: str, processes: int, calls: int) -> list[float]:
+def measure_cost(name: str, processes: int, calls: int) -> list[tuple[float, int]]:
     with tempfile.TemporaryDirectory(prefix="contention-") as directory:
         if name == "pyrate-limiter SQLite":
             TAKERS[name](directory)  # create the table once, before the racers
         start = multiprocessing.Barrier(processes)
-        out: multiprocessing.Queue[float] = multiprocessing.Queue()
+        out: multiprocessing.Queue[tuple[float, int]] = multiprocessing.Queue()
         workers = [
             multiprocessing.Process(target=cost_worker, args=(name, directory, calls, start, out))
             for _ in range(processes)
@@ -165,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}")
     print(f"cost per reservation, {args.processes} processes contending, {args.calls} calls each")
-    costs: dict[str, list[float]] = {name: [] for name in TAKERS}
+    costs: dict[str, list[tuple[float, int]]] = {name: [] for name in TAKERS}
     for round_index in range(args.rounds):
         names = list(TAKERS)
         if round_index % 2:
@@ -175,13 +188,17 @@ def main(argv: list[str] | None = None) -> int:
                 costs[name] += measure_cost(name, args.processes, args.calls)
             except ImportError:
                 costs[name] = []
-    ours = statistics.median(costs["ratebatch file store"])
-    for name, values in costs.items():
-        if not values:
+    ours = statistics.median(cost for cost, _ in costs["ratebatch file store"])
+    for name, results in costs.items():
+        if not results:
             print(f"  {name:24} not installed")
             continue
-        median = statistics.median(values)
-        print(f"  {name:24} {median:8.1f} µs/call   {median / ours:5.1f}x ours")
+        median = statistics.median(cost for cost, _ in results)
+        failed = sum(errors for _, errors in results)
+        print(
+            f"  {name:24} {median:8.1f} µs/call   {median / ours:5.1f}x ours   "
+            f"{failed} of {len(results) * args.calls} calls failed"
+        )
     print(
         f"fairness: {args.processes} processes blocking on one file bucket at "
         f"{args.rate:g}/s, burst 1, for {args.seconds:g} s"

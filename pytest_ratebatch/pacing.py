@@ -13,7 +13,7 @@ import pytest
 from .clock import MONOTONIC
 from .policy import parse_cost
 from .report import CANCELLED_PREFIX
-from .reporting import REPORT_ATTRIBUTE, Reporter, ticket_data
+from .reporting import REPORT_ATTRIBUTE, Reporter, ticket_start
 from .scheduler import TaskScheduler, Ticket
 
 __all__ = ["Pacer", "RateBatch", "WorkerPacer"]
@@ -143,33 +143,52 @@ class Pacer:
 
 
 class WorkerPacer(Pacer):
-    """A pytest-xdist worker's pacer: tickets travel to the controller on the test's reports."""
+    """A pytest-xdist worker's pacer: each test's ticket travels to the controller on its reports.
+
+    The start rides on the set-up report (so a test whose worker dies later still shows when
+    it started), the finish and in-test tokens on the teardown report; the call report
+    carries nothing, which keeps the per-test traffic small.
+    """
 
     def __init__(self, scheduler: TaskScheduler, start_ns: int) -> None:
         super().__init__(scheduler, start_ns)
-        self._tickets: dict[str, dict[str, Any]] = {}
+        self._starts: dict[str, list[Any]] = {}
+        self._acquired: dict[str, list[list[int | None]]] = {}
+        self._failed: set[str] = set()
 
     def started(self, nodeid: str, ticket: Ticket) -> None:
-        self._tickets[nodeid] = ticket_data(ticket, ticket.start_ns - self.start_ns)
+        self._starts[nodeid] = ticket_start(ticket, ticket.start_ns - self.start_ns)
+        self._acquired[nodeid] = []
 
     def finished(self, nodeid: str, finish_offset: int) -> bool:
-        return bool(self._tickets.pop(nodeid, {}).get("failed"))
+        self._starts.pop(nodeid, None)
+        self._acquired.pop(nodeid, None)
+        failed = nodeid in self._failed
+        self._failed.discard(nodeid)
+        return failed
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
-        data = self._tickets.get(nodeid)
-        if data is not None:
-            data["acquired"].append(acquisition)
+        acquisitions = self._acquired.get(nodeid)
+        if acquisitions is not None:
+            acquisitions.append(acquisition)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(
         self, item: pytest.Item, call: pytest.CallInfo[None]
     ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         report = yield
-        data = self._tickets.get(item.nodeid)
-        if data is not None:
-            if report.failed:
-                data["failed"] = True
-            if call.when == "teardown" and data["start_ns"] is not None:
-                data["finish_ns"] = MONOTONIC.now_ns() - self.start_ns
-            setattr(report, REPORT_ATTRIBUTE, {**data, "acquired": list(data["acquired"])})
+        nodeid = item.nodeid
+        start = self._starts.get(nodeid)
+        if start is None:
+            return report
+        if report.failed:
+            self._failed.add(nodeid)
+        if call.when == "setup":
+            setattr(report, REPORT_ATTRIBUTE, start)
+        elif call.when == "teardown":
+            if start[1]:  # cancelled: no admission to finish, just forget it
+                self.finished(nodeid, 0)
+            else:
+                finish = [MONOTONIC.now_ns() - self.start_ns, list(self._acquired[nodeid])]
+                setattr(report, REPORT_ATTRIBUTE, finish)
         return report

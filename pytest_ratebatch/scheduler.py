@@ -143,7 +143,8 @@ class TaskScheduler:
 
     def finish(self, ticket: Ticket, failed: bool) -> None:
         """The admitted test of ``ticket`` finished; ``failed`` if it failed or errored."""
-        if not ticket.cancelled:
+        # An unbatched test that passed changes nothing shared: spare the ledger a round trip.
+        if not ticket.cancelled and (ticket.batch or failed):
             self.ledger.finish(ticket.batch, failed, self._clock.now_ns())
 
     def _open(self, batch: int, expected_cost: int) -> str:

@@ -124,7 +124,8 @@ class FileLedger:
         self.directory = directory
         self._file = SharedFile(directory / LEDGER_FILE, self._LAYOUT)
         self._now = clock.now_ns
-        self._held: dict[int, int] = {}  # batch -> fd of the members file this process holds
+        self._members: dict[int, int] = {}  # batch -> fd of its members file, kept open
+        self._held: set[int] = set()  # batches whose members file this process holds shared
         self._gates: dict[int, int] = {}  # batch -> fd of the gate this process holds
 
     # --- the state record -------------------------------------------------------------
@@ -169,15 +170,21 @@ class FileLedger:
         """Hold the batch's members file shared: the barrier of the next batch waits for it."""
         if batch in self._held:
             return
-        fd = os.open(self._lock_path(batch, "members"), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._members.get(batch)
+        if fd is None:
+            for older in [old for old in self._members if old not in self._held]:
+                os.close(self._members.pop(older))
+            path = self._lock_path(batch, "members")
+            fd = self._members[batch] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         # Never blocks: the next batch's opener locks it only once this batch is full.
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        self._held[batch] = fd
+        self._held.add(batch)
 
     def _let_go(self, batch: int) -> None:
-        fd = self._held.pop(batch, None)
-        if fd is not None:
-            os.close(fd)  # closing releases the lock
+        # The file stays open: the next test of this process in the batch re-locks it.
+        if batch in self._held:
+            self._held.discard(batch)
+            fcntl.flock(self._members[batch], fcntl.LOCK_UN)
 
     # --- the ledger ---------------------------------------------------------------------
 
@@ -272,8 +279,10 @@ class FileLedger:
             return self._load(stored)
 
     def close(self) -> None:
-        for batch in list(self._held):
-            self._let_go(batch)
+        self._held.clear()
+        for fd in self._members.values():
+            os.close(fd)  # closing releases any lock still held
+        self._members.clear()
         for batch in list(self._gates):
             self._open_gate(batch)
         self._file.close()

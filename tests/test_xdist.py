@@ -156,6 +156,9 @@ def test_a_crashed_worker_does_not_stick_the_session(pytester: pytest.Pytester) 
     report = load_report(pytester.path / "r.json")
     outcomes = {test["nodeid"]: test["outcome"] for test in report["tests"]}
     assert outcomes["test_a.py::test_timed[2]"] == "failed"
+    crashed = next(test for test in report["tests"] if test["nodeid"].endswith("[2]"))
+    assert crashed["start_ns"] is not None  # its start counts against the rate
+    assert crashed["finish_ns"] is None
     assert len(outcomes) == 8
     assert "not run" not in outcomes.values()
     assert "cancelled" in outcomes.values()  # the crash counted as the one allowed failure
