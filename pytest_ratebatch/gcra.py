@@ -12,7 +12,8 @@ Two TATs make waiting exact without polling:
 ``admitted``
     advanced when a request is admitted, at the clock reading of its admission. A waiter
     that wakes late is checked against it again, so the admissions themselves obey the bound
-    ``cost(window) <= burst + window / interval`` whatever the wake-up jitter.
+    ``cost(window) <= burst + window / interval`` whatever the wake-up jitter; one woken so
+    late that it was overtaken queues again (``overtaken``).
 
 A request admitted without waiting updates both in one step. Integers keep the arithmetic
 exact. Everything here is pure and allocation-light (it runs once per test); stores wrap it
@@ -21,7 +22,17 @@ in their own atomicity (a lock, a file lock, a Lua script).
 
 from __future__ import annotations
 
-__all__ = ["ADMITTED", "REFUSED", "RESERVED", "WAIT", "Outcome", "commit", "level", "take"]
+__all__ = [
+    "ADMITTED",
+    "REFUSED",
+    "RESERVED",
+    "WAIT",
+    "Outcome",
+    "commit",
+    "level",
+    "overtaken",
+    "take",
+]
 
 # Outcome status codes: plain ints, because this is the per-test hot path.
 ADMITTED = 0  # tokens taken: the request may start now
@@ -67,6 +78,17 @@ def commit(
     if wait > 0:
         return reserved, admitted, WAIT, wait
     return reserved, max(admitted, now) + cost * interval, ADMITTED, 0
+
+
+def overtaken(slot: int, now: int, interval: int) -> bool:
+    """Whether a waiter due at ``slot``, refused by ``commit`` at ``now``, was overtaken.
+
+    A later waiter is due at least one ``interval`` after it, so only a waiter woken that
+    late can have lost its admission to one; it then reserves a new slot at the back of the
+    line instead of racing each punctual waiter for theirs (and perhaps losing every time).
+    A waiter refused earlier than that merely follows an admission that was itself late.
+    """
+    return now - slot >= interval
 
 
 def level(reserved: int, admitted: int, now: int, interval: int, burst: int) -> float:

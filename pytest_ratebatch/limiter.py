@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from .clock import MONOTONIC, Clock
-from .gcra import ADMITTED, REFUSED
+from .gcra import ADMITTED, REFUSED, overtaken
 from .policy import NANOS_PER_SECOND, RateLimit
 from .stores import BucketStore, MemoryBucketStore
 
@@ -25,7 +25,8 @@ class RateLimiter:
     """GCRA token bucket over a ``BucketStore``, on an injectable clock.
 
     ``acquire`` reserves its slot in one atomic store operation, so waiters are served in
-    the order they arrived, then sleeps outside any lock exactly until the slot. Asking for
+    the order they arrived, then sleeps outside any lock exactly until the slot (a waiter
+    woken so late that it was overtaken queues again, see ``gcra.overtaken``). Asking for
     more tokens than the burst raises ``ValueError``: no wait could ever admit such a request
     within the bound, and spinning forever would hide the mistake.
     """
@@ -66,15 +67,37 @@ class RateLimiter:
             return Admission(tokens, now, 0)
         if status == REFUSED:
             return None
-        return self._wait_for_slot(tokens, now, wait, reserve_only, on_wait)
+        return self._wait_for_slot(tokens, now, wait, reserve_only, on_wait, max_wait)
 
     def _wait_for_slot(
-        self, tokens: int, now: int, wait: int, reserve_only: bool, on_wait: OnWait | None
-    ) -> Admission:
+        self,
+        tokens: int,
+        now: int,
+        wait: int,
+        reserve_only: bool,
+        on_wait: OnWait | None,
+        max_wait: int | None = None,
+    ) -> Admission | None:
         started = self._clock.now_ns()
+        slot = now + wait
         self._sleep(wait, on_wait)
-        at = now + wait if reserve_only else self.commit(tokens, on_wait=on_wait)
-        return Admission(tokens, at, self._clock.now_ns() - started)
+        if reserve_only:
+            return Admission(tokens, slot, self._clock.now_ns() - started)
+        while True:
+            status, now, wait = self.store.commit(tokens, self._interval, self._burst)
+            if status == ADMITTED:
+                return Admission(tokens, now, self._clock.now_ns() - started)
+            if overtaken(slot, now, self._interval):
+                # Woken too late: a later waiter took this admission. Queue again.
+                elapsed = self._clock.now_ns() - started
+                left = None if max_wait is None else max(0, max_wait - elapsed)
+                status, now, wait = self.store.take(tokens, self._interval, self._burst, left, True)
+                if status == ADMITTED:
+                    return Admission(tokens, now, self._clock.now_ns() - started)
+                if status == REFUSED:
+                    return None
+                slot = now + wait
+            self._sleep(wait, on_wait)
 
     def _check(self, tokens: object) -> None:
         """Raise for anything but a whole number of tokens within the burst (0 is allowed)."""

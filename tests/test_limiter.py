@@ -3,6 +3,7 @@ from __future__ import annotations
 import heapq
 import random
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -116,39 +117,124 @@ def test_reserve_only_holds_a_place_that_commit_admits(clock: FakeClock) -> None
     assert clock.sleeps == []
 
 
+class OversleepingClock(FakeClock):
+    """A fake clock whose first sleep lets ``meanwhile`` act and then wakes ``late_ns`` late."""
+
+    def __init__(self, late_ns: int) -> None:
+        super().__init__()
+        self.late_ns = late_ns
+        self.meanwhile: list[Callable[[], object]] = []
+
+    def sleep(self, seconds: float) -> None:
+        due = self.now + round(seconds * SECOND)
+        super().sleep(seconds)
+        if self.late_ns:
+            for step in self.meanwhile:
+                step()
+            self.now = due + self.late_ns
+            self.late_ns = 0
+
+
+def test_a_waiter_overtaken_while_asleep_queues_again() -> None:
+    rate = RateLimit(60, 1)
+    interval = rate.interval_ns
+    clock = OversleepingClock(late_ns=interval + 1)
+    store = MemoryBucketStore(clock)
+    t0 = clock.now
+    store.take(1, interval, 1, None, True)  # admitted at t0: the next slot is t0 + 1 s
+    late_waiter = RateLimiter(rate, store, clock=clock)
+    others: dict[str, int] = {}
+
+    def punctual_waiters() -> None:
+        # Two others queue behind the late waiter (slots t0 + 2 s and t0 + 3 s); the first
+        # is admitted on time, at t0 + 2 s, while the late waiter still sleeps.
+        for name in ("second", "third"):
+            _status, now, wait = store.take(1, interval, 1, None, True)
+            others[name] = now + wait
+        clock.now = others["second"]
+        assert store.commit(1, interval, 1)[0] == gcra.ADMITTED
+
+    clock.meanwhile.append(punctual_waiters)
+    admission = late_waiter.admit()
+    assert admission is not None
+    assert others == {"second": t0 + 2 * interval, "third": t0 + 3 * interval}
+    # Not the third waiter's slot, which it lost by oversleeping: a new one behind it.
+    assert admission.at_ns == t0 + 4 * interval
+    starts = [(t0, 1), (others["second"], 1), (others["third"], 1), (admission.at_ns, 1)]
+    assert worst_excess(starts, interval, 1) <= 0
+
+
 def simulate(
-    per_minute: float, burst: int, processes: int, tests: int, lateness: float, seed: int
-) -> list[tuple[int, int]]:
+    per_minute: float,
+    burst: int,
+    processes: int,
+    tests: int,
+    lateness: float,
+    seed: int,
+    requeue: bool = True,
+    busy: int = 2,
+) -> list[tuple[int, int, int]]:
     """Processes that reserve, sleep (waking up to ``lateness`` seconds late) and commit.
 
-    An event simulation on a fake clock: the admissions it returns are those a real run
-    would record, with wake-up jitter that makes some waiters late and others on time.
+    An event simulation on a fake clock of what ``RateLimiter.admit`` does in each process
+    (``requeue=False``: without queueing again once overtaken), each admitted process running
+    up to ``busy`` intervals before it asks again; returns the admissions
+    ``(time, cost, process)`` a real run would record, with wake-up jitter that makes some
+    waiters late and others on time.
     """
     rng = random.Random(seed)
     clock = FakeClock()
     store = MemoryBucketStore(clock)
     rate = RateLimit(per_minute, burst)
-    events: list[tuple[int, int, str, int]] = []  # (time, order, action, cost)
+    interval = rate.interval_ns
+    events: list[tuple[int, int, str, int, int, int]] = []  # time, order, action, cost, who, slot
     order = 0
-    for _ in range(processes):
-        heapq.heappush(events, (clock.now, order, "take", rng.randint(1, burst)))
+    for process in range(processes):
+        heapq.heappush(events, (clock.now, order, "take", rng.randint(1, burst), process, 0))
         order += 1
-    admitted: list[tuple[int, int]] = []
+    admitted: list[tuple[int, int, int]] = []
     while events and len(admitted) < tests:
-        clock.now, _, action, cost = heapq.heappop(events)
+        clock.now, _, action, cost, process, slot = heapq.heappop(events)
         if action == "take":
-            status, now, wait = store.take(cost, rate.interval_ns, burst, None, True)
+            status, now, wait = store.take(cost, interval, burst, None, True)
+            slot = now + wait
         else:
-            status, now, wait = store.commit(cost, rate.interval_ns, burst)
+            status, now, wait = store.commit(cost, interval, burst)
+            if status != gcra.ADMITTED and requeue and gcra.overtaken(slot, now, interval):
+                status, now, wait = store.take(cost, interval, burst, None, True)
+                slot = now + wait
         if status == gcra.ADMITTED:
-            admitted.append((now, cost))
-            run_time = rng.randint(0, rate.interval_ns * 2)
+            admitted.append((now, cost, process))
+            run_time = rng.randint(0, interval * busy)
             next_action, delay = "take", run_time
         else:
             next_action, delay = "commit", wait + rng.randint(0, int(lateness * SECOND))
-        heapq.heappush(events, (clock.now + delay, order, next_action, cost))
+        heapq.heappush(events, (clock.now + delay, order, next_action, cost, process, slot))
         order += 1
     return admitted
+
+
+def longest_overtaking(admitted: list[tuple[int, int, int]]) -> int:
+    """The most admissions of other processes between two admissions of one process."""
+    last_seen: dict[int, int] = {}
+    worst = 0
+    for position, (_, _, process) in enumerate(sorted(admitted)):
+        if process in last_seen:
+            worst = max(worst, position - last_seen[process] - 1)
+        last_seen[process] = position
+    return worst
+
+
+def test_overtaken_waiters_queue_again_rather_than_lose_every_race() -> None:
+    # Waiters that wake up to a fifth of an interval late; each asks again at once. Without
+    # queueing again, a waiter that was overtaken races every punctual one for its slot.
+    def longest(requeue: bool, seed: int) -> int:
+        admitted = simulate(600, 1, 4, 400, lateness=0.02, seed=seed, requeue=requeue, busy=0)
+        return longest_overtaking(admitted)
+
+    queued_again = [longest(True, seed) for seed in range(10)]
+    racing = [longest(False, seed) for seed in range(10)]
+    assert max(queued_again) < min(racing)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -156,14 +242,15 @@ def test_late_wakers_never_break_the_bound(seed: int) -> None:
     per_minute, burst = [(600, 1), (600, 3), (60, 5), (6000, 2)][seed % 4]
     admitted = simulate(per_minute, burst, processes=4, tests=300, lateness=0.2, seed=seed)
     assert len(admitted) == 300
-    assert worst_excess(admitted, RateLimit(per_minute, burst).interval_ns, burst) <= 0
+    starts = [(time, cost) for time, cost, _ in admitted]
+    assert worst_excess(starts, RateLimit(per_minute, burst).interval_ns, burst) <= 0
 
 
 def test_without_lateness_contended_pacing_is_ideal() -> None:
     admitted = simulate(600, 1, processes=4, tests=200, lateness=0.0, seed=1)
-    starts = sorted(time for time, _ in admitted)
+    starts = sorted(time for time, _, _ in admitted)
     interval = RateLimit(600, 1).interval_ns
-    cost = sum(cost for _, cost in admitted)
+    cost = sum(cost for _, cost, _ in admitted)
     assert starts[-1] - starts[0] == (cost - 1) * interval
 
 
