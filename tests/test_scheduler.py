@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from pytest_ratebatch.ledger import MemoryLedger
+from pytest_ratebatch.ledger import MemoryLedger, StopRule
 from pytest_ratebatch.policy import ExecutionPolicy, RateLimit
 from pytest_ratebatch.report import worst_excess
 from pytest_ratebatch.scheduler import TaskScheduler, Ticket
+from pytest_ratebatch.shared import FileLedger
 from tests.fakes import FakeClock
 
 SECOND = 1_000_000_000
@@ -182,3 +185,20 @@ def test_a_stop_during_opening_releases_waiting_members(batch_size: int | None) 
     assert scheduler.admit().cancelled == "max failures (1) reached"
     snapshot = scheduler.ledger.snapshot()
     assert snapshot.running == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_member_takes_over_a_batch_whose_opener_died(tmp_path: Path) -> None:
+    policy = ExecutionPolicy(batch_size=2)
+    opener = FileLedger(tmp_path)
+    entry = opener.enter(time.monotonic_ns(), StopRule(None, None, ""), 2)
+    assert entry == ("open", 1, "")
+    # The opener's process dies before releasing the batch: the kernel closes its files,
+    # which drops its locks but leaves the gate file and the ledger saying "not released".
+    for fd in [*opener._gates.values(), *opener._members.values()]:
+        os.close(fd)
+    assert not opener.snapshot().released
+    member = TaskScheduler(policy, ledger=FileLedger(tmp_path))
+    ticket = member.admit()
+    assert (ticket.batch, ticket.cancelled) == (1, "")
+    assert member.ledger.snapshot().released
