@@ -97,6 +97,8 @@ class RateLimiter:
                 if status == REFUSED:
                     return None
                 slot = now + wait
+            elif max_wait is not None and self._clock.now_ns() - started + wait > max_wait:
+                return None  # the retry would end after the timeout
             self._sleep(wait, on_wait)
 
     def _check(self, tokens: object) -> None:

@@ -41,7 +41,7 @@ REPORT_ATTRIBUTE = "ratebatch"
 def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
     """What a worker sends the controller about a test's start, on its set-up report.
 
-    A list, not a dict: it travels once per test, and execnet serializes it faster.
+    A list, not a dict: it travels with every test, and a list is smaller on the wire.
     """
     if ticket.cancelled:
         return [ticket.waited_ns, ticket.cancelled]
