@@ -87,17 +87,16 @@ class RateLimiter:
             status, now, wait = self.store.commit(tokens, self._interval, self._burst)
             if status == ADMITTED:
                 return Admission(tokens, now, self._clock.now_ns() - started)
+            left = None if max_wait is None else max(0, max_wait - (self._clock.now_ns() - started))
             if overtaken(slot, now, self._interval):
                 # Woken too late: a later waiter took this admission. Queue again.
-                elapsed = self._clock.now_ns() - started
-                left = None if max_wait is None else max(0, max_wait - elapsed)
                 status, now, wait = self.store.take(tokens, self._interval, self._burst, left, True)
                 if status == ADMITTED:
                     return Admission(tokens, now, self._clock.now_ns() - started)
                 if status == REFUSED:
                     return None
                 slot = now + wait
-            elif max_wait is not None and self._clock.now_ns() - started + wait > max_wait:
+            elif left is not None and wait > left:
                 return None  # the retry would end after the timeout
             self._sleep(wait, on_wait)
 

@@ -164,6 +164,18 @@ def test_a_waiter_overtaken_while_asleep_queues_again() -> None:
     assert worst_excess(starts, interval, 1) <= 0
 
 
+def test_a_retry_that_would_end_after_the_timeout_gives_up() -> None:
+    rate = RateLimit(60, 1)
+    interval = rate.interval_ns
+    clock = OversleepingClock(late_ns=1)
+    store = MemoryBucketStore(clock)
+    store.take(1, interval, 1, None, True)  # admitted now: the next slot is in 1 s
+    # While the waiter sleeps, a batch member commits the admission at its slot.
+    clock.meanwhile.append(lambda: store.commit(1, interval, 1))
+    waiter = RateLimiter(rate, store, clock=clock)
+    assert waiter.admit(timeout=1.5) is None  # admission in 2 s, past the 1.5 s timeout
+
+
 def simulate(
     per_minute: float,
     burst: int,
