@@ -1,28 +1,37 @@
-"""Plugin overhead: wall time of whole pytest runs of N trivial tests, with and without it.
+"""Plugin overhead, counted in executed instructions (valgrind's callgrind), not wall time.
 
-What is measured: ``python -m pytest -q -p no:cacheprovider <dir>`` as a subprocess, timed
-with ``time.perf_counter`` around ``subprocess.run``, on a generated file of N trivial tests
-(``@pytest.mark.parametrize("i", range(N))`` / ``def test_x(i): pass``), in three variants:
+What is measured: whole ``python -m pytest -q -p no:cacheprovider`` runs over a generated file
+of N trivial tests (``@pytest.mark.parametrize("i", range(N))`` / ``def test_x(i): pass``),
+each under ``valgrind --tool=callgrind --trace-children=yes``; the instruction counts of
+every process of the run (the pytest process and, under xdist, the controller's workers)
+are summed from the ``summary:`` line of each callgrind output file. Instruction counts are
+repeatable where wall time on a shared machine varies by 20% between identical runs.
 
-* A: the plugin enforcing a policy that never binds (``--rate-per-minute 1e9 --batch-size 100
-  --max-failures 1000000 --total-timeout 1h``; the burst defaults to the batch size), so every
-  test goes through the scheduler, the limiter, the ledger and the stop checks;
-* B: the plugin disabled (``-p no:ratebatch``), the baseline;
-* C: the plugin installed but given no policy (inert: it only adds its options).
+The plugin is measured as users install it: a virtualenv with a regular (not editable)
+``pip install`` of this checkout and pytest-xdist, and ``PYTHONDONTWRITEBYTECODE=1`` (as in
+many container images: nothing pytest rewrites is cached between runs); ``--bytecode``
+measures with bytecode writing on instead (after one unmeasured run fills the caches).
+``PYTHONHASHSEED=0`` keeps dict and set layouts, and so the counts, the same between runs.
 
-The variants are interleaved within each round (the order rotates between rounds), every
-size gets one unmeasured warm-up run per variant, and the table quotes medians over the
-rounds: ratio of the medians, and the median of the per-round ratios ("paired"). A second
-table gives the CPU time (user + system, from ``getrusage(RUSAGE_CHILDREN)``) of the same
-runs, which other load on the machine disturbs less than wall time. ``--workers N`` adds
-``-n N`` (pytest-xdist) to every variant.
+Variants (each compared with the baseline of the same process layout):
 
-Target: A/B <= 1.03 at N = 5000, and flat as N grows.
+* ``off``: the plugin disabled, ``-p no:ratebatch`` (the baseline);
+* ``unconfigured``: installed, no option set (target <= 1.005, and no output of its own);
+* ``policy``: a policy that never binds, ``--rate-per-minute 100000000 --burst 100000``
+  (target <= 1.02);
+* ``batched``: the same in batches of 50, ``--batch-size 50`` (target <= 1.02);
+* ``off -n 2`` / ``policy -n 2``: under pytest-xdist with two workers, all processes
+  counted (target <= 1.03).
 
-Reproduce from the repository root::
+Per size it prints each variant's instruction count, its ratio to the baseline and the extra
+instructions per test; with two sizes or more, the marginal extra per test between the
+smallest and the largest size, which must not exceed the per-test extra at the smallest
+(flat in suite size).
 
-    python benchmarks/overhead.py                       # sizes 1000,5000,20000, 5 rounds
-    python benchmarks/overhead.py --sizes 1000,5000 --repeats 3   # about 3 minutes, 2 CPUs
+Reproduce from the repository root (needs valgrind; about 25 minutes on a 2-CPU machine)::
+
+    python benchmarks/overhead.py
+    python benchmarks/overhead.py --sizes 1000 --variants off,unconfigured,policy   # quicker
 """
 
 from __future__ import annotations
@@ -30,70 +39,92 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
-import statistics
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
+import venv
 from pathlib import Path
-from typing import NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-POLICY_ARGS = [
-    "--rate-per-minute",
-    "1e9",
-    "--batch-size",
-    "100",
-    "--max-failures",
-    "1000000",
-    "--total-timeout",
-    "1h",
-]
-VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "A": ("plugin, non-binding policy", POLICY_ARGS),
-    "B": ("plugin disabled (-p no:ratebatch)", ["-p", "no:ratebatch"]),
-    "C": ("plugin installed, no policy", []),
+POLICY = ["--rate-per-minute", "100000000", "--burst", "100000"]
+XDIST = ["-n", "2"]
+#: name -> (baseline variant, extra pytest arguments, target ratio to the baseline)
+VARIANTS: dict[str, tuple[str, list[str], float]] = {
+    "off": ("off", ["-p", "no:ratebatch"], 1.0),
+    "unconfigured": ("off", [], 1.005),
+    "policy": ("off", POLICY, 1.02),
+    "batched": ("off", [*POLICY, "--batch-size", "50"], 1.02),
+    "off -n 2": ("off -n 2", ["-p", "no:ratebatch", *XDIST], 1.0),
+    "policy -n 2": ("off -n 2", [*POLICY, *XDIST], 1.03),
 }
+SUMMARY = re.compile(rb"^summary:\s*(\d+)", re.MULTILINE)
 
 
-def positive_sizes(text: str) -> list[int]:
+def parse_list(text: str, kind: type = str) -> list:  # type: ignore[type-arg]
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("an empty list")
     try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
+        return [kind(item) for item in items]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a comma-separated list of integers: {text!r}"
-        ) from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError("sizes must be integers >= 1")
-    return sizes
+        raise argparse.ArgumentTypeError(f"not a list of {kind.__name__}: {text!r}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Time whole pytest runs of N trivial tests: plugin enforcing a "
-        "non-binding policy (A), plugin disabled (B), plugin inert (C).",
+        description="Count the instructions of whole pytest runs of N trivial tests with the "
+        "plugin disabled, unconfigured, and enforcing a non-binding policy.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--sizes", type=positive_sizes, default="1000,5000,20000", help="test counts N"
-    )
-    parser.add_argument("--repeats", type=int, default=5, help="measured rounds per size")
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="unmeasured rounds per size before measuring"
+        "--sizes", type=lambda t: parse_list(t, int), default="1000,10000", help="test counts N"
     )
     parser.add_argument(
-        "--workers", type=int, default=0, help="if > 0, add -n WORKERS (pytest-xdist)"
+        "--variants",
+        type=parse_list,
+        default=",".join(VARIANTS),
+        help=f"variants to run (baselines are added): {', '.join(VARIANTS)}",
+    )
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        default=None,
+        help="reuse (or create) this virtualenv for the installed package; default: a "
+        "temporary one, built from this checkout",
+    )
+    parser.add_argument(
+        "--bytecode",
+        action="store_true",
+        help="let Python write bytecode (pytest's rewritten modules are then cached)",
     )
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0 or args.workers < 0:
-        parser.error("--repeats must be >= 1, --warmup and --workers >= 0")
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    if min(args.sizes) < 1:
+        parser.error("sizes must be >= 1")
+    wanted = set(args.variants) | {VARIANTS[name][0] for name in args.variants}
+    args.variants = [name for name in VARIANTS if name in wanted]
     return args
 
 
+def install(venv_dir: Path) -> Path:
+    """A virtualenv holding this checkout as users install it (not editable) and xdist."""
+    python = venv_dir / "bin" / "python"
+    if not python.exists():
+        venv.EnvBuilder(with_pip=True).create(venv_dir)
+    # --force-reinstall of the project alone: the measured code is this checkout's.
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "pytest-xdist>=3.5"], check=True)
+    subprocess.run([*pip, "--force-reinstall", "--no-deps", str(REPO_ROOT)], check=True)
+    return python
+
+
 def write_suite(directory: Path, size: int) -> None:
-    # An empty ini file: the rootdir is the temp dir, and no ini file above it applies.
+    # An empty ini file: the rootdir is this directory, and no ini file above it applies.
     (directory / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
     (directory / "test_trivial.py").write_text(
         "import pytest\n\n\n"
@@ -104,126 +135,136 @@ def write_suite(directory: Path, size: int) -> None:
     )
 
 
-def child_env() -> dict[str, str]:
-    """Run the plugin from this checkout, whatever checkout an editable install points at."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS")}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    )
+def child_env(bytecode: bool) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
+    }
+    env["PYTHONHASHSEED"] = "0"
+    if not bytecode:
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
 
-class Sample(NamedTuple):
-    wall: float  # seconds, time.perf_counter around subprocess.run
-    cpu: float  # seconds of user + system CPU of the child and its children (workers)
+def pytest_command(python: Path, directory: Path, extra: list[str]) -> list[str]:
+    return [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(directory), *extra]
 
 
-def run_once(directory: Path, extra: list[str], workers: int, env: dict[str, str]) -> Sample:
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(directory)]
-    command += extra
-    if workers:
-        command += ["-n", str(workers)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    result = subprocess.run(
-        command, cwd=directory, env=env, capture_output=True, text=True, check=False
-    )
-    elapsed = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
-        raise SystemExit(f"pytest exited {result.returncode}: {' '.join(command)}\n{tail}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Sample(elapsed, cpu)
-
-
-def measured_plugin(env: dict[str, str]) -> str:
-    probe = "import pytest_ratebatch.plugin as p; print(p.__file__)"
-    result = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False
-    )
-    return result.stdout.strip() or f"(import failed: {result.stderr.strip()})"
-
-
-def measure_size(
-    size: int, args: argparse.Namespace, env: dict[str, str]
-) -> dict[str, list[Sample]]:
-    samples: dict[str, list[Sample]] = {name: [] for name in VARIANTS}
-    names = list(VARIANTS)
-    with tempfile.TemporaryDirectory(prefix="ratebatch-overhead-") as tmp:
-        directory = Path(tmp)
-        write_suite(directory, size)
-        for round_ in range(args.warmup + args.repeats):
-            # Rotate the order (ABC, BCA, CAB, ...) so no variant always runs first.
-            shift = round_ % len(names)
-            order = names[shift:] + names[:shift]
-            this_round = {
-                name: run_once(directory, VARIANTS[name][1], args.workers, env) for name in order
-            }
-            if round_ >= args.warmup:
-                for name, sample in this_round.items():
-                    samples[name].append(sample)
-            label = "warm-up" if round_ < args.warmup else f"round {round_ - args.warmup + 1}"
-            timings = ", ".join(
-                f"{name} {this_round[name].wall:.2f}s/{this_round[name].cpu:.2f}s cpu"
-                for name in order
-            )
-            print(f"  N={size} {label}: {timings}", file=sys.stderr, flush=True)
-    return samples
-
-
-def paired_ratio(values: dict[str, list[float]], top: str, bottom: str) -> float:
-    return statistics.median(a / b for a, b in zip(values[top], values[bottom], strict=True))
-
-
-def table(title: str, results: list[tuple[int, dict[str, list[float]]]]) -> None:
-    rows = []
-    for size, values in results:
-        a, b, c = (statistics.median(values[name]) for name in "ABC")
-        rows.append(
-            (
-                f"{size}",
-                f"{a:.3f}",
-                f"{b:.3f}",
-                f"{c:.3f}",
-                f"{a / b:.3f}",
-                f"{paired_ratio(values, 'A', 'B'):.3f}",
-                f"{c / b:.3f}",
-                f"{paired_ratio(values, 'C', 'B'):.3f}",
-                f"{(a - b) / size * 1e6:.1f}",
-            )
+def count(python: Path, directory: Path, extra: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Instructions of one run, all processes summed, and its output."""
+    with tempfile.TemporaryDirectory(prefix="callgrind-") as out:
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--trace-children=yes",
+            f"--callgrind-out-file={out}/callgrind.%p",
+            "--log-file=/dev/null",
+            *pytest_command(python, directory, extra),
+        ]
+        result = subprocess.run(
+            command, cwd=directory, env=env, capture_output=True, text=True, check=False
         )
-    header = ("N", "A s", "B s", "C s", "A/B", "paired", "C/B", "paired", "A-B µs/test")
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    print(title)
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for row in rows:
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
-    print()
+        if result.returncode != 0:
+            tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
+            raise SystemExit(f"exit {result.returncode}: {' '.join(command)}\n{tail}")
+        total = 0
+        for path in Path(out).iterdir():
+            match = SUMMARY.search(path.read_bytes())
+            if match:
+                total += int(match.group(1))
+    return total, result.stdout
+
+
+def own_lines(output: str) -> list[str]:
+    """Lines of a run's output that mention the plugin."""
+    return [line for line in output.splitlines() if "ratebatch" in line.lower()]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env = child_env()
-    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs")
-    print(f"plugin measured: {measured_plugin(env)}")
-    for name, (what, extra) in VARIANTS.items():
-        print(f"  {name}: {what}{'  ' + ' '.join(extra) if extra else ''}")
-    workers = f", -n {args.workers}" if args.workers else ""
-    print(f"{args.repeats} interleaved rounds per size (+{args.warmup} warm-up){workers}")
-    print()
-    wall: list[tuple[int, dict[str, list[float]]]] = []
-    cpu: list[tuple[int, dict[str, list[float]]]] = []
-    for size in args.sizes:
-        samples = measure_size(size, args, env)
-        wall.append((size, {name: [s.wall for s in runs] for name, runs in samples.items()}))
-        cpu.append((size, {name: [s.cpu for s in runs] for name, runs in samples.items()}))
-    table("wall time (time.perf_counter around subprocess.run)", wall)
-    table("CPU time (user + system of the pytest process and its workers)", cpu)
-    print("A s, B s, C s: medians in seconds; A/B, C/B: ratio of the medians;")
-    print("paired: median of the per-round ratios; A-B µs/test: (median A - median B) / N.")
-    print("Target: wall A/B <= 1.03 at N=5000, and flat as N grows.")
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is required (Debian package valgrind)")
+    with tempfile.TemporaryDirectory(prefix="ratebatch-overhead-") as tmp:
+        python = install(args.venv or Path(tmp) / "venv")
+        env = child_env(args.bytecode)
+        version = subprocess.run(
+            [
+                str(python),
+                "-c",
+                "import pytest_ratebatch as p, pytest; "
+                "print(p.__file__, 'pytest', pytest.__version__)",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            cwd=tmp,
+        ).stdout.strip()
+        print(f"python {platform.python_version()} on {platform.machine()}; measured: {version}")
+        print(f"bytecode writing {'on' if args.bytecode else 'off (PYTHONDONTWRITEBYTECODE=1)'}")
+        print()
+        counts: dict[int, dict[str, int]] = {}
+        for size in args.sizes:
+            directory = Path(tmp) / f"suite-{size}"
+            directory.mkdir()
+            write_suite(directory, size)
+            counts[size] = {}
+            for name in args.variants:
+                extra = VARIANTS[name][1]
+                if args.bytecode:  # fill pytest's caches of rewritten modules first
+                    subprocess.run(
+                        pytest_command(python, directory, extra),
+                        cwd=directory,
+                        env=env,
+                        capture_output=True,
+                        check=False,
+                    )
+                counts[size][name], output = count(python, directory, extra, env)
+                print(f"  N={size} {name}: {counts[size][name]:,}", file=sys.stderr, flush=True)
+                if name == "unconfigured" and own_lines(output):
+                    print(f"  unconfigured run printed: {own_lines(output)}")
+        report(args, counts)
     return 0
+
+
+def report(args: argparse.Namespace, counts: dict[int, dict[str, int]]) -> None:
+    header = ("N", "variant", "instructions", "ratio", "target", "extra/test")
+    rows = []
+    for size, by_name in counts.items():
+        for name in args.variants:
+            base_name, _, target = VARIANTS[name]
+            ratio = by_name[name] / by_name[base_name]
+            extra = (by_name[name] - by_name[base_name]) / size
+            target_text = "" if name == base_name else f"<= {target}"
+            rows.append(
+                (
+                    str(size),
+                    name,
+                    f"{by_name[name]:,}",
+                    f"{ratio:.4f}",
+                    target_text,
+                    f"{extra:,.0f}",
+                )
+            )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    sizes = sorted(counts)
+    if len(sizes) > 1:
+        small, large = sizes[0], sizes[-1]
+        print()
+        print(f"marginal extra instructions per test from N={small} to N={large} (flat: not")
+        print(f"above the extra per test at N={small}):")
+        for name in args.variants:
+            base_name = VARIANTS[name][0]
+            if name == base_name:
+                continue
+            extra_small = counts[small][name] - counts[small][base_name]
+            extra_large = counts[large][name] - counts[large][base_name]
+            marginal = (extra_large - extra_small) / (large - small)
+            print(f"  {name}: {marginal:,.0f} (at N={small}: {extra_small / small:,.0f})")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,31 @@
-"""pytest-ratebatch: a global token-bucket rate, batches and stop conditions for pytest."""
+"""pytest-ratebatch: a global token-bucket rate, batches and stop conditions for pytest.
+
+The public names below are imported on first use, so that pytest, which imports this
+package on every run, pays only for what a session uses.
+
+PYTEST_DONT_REWRITE
+"""
 
 from __future__ import annotations
 
-from .clock import MONOTONIC, Clock, MonotonicClock
-from .ledger import Ledger, MemoryLedger
-from .limiter import Admission, RateLimiter
-from .policy import ExecutionPolicy, PolicyError, RateLimit, format_duration, parse_duration
-from .redis_store import RedisBucketStore
-from .report import worst_excess
-from .scheduler import TaskScheduler, Ticket
-from .shared import FileBucketStore, FileLedger
-from .stores import BucketStore, MemoryBucketStore, StoreError
+import sys
+from importlib import import_module
+from importlib.machinery import ModuleSpec, PathFinder
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import ModuleType
+
+    from .clock import MONOTONIC, Clock, MonotonicClock
+    from .ledger import Ledger, MemoryLedger
+    from .limiter import Admission, RateLimiter
+    from .policy import ExecutionPolicy, PolicyError, RateLimit, format_duration, parse_duration
+    from .redis_store import RedisBucketStore
+    from .report import worst_excess
+    from .scheduler import TaskScheduler, Ticket
+    from .shared import FileBucketStore, FileLedger
+    from .stores import BucketStore, MemoryBucketStore, StoreError
 
 __all__ = [
     "MONOTONIC",
@@ -37,3 +52,54 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+_HOMES = {
+    "clock": ("MONOTONIC", "Clock", "MonotonicClock"),
+    "ledger": ("Ledger", "MemoryLedger"),
+    "limiter": ("Admission", "RateLimiter"),
+    "policy": ("ExecutionPolicy", "PolicyError", "RateLimit", "format_duration", "parse_duration"),
+    "redis_store": ("RedisBucketStore",),
+    "report": ("worst_excess",),
+    "scheduler": ("TaskScheduler", "Ticket"),
+    "shared": ("FileBucketStore", "FileLedger"),
+    "stores": ("BucketStore", "MemoryBucketStore", "StoreError"),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+class _PlainImporter:
+    """Imports this package's modules with Python's own loader, and so from their bytecode.
+
+    pytest rewrites the asserts of every module of a package that registers a pytest11
+    plugin, parsing its source anew on each run when bytecode is not written
+    (``PYTHONDONTWRITEBYTECODE``, common in containers): a cost on every session, for a
+    package whose asserts need no rewriting. This finder sits before pytest's and answers
+    only for this package's submodules.
+    """
+
+    ratebatch_importer = True
+
+    @staticmethod
+    def find_spec(
+        fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if not fullname.startswith(f"{__name__}."):
+            return None
+        return PathFinder.find_spec(fullname, path, target)
+
+
+if not any(getattr(finder, "ratebatch_importer", False) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _PlainImporter)

@@ -23,27 +23,19 @@ import pytest
 
 from .clock import MONOTONIC
 from .policy import format_duration
+from .reporting import ANNOUNCE_WAITS_FROM
 from .shared import FileBucketStore, FileLedger
 
 __all__ = [
-    "ANNOUNCE_WAITS_FROM",
     "SessionDirectory",
     "SharedSession",
     "WorkerSession",
-    "is_distributing",
     "worker_session",
 ]
 
 
 WORKERINPUT_KEY = "ratebatch"
 ANNOUNCE_SOCKET = "announce"
-#: Waits shorter than this (seconds) are not announced on the terminal.
-ANNOUNCE_WAITS_FROM = 1.0
-
-
-def is_distributing(config: pytest.Config) -> bool:
-    """Whether this process is an xdist controller that will start workers."""
-    return getattr(config.option, "dist", "no") != "no" and bool(getattr(config.option, "tx", None))
 
 
 class SessionDirectory:
@@ -88,8 +80,15 @@ class SharedSession(SessionDirectory):
     def create(cls) -> SharedSession:
         return cls(Path(tempfile.mkdtemp(prefix="pytest-ratebatch-")), MONOTONIC.now_ns())
 
-    def workerinput(self) -> dict[str, Any]:
-        return {WORKERINPUT_KEY: {"directory": str(self.directory), "start_ns": self.start_ns}}
+    def workerinput(self, send_finish: bool) -> dict[str, Any]:
+        """What each worker needs; ``send_finish``: whether the controller keeps records."""
+        return {
+            WORKERINPUT_KEY: {
+                "directory": str(self.directory),
+                "start_ns": self.start_ns,
+                "send_finish": send_finish,
+            }
+        }
 
     def start_announcer(self, write: Callable[[str], None]) -> None:
         """Print each worker's announcement with ``write``, holding ``output_lock``."""
@@ -133,11 +132,12 @@ class SharedSession(SessionDirectory):
 class WorkerSession(SessionDirectory):
     """A worker's side: the controller's directory and session start."""
 
-    def __init__(self, directory: Path, start_ns: int, worker_id: str) -> None:
+    def __init__(self, directory: Path, start_ns: int, worker_id: str, send_finish: bool) -> None:
         super().__init__()
         self.directory = directory
         self.start_ns = start_ns
         self.worker_id = worker_id
+        self.send_finish = send_finish
         self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sender.setblocking(False)
 
@@ -161,7 +161,10 @@ def worker_session(config: pytest.Config) -> WorkerSession | None:
         return None
     data = workerinput[WORKERINPUT_KEY]
     session = WorkerSession(
-        Path(data["directory"]), int(data["start_ns"]), str(workerinput.get("workerid", "gw?"))
+        Path(data["directory"]),
+        int(data["start_ns"]),
+        str(workerinput.get("workerid", "gw?")),
+        bool(data["send_finish"]),
     )
     config.add_cleanup(session.close)
     return session

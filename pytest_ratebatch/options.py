@@ -1,42 +1,130 @@
-"""Options: one flag and one ini key per setting, read and validated into ``Settings``.
+"""The options: one flag and one ini key per setting, sharing one help text.
 
-The command line wins over the ini file; ``-o key=value`` is reported as its own source.
+This module is imported on every pytest run, policy or not, so it holds only the table and
+reads raw values; parsing and validation live in ``policy``. The command line wins over the
+ini file; ``-o key=value`` is reported as its own source.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
-from .policy import (
-    COMMAND_LINE,
-    OPTIONS,
-    ExecutionPolicy,
-    PolicyError,
-    RawValue,
-    build_policy,
-    parse_value,
-)
-from .redis_store import DEFAULT_KEY
-
 __all__ = [
+    "COMMAND_LINE",
     "KEY_OPTION",
+    "OPTIONS",
     "REPORT_OPTION",
     "STORE_OPTION",
-    "Settings",
+    "OptionSpec",
+    "RawValue",
     "add_options",
-    "load_settings",
+    "flag_of",
+    "read_raw_options",
 ]
 
+COMMAND_LINE = "command line"
 REPORT_OPTION = "ratebatch_report"
 STORE_OPTION = "ratebatch_store"
 KEY_OPTION = "ratebatch_key"
 
 
-def _dest(name: str) -> str:
-    return name if name.startswith("ratebatch_") else f"ratebatch_{name}"
+def flag_of(name: str) -> str:
+    """The command-line flag of an ini key: ``rate_per_minute`` -> ``--rate-per-minute``."""
+    return "--" + name.replace("_", "-")
+
+
+class OptionSpec(NamedTuple):
+    """One setting: its ini key (``name``), the metavar of its flag, and its help text."""
+
+    name: str
+    metavar: str
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return flag_of(self.name)
+
+    @property
+    def dest(self) -> str:
+        return self.name if self.name.startswith("ratebatch_") else f"ratebatch_{self.name}"
+
+
+OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec(
+        "rate_per_minute",
+        "N",
+        "Average cost of tests started per minute, across all processes sharing the limiter "
+        "(a number > 0, e.g. 60 or 0.5). Default: no rate limit.",
+    ),
+    OptionSpec(
+        "burst",
+        "N",
+        "Bucket capacity: how much may start back to back after idling (integer >= 1). "
+        "Default: the batch size, else 1. Needs a rate.",
+    ),
+    OptionSpec(
+        "batch_size",
+        "K",
+        "Release tests in batches of at most K; a batch starts only after the previous one "
+        "finished and the backoff passed. Default: no batches.",
+    ),
+    OptionSpec(
+        "batch_backoff",
+        "DURATION",
+        "Pause after a batch finishes, before the next starts (90, 1.5s, 250ms, 10m, 2h). "
+        "Default: 0. Needs a batch size.",
+    ),
+    OptionSpec(
+        "max_failures",
+        "N",
+        "Start no more tests once N tests failed or errored; the rest are reported as "
+        "cancelled skips. Default: no limit.",
+    ),
+    OptionSpec(
+        "total_timeout",
+        "DURATION",
+        "Start no more tests once the session is this old (90, 1.5s, 10m, 2h); the rest are "
+        "reported as cancelled skips. Default: no limit.",
+    ),
+    OptionSpec(
+        STORE_OPTION,
+        "URL",
+        "Where the token bucket lives: memory (one process), file (the workers of one "
+        "pytest-xdist session), or redis://[user:password@]host:port/db (rediss:// for TLS) "
+        "to share one rate across sessions and machines. Default: memory, file under xdist.",
+    ),
+    OptionSpec(
+        KEY_OPTION,
+        "NAME",
+        "Name of the shared bucket in a Redis store: sessions with the same store and key "
+        "share one rate and burst. Default: default.",
+    ),
+    OptionSpec(
+        REPORT_OPTION,
+        "PATH",
+        "Write a JSON report (policy, each test's start, finish, batch, tokens, wait and "
+        "outcome, stop reason) to PATH. Default: no report.",
+    ),
+)
+
+
+class RawValue(NamedTuple):
+    """An option value as the user wrote it, and where: the command line or an ini file."""
+
+    text: str
+    source: str
+
+    def describe(self, name: str) -> str:
+        """``--burst='3' (command line)`` or ``burst='3' (ini file /repo/pytest.ini)``."""
+        option = flag_of(name) if self.source == COMMAND_LINE else name
+        text = self.text
+        if name == STORE_OPTION:
+            from .policy import mask_url  # only ever needed for an error message
+
+            text = mask_url(text)
+        return f"{option}={text!r} ({self.source})"
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -46,21 +134,25 @@ def add_options(parser: pytest.Parser) -> None:
     )
     for spec in OPTIONS:
         group.addoption(
-            spec.flag, dest=_dest(spec.name), metavar=spec.metavar, default=None, help=spec.help
+            spec.flag, dest=spec.dest, metavar=spec.metavar, default=None, help=spec.help
         )
         parser.addini(spec.name, help=spec.help, default=None)
 
 
 def read_raw_options(config: pytest.Config) -> dict[str, RawValue]:
-    """Each option the user set, as written: the command line wins over the ini file."""
-    overrides = {entry.split("=", 1)[0].strip() for entry in (config.option.override_ini or ())}
-    ini_source = f"ini file {config.inipath}"
+    """Each option the user set, as written: the command line wins over the ini file.
+
+    Empty when nothing is set, which is what keeps an unconfigured session free.
+    """
     raw: dict[str, RawValue] = {}
+    ini_source = ""
     for spec in OPTIONS:
-        value = config.getoption(_dest(spec.name))
+        value = getattr(config.option, spec.dest, None)
         if value is not None:
             raw[spec.name] = RawValue(str(value), COMMAND_LINE)
             continue
+        if not ini_source:
+            ini_source = f"ini file {config.inipath}"
         try:
             ini_value = config.getini(spec.name)
         except (TypeError, ValueError) as error:
@@ -69,34 +161,9 @@ def read_raw_options(config: pytest.Config) -> dict[str, RawValue]:
                 f'write the value as a string, e.g. {spec.name} = "60"'
             ) from None
         if ini_value not in (None, ""):
+            overrides = {
+                entry.split("=", 1)[0].strip() for entry in config.option.override_ini or ()
+            }
             source = "-o/--override-ini" if spec.name in overrides else ini_source
             raw[spec.name] = RawValue(str(ini_value), source)
     return raw
-
-
-class Settings(NamedTuple):
-    policy: ExecutionPolicy
-    report_path: Path | None
-    store: RawValue | None  # as written; None: the default for this kind of session
-    key: str
-
-
-def load_settings(config: pytest.Config) -> Settings:
-    """The validated settings, or ``pytest.UsageError`` naming the bad value."""
-    raw = read_raw_options(config)
-    extra = {
-        name: raw.pop(name) for name in (REPORT_OPTION, STORE_OPTION, KEY_OPTION) if name in raw
-    }
-    try:
-        policy = build_policy(raw)
-        values = {name: parse_value(name, value) for name, value in extra.items()}
-    except PolicyError as error:
-        raise pytest.UsageError(str(error)) from None
-    report_path = None
-    if REPORT_OPTION in values:
-        from_cli = extra[REPORT_OPTION].source == COMMAND_LINE
-        base = config.invocation_params.dir if from_cli else config.rootpath
-        report_path = base / Path(values[REPORT_OPTION]).expanduser()
-    return Settings(
-        policy, report_path, extra.get(STORE_OPTION), values.get(KEY_OPTION, DEFAULT_KEY)
-    )

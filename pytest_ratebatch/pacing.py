@@ -1,11 +1,8 @@
-"""Where tests run (a plain session, or an xdist worker): each test is admitted at its start.
-
-Also the ``ratebatch`` fixture's object, for tokens taken inside a running test.
-"""
+"""Where tests run (a plain session, or an xdist worker): each test is admitted at its start."""
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import pytest
@@ -16,32 +13,63 @@ from .report import CANCELLED_PREFIX
 from .reporting import REPORT_ATTRIBUTE, Reporter, ticket_start
 from .scheduler import TaskScheduler, Ticket
 
-__all__ = ["Pacer", "RateBatch", "WorkerPacer"]
+__all__ = ["MARKER", "Pacer", "WorkerPacer", "read_costs"]
+
+MARKER = "ratebatch"
 
 
-class RateBatch:
-    """What the ``ratebatch`` fixture gives a test: tokens from the session's own bucket."""
+def read_costs(
+    items: Sequence[pytest.Item], burst: int | None
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Each test's cost from its closest ``ratebatch`` marker, as pytest resolves it.
 
-    def __init__(self, pacer: Pacer | None, nodeid: str) -> None:
-        self._pacer = pacer
-        self._nodeid = nodeid
+    Returns the costs that are not 1, by node id, and ``(nodeid, problem)`` for each bad
+    marker. Read from the final items, so markers that conftest hooks add and those of any
+    item type (unittest, doctest, plugins' items) count. A parent's closest marker is looked
+    up once, not once per test.
+    """
+    costs: dict[str, int] = {}
+    errors: list[tuple[str, str]] = []
+    closest_above: dict[pytest.Collector | None, Any] = {None: None}
+    for item in items:
+        mark = next((mark for mark in item.own_markers if mark.name == MARKER), None)
+        if mark is None:
+            parent = item.parent
+            if parent in closest_above:
+                mark = closest_above[parent]
+            else:
+                assert isinstance(parent, pytest.Collector)
+                mark = closest_above[parent] = parent.get_closest_marker(MARKER)
+            if mark is None:
+                continue
+        try:
+            cost = parse_cost(mark.args, mark.kwargs, burst)
+        except ValueError as error:
+            errors.append((item.nodeid, f"@pytest.mark.ratebatch: {error}"))
+            continue
+        if cost != 1:
+            costs[item.nodeid] = cost
+    return costs, errors
 
-    @property
-    def active(self) -> bool:
-        """Whether a policy is in force (else ``acquire`` returns at once)."""
-        return self._pacer is not None
 
-    def acquire(self, cost: int = 1) -> None:
-        """Take ``cost`` tokens from the bucket the session's tests start from, waiting as
-        long as the rate requires; a cost above the burst is taken a burst at a time.
-
-        If the session has stopped (max failures, total timeout, store lost) the test is
-        skipped as cancelled instead, like the tests that did not start.
-        """
-        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
-            raise ValueError(f"cost must be a whole number >= 0, not {cost!r}")
-        if self._pacer is not None and cost:
-            self._pacer.acquire(self._nodeid, cost)
+def batch_costs(
+    items: Sequence[pytest.Item], costs: dict[str, int], batch_size: int
+) -> dict[str, int]:
+    """In one process the run order is known: the cost of the batch each test would open is
+    that of the next ``batch_size`` tests that take tokens (exempt tests join no batch)."""
+    ordered = [costs.get(item.nodeid, 1) for item in items]
+    paced = [index for index, cost in enumerate(ordered) if cost]
+    running = [0]
+    for index in paced:
+        running.append(running[-1] + ordered[index])
+    result: dict[str, int] = {}
+    first = 0  # the first paced test at or after the current one
+    for index, item in enumerate(items):
+        while first < len(paced) and paced[first] < index:
+            first += 1
+        last = min(first + batch_size, len(paced))
+        result[item.nodeid] = running[last] - running[first]
+    return result
 
 
 class Pacer:
@@ -57,48 +85,28 @@ class Pacer:
         self._burst = rate.burst if rate is not None else None
         self._costs: dict[str, int] = {}  # tests whose cost is not 1
         self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
+        self._failed = False  # whether the running test failed: a process runs one at a time
 
     @pytest.hookimpl(wrapper=True)
-    def pytest_pycollect_makeitem(
-        self, collector: pytest.Collector, name: str, obj: object
-    ) -> Generator[None, Any, Any]:
-        # A bad marker is a collection error that names the test, before anything runs.
-        result = yield
-        items = result if isinstance(result, list) else [result]
-        for item in items:
-            if not isinstance(item, pytest.Item):
-                continue
-            mark = item.get_closest_marker("ratebatch")
-            if mark is None:
-                continue
-            try:
-                cost = parse_cost(mark.args, mark.kwargs, self._burst)
-            except ValueError as error:
-                raise collector.CollectError(
-                    f"ratebatch: {item.nodeid}: @pytest.mark.ratebatch: {error}"
-                ) from None
-            if cost != 1:
-                self._costs[item.nodeid] = cost
-        return result
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+    def pytest_collection_modifyitems(
+        self, session: pytest.Session, items: list[pytest.Item]
+    ) -> Generator[None, None, None]:
+        yield  # every other plugin's and conftest's hook first: the items are final after
+        self._costs, errors = read_costs(items, self._burst)
+        if errors:
+            self._refuse(session, errors)
         batch_size = self.scheduler.policy.batch_size
-        if batch_size is None or not self._costs or self.reporter is None:
-            return
-        # In one process the run order is known: a batch's cost is that of the next
-        # batch_size tests that take tokens (exempt tests join no batch).
-        costs = [self._costs.get(item.nodeid, 1) for item in items]
-        paced = [index for index, cost in enumerate(costs) if cost]
-        running = [0]
-        for index in paced:
-            running.append(running[-1] + costs[index])
-        first = 0  # the first paced test at or after the current one
-        for index, item in enumerate(items):
-            while first < len(paced) and paced[first] < index:
-                first += 1
-            last = min(first + batch_size, len(paced))
-            self._batch_costs[item.nodeid] = running[last] - running[first]
+        if batch_size is not None and self._costs and self.reporter is not None:
+            self._batch_costs = batch_costs(items, self._costs, batch_size)
+
+    def _refuse(self, session: pytest.Session, errors: list[tuple[str, str]]) -> None:
+        """A bad marker stops the session before any test runs: a collection error naming
+        the test (pytest then runs nothing) and a stop (for xdist, which runs on)."""
+        for nodeid, problem in errors:
+            report = pytest.CollectReport(nodeid, "failed", f"ratebatch: {nodeid}: {problem}", [])
+            session.ihook.pytest_collectreport(report=report)
+        first, problem = errors[0]
+        self.scheduler.ledger.stop(f"bad marker on {first}: {problem}")
 
     @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_runtest_protocol(
@@ -107,24 +115,30 @@ class Pacer:
         # Outermost wrapper: waits happen before the test's own timers (pytest-timeout) start.
         nodeid = item.nodeid
         ticket = self.scheduler.admit(self._costs.get(nodeid, 1), self._batch_costs.get(nodeid))
+        self.started(nodeid, ticket)
         if ticket.cancelled:
             item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
-        self.started(nodeid, ticket)
+            return (yield)
+        self._failed = False
         try:
             return (yield)
         finally:
-            if not ticket.cancelled:
-                failed = self.finished(nodeid, MONOTONIC.now_ns() - self.start_ns)
-                self.scheduler.finish(ticket, failed)
+            self.finished(nodeid, MONOTONIC.now_ns() - self.start_ns)
+            self.scheduler.finish(ticket, self._failed)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # Final outcomes only: pytest-rerunfailures relabels an attempt it reruns "rerun".
+        if report.failed:
+            self._failed = True
 
     def started(self, nodeid: str, ticket: Ticket) -> None:
         assert self.reporter is not None
         self.reporter.started(nodeid, ticket, ticket.start_ns - self.start_ns)
 
-    def finished(self, nodeid: str, finish_offset: int) -> bool:
-        """Note the end of a test; whether it failed or errored."""
+    def finished(self, nodeid: str, finish_offset: int) -> None:
         assert self.reporter is not None
-        return self.reporter.finished(nodeid, finish_offset)
+        self.reporter.finished(nodeid, finish_offset)
 
     def acquire(self, nodeid: str, cost: int) -> None:
         """Tokens taken inside a running test (the ``ratebatch`` fixture), a burst at a time."""
@@ -145,50 +159,38 @@ class Pacer:
 class WorkerPacer(Pacer):
     """A pytest-xdist worker's pacer: each test's ticket travels to the controller on its reports.
 
-    The start rides on the set-up report (so a test whose worker dies later still shows when
-    it started), the finish and in-test tokens on the teardown report; the call report
-    carries nothing, which keeps the per-test traffic small.
+    The start rides on the first set-up report (so a test whose worker dies later still shows
+    when it started); the finish and in-test tokens on the teardown report, only if the
+    controller keeps per-test records. Other reports carry nothing.
     """
 
-    def __init__(self, scheduler: TaskScheduler, start_ns: int) -> None:
+    def __init__(self, scheduler: TaskScheduler, start_ns: int, send_finish: bool) -> None:
         super().__init__(scheduler, start_ns)
-        self._starts: dict[str, list[Any]] = {}
-        self._acquired: dict[str, list[list[int | None]]] = {}
-        self._failed: set[str] = set()
+        self._send_finish = send_finish
+        self._start: list[Any] | None = None  # the running test's start, until sent
+        self._admitted = False  # whether the running test was admitted (not cancelled)
+        self._acquired: list[list[int | None]] = []  # the running test's in-test tokens
 
     def started(self, nodeid: str, ticket: Ticket) -> None:
-        self._starts[nodeid] = ticket_start(ticket, ticket.start_ns - self.start_ns)
-        self._acquired[nodeid] = []
+        self._start = ticket_start(ticket, ticket.start_ns - self.start_ns)
+        self._admitted = not ticket.cancelled
+        self._acquired = []
 
-    def finished(self, nodeid: str, finish_offset: int) -> bool:
-        self._starts.pop(nodeid, None)
-        self._acquired.pop(nodeid, None)
-        failed = nodeid in self._failed
-        self._failed.discard(nodeid)
-        return failed
+    def finished(self, nodeid: str, finish_offset: int) -> None:
+        pass  # sent on the teardown report, which pytest made before this point
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
-        acquisitions = self._acquired.get(nodeid)
-        if acquisitions is not None:
-            acquisitions.append(acquisition)
+        self._acquired.append(acquisition)
 
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(
-        self, item: pytest.Item, call: pytest.CallInfo[None]
-    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-        report = yield
-        nodeid = item.nodeid
-        start = self._starts.get(nodeid)
-        if start is None:
-            return report
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # Before xdist's own implementation, which sends the report with these attributes.
         if report.failed:
-            self._failed.add(nodeid)
-        if call.when == "setup":
-            setattr(report, REPORT_ATTRIBUTE, start)
-        elif call.when == "teardown":
-            if start[1]:  # cancelled: no admission to finish, just forget it
-                self.finished(nodeid, 0)
-            else:
-                finish = [MONOTONIC.now_ns() - self.start_ns, list(self._acquired[nodeid])]
-                setattr(report, REPORT_ATTRIBUTE, finish)
-        return report
+            self._failed = True
+        if report.when == "setup":
+            if self._start is not None:
+                setattr(report, REPORT_ATTRIBUTE, self._start)
+                self._start = None  # once: pytest-rerunfailures sets up again for a rerun
+        elif report.when == "teardown" and self._send_finish and self._admitted:
+            finish = [MONOTONIC.now_ns() - self.start_ns, self._acquired]
+            setattr(report, REPORT_ATTRIBUTE, finish)

@@ -10,17 +10,17 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+if TYPE_CHECKING:
+    from .options import RawValue
+
 __all__ = [
-    "COMMAND_LINE",
-    "OPTIONS",
+    "PARSERS",
     "ExecutionPolicy",
-    "OptionSpec",
     "PolicyError",
     "RateLimit",
-    "RawValue",
     "build_policy",
     "format_duration",
     "mask_url",
@@ -30,7 +30,6 @@ __all__ = [
 ]
 
 NANOS_PER_SECOND = 1_000_000_000
-COMMAND_LINE = "command line"
 
 
 @dataclass(frozen=True)
@@ -257,108 +256,24 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
-@dataclass(frozen=True)
-class OptionSpec:
-    """One setting: its flag, its ini key (``name``), its help text and its parser."""
-
-    name: str
-    metavar: str
-    help: str
-    parse: Callable[[str], Any]
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-OPTIONS: tuple[OptionSpec, ...] = (
-    OptionSpec(
-        "rate_per_minute",
-        "N",
-        "Average cost of tests started per minute, across all processes sharing the limiter "
-        "(a number > 0, e.g. 60 or 0.5). Default: no rate limit.",
-        _positive_float,
-    ),
-    OptionSpec(
-        "burst",
-        "N",
-        "Bucket capacity: how much may start back to back after idling (integer >= 1). "
-        "Default: the batch size, else 1. Needs a rate.",
-        _positive_int,
-    ),
-    OptionSpec(
-        "batch_size",
-        "K",
-        "Release tests in batches of at most K; a batch starts only after the previous one "
-        "finished and the backoff passed. Default: no batches.",
-        _positive_int,
-    ),
-    OptionSpec(
-        "batch_backoff",
-        "DURATION",
-        "Pause after a batch finishes, before the next starts (90, 1.5s, 250ms, 10m, 2h). "
-        "Default: 0. Needs a batch size.",
-        _non_negative_duration,
-    ),
-    OptionSpec(
-        "max_failures",
-        "N",
-        "Start no more tests once N tests failed or errored; the rest are reported as "
-        "cancelled skips. Default: no limit.",
-        _positive_int,
-    ),
-    OptionSpec(
-        "total_timeout",
-        "DURATION",
-        "Start no more tests once the session is this old (90, 1.5s, 10m, 2h); the rest are "
-        "reported as cancelled skips. Default: no limit.",
-        _positive_duration,
-    ),
-    OptionSpec(
-        "ratebatch_store",
-        "URL",
-        "Where the token bucket lives: memory (one process), file (the workers of one "
-        "pytest-xdist session), or redis://[user:password@]host:port/db (rediss:// for TLS) "
-        "to share one rate across sessions and machines. Default: memory, file under xdist.",
-        _store,
-    ),
-    OptionSpec(
-        "ratebatch_key",
-        "NAME",
-        "Name of the shared bucket in a Redis store: sessions with the same store and key "
-        "share one rate and burst. Default: default.",
-        _key,
-    ),
-    OptionSpec(
-        "ratebatch_report",
-        "PATH",
-        "Write a JSON report (policy, each test's start, finish, batch, tokens, wait and "
-        "outcome, stop reason) to PATH. Default: no report.",
-        _any_text,
-    ),
-)
-
-_SPECS = {spec.name: spec for spec in OPTIONS}
-
-
-@dataclass(frozen=True)
-class RawValue:
-    """An option value as the user wrote it, and where: the command line or an ini file."""
-
-    text: str
-    source: str
-
-    def describe(self, name: str) -> str:
-        """``--burst='3' (command line)`` or ``burst='3' (ini file /repo/pytest.ini)``."""
-        option = _SPECS[name].flag if self.source == COMMAND_LINE else name
-        text = mask_url(self.text) if name == "ratebatch_store" else self.text
-        return f"{option}={text!r} ({self.source})"
+#: Each option's parser: raw text in, value out, or ``ValueError`` with a short reason.
+PARSERS: dict[str, Callable[[str], Any]] = {
+    "rate_per_minute": _positive_float,
+    "burst": _positive_int,
+    "batch_size": _positive_int,
+    "batch_backoff": _non_negative_duration,
+    "max_failures": _positive_int,
+    "total_timeout": _positive_duration,
+    "ratebatch_store": _store,
+    "ratebatch_key": _key,
+    "ratebatch_report": _any_text,
+}
 
 
 def parse_value(name: str, raw: RawValue) -> Any:
     """Parse one raw value, or raise ``PolicyError`` naming option, value and source."""
     try:
-        return _SPECS[name].parse(raw.text)
+        return PARSERS[name](raw.text)
     except ValueError as error:
         raise PolicyError(f"ratebatch: {raw.describe(name)}: {error}") from None
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,11 +18,10 @@ from .policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
 
 __all__ = [
     "CANCELLED_PREFIX",
-    "Summary",
+    "Tally",
     "TestRecord",
     "describe_summary",
     "merge_outcome",
-    "summarize",
     "worst_excess",
     "write_report",
 ]
@@ -96,17 +95,42 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="microseconds")
 
 
-@dataclass(frozen=True)
-class Summary:
-    run: int
-    cancelled: int
-    not_run: int
-    batches: int
-    waited_ns: int
-    longest_wait_ns: int
-    first_start_ns: int | None
-    last_start_ns: int | None
-    started_cost: int
+@dataclass(slots=True)
+class Tally:
+    """The session's totals, kept as tests start: a few numbers, whatever the suite size."""
+
+    collected: int = 0
+    run: int = 0  # admitted
+    cancelled: int = 0
+    batches: int = 0  # the newest batch seen (batches are numbered 1, 2, ... per session)
+    waited_ns: int = 0
+    longest_wait_ns: int = 0
+    first_start_ns: int | None = None
+    last_start_ns: int | None = None
+    started_cost: int = 0
+
+    def admitted(self, batch: int, tokens: int, start_ns: int, waited_ns: int) -> None:
+        self.run += 1
+        self.started_cost += tokens
+        self.waited(waited_ns)
+        self.batches = max(self.batches, batch)
+        if self.first_start_ns is None or start_ns < self.first_start_ns:
+            self.first_start_ns = start_ns
+        if self.last_start_ns is None or start_ns > self.last_start_ns:
+            self.last_start_ns = start_ns
+
+    def cancel(self, waited_ns: int) -> None:
+        self.cancelled += 1
+        self.waited(waited_ns)
+
+    def waited(self, waited_ns: int) -> None:
+        self.waited_ns += waited_ns
+        self.longest_wait_ns = max(self.longest_wait_ns, waited_ns)
+
+    @property
+    def not_run(self) -> int:
+        """Collected tests never admitted nor cancelled (pytest stopped first: -x, a crash)."""
+        return max(0, self.collected - self.run - self.cancelled)
 
     def sustained_per_minute(self, burst: int) -> float | None:
         """``(cost started - burst) / span of starts``, per minute; ``None`` if undefined.
@@ -120,29 +144,6 @@ class Summary:
         if span <= 0 or self.started_cost <= burst:
             return None
         return (self.started_cost - burst) * 60 * NANOS_PER_SECOND / span
-
-
-def summarize(records: Iterable[TestRecord]) -> Summary:
-    run = cancelled = not_run = waited = longest = 0
-    batches: set[int] = set()
-    cost = 0
-    cost_by_start: dict[int, int] = {}
-    for record in records:
-        waited += record.waited_ns
-        longest = max(longest, record.waited_ns)
-        if record.outcome == "cancelled":
-            cancelled += 1
-        elif record.start_ns is None:
-            not_run += 1
-        else:
-            run += 1
-            cost += record.tokens
-            cost_by_start[record.start_ns] = cost_by_start.get(record.start_ns, 0) + record.tokens
-            if record.batch:
-                batches.add(record.batch)
-    first = min(cost_by_start, default=None)
-    last = max(cost_by_start, default=None)
-    return Summary(run, cancelled, not_run, len(batches), waited, longest, first, last, cost)
 
 
 def worst_excess(starts: Sequence[tuple[int, int]], interval_ns: int, burst: int) -> float:
@@ -178,6 +179,7 @@ def write_report(
     path: Path,
     policy: ExecutionPolicy,
     records: Sequence[TestRecord],
+    tally: Tally,
     *,
     stop_reason: str,
     store: str,
@@ -185,7 +187,6 @@ def write_report(
     duration_ns: int,
 ) -> None:
     """Write the JSON report atomically (a reader never sees half a file)."""
-    summary = summarize(records)
     data = {
         "format": REPORT_FORMAT,
         "policy": policy.to_json(),
@@ -196,13 +197,13 @@ def write_report(
             "stop_reason": stop_reason,
         },
         "summary": {
-            "run": summary.run,
-            "cancelled": summary.cancelled,
-            "not_run": summary.not_run,
-            "batches": summary.batches,
-            "waited": summary.waited_ns / NANOS_PER_SECOND,
-            "longest_wait": summary.longest_wait_ns / NANOS_PER_SECOND,
-            "sustained_per_minute": summary.sustained_per_minute(_burst(policy)),
+            "run": tally.run,
+            "cancelled": tally.cancelled,
+            "not_run": tally.not_run,
+            "batches": tally.batches,
+            "waited": tally.waited_ns / NANOS_PER_SECOND,
+            "longest_wait": tally.longest_wait_ns / NANOS_PER_SECOND,
+            "sustained_per_minute": tally.sustained_per_minute(_burst(policy)),
         },
         "tests": [record.to_json(session_wall) for record in records],
     }
@@ -215,7 +216,7 @@ def write_report(
     os.replace(handle.name, path)
 
 
-def describe_summary(policy: ExecutionPolicy, summary: Summary, stop_reason: str) -> list[str]:
+def describe_summary(policy: ExecutionPolicy, summary: Tally, stop_reason: str) -> list[str]:
     """The lines of the terminal summary section."""
     lines = [f"policy: {policy.describe()}"]
     tests = f"tests: {summary.run} run, {summary.cancelled} cancelled"

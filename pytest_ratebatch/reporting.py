@@ -1,7 +1,7 @@
 """Where outcomes are reported (a plain session, or the xdist controller).
 
-Records for every collected test, the header, wait announcements, the summary section, the
-JSON report and the exit status.
+The session's totals, the header, wait announcements, the summary section, the JSON report
+(with a record per collected test) and the exit status.
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .clock import MONOTONIC
-from .distributed import ANNOUNCE_WAITS_FROM, SharedSession
 from .ledger import Ledger
 from .policy import ExecutionPolicy, format_duration
 from .report import (
     CANCELLED_PREFIX,
+    Tally,
     TestRecord,
     describe_summary,
     merge_outcome,
-    summarize,
     write_report,
 )
 from .scheduler import Ticket
@@ -32,7 +31,20 @@ from .stores import BucketStore
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
-__all__ = ["REPORT_ATTRIBUTE", "Reporter", "TerminalGuard", "ticket_start"]
+    from .distributed import SharedSession
+
+__all__ = [
+    "ANNOUNCE_WAITS_FROM",
+    "REPORT_ATTRIBUTE",
+    "ControllerReporter",
+    "OutcomeRecorder",
+    "Reporter",
+    "TerminalGuard",
+    "ticket_start",
+]
+
+#: Waits shorter than this (seconds) are not announced on the terminal.
+ANNOUNCE_WAITS_FROM = 1.0
 
 #: The attribute of a TestReport that carries a test's ticket from a worker to the controller.
 REPORT_ATTRIBUTE = "ratebatch"
@@ -71,14 +83,17 @@ class TerminalGuard:
 
 
 class Reporter:
-    """Where outcomes are reported: records, header, waits, summary, JSON, exit status."""
+    """Where outcomes are reported: totals, header, waits, summary, JSON, exit status.
+
+    The totals are kept as tests start, whatever the suite size; per-test records only when
+    a JSON report is asked for.
+    """
 
     def __init__(
         self,
         config: pytest.Config,
         policy: ExecutionPolicy,
         report_path: Path | None,
-        shared: SharedSession | None,
         store: BucketStore,
         ledger: Ledger,
         start_ns: int,
@@ -86,16 +101,18 @@ class Reporter:
         self.config = config
         self.policy = policy
         self.report_path = report_path
-        self.shared = shared
         self.store = store
         self.ledger = ledger
         self.start_ns = start_ns
         self.start_wall = time.time() - (MONOTONIC.now_ns() - start_ns) / 1e9
-        self.records: dict[str, TestRecord] = {}
+        self.tally = Tally()
+        #: Per-test records, kept only for the JSON report.
+        self.records: dict[str, TestRecord] | None = {} if report_path is not None else None
         self.interrupted = False
         self._terminal: TerminalReporter | None = None
 
     def _record(self, nodeid: str) -> TestRecord:
+        assert self.records is not None
         record = self.records.get(nodeid)
         if record is None:
             record = self.records[nodeid] = TestRecord(nodeid)
@@ -106,33 +123,28 @@ class Reporter:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self._terminal = self.config.pluginmanager.get_plugin("terminalreporter")
-        if self.shared is not None:
-            self.shared.start_announcer(self._write_announcement)
 
     def pytest_report_header(self, config: pytest.Config) -> str:
         return f"ratebatch: {self.policy.describe()}; store: {self.store.describe()}"
 
-    @pytest.hookimpl(optionalhook=True)
-    def pytest_configure_node(self, node: Any) -> None:
-        """xdist hook (controller): hand the shared session to each worker."""
-        assert self.shared is not None
-        node.workerinput.update(self.shared.workerinput())
-
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
-        # Every collected test gets a record, so the report accounts for tests never reached.
-        for item in items:
-            self.records.setdefault(item.nodeid, TestRecord(item.nodeid, outcome="not run"))
-
-    @pytest.hookimpl(optionalhook=True)
-    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
-        for nodeid in ids:
-            self.records.setdefault(nodeid, TestRecord(nodeid, outcome="not run"))
+        self.tally.collected = len(items)
+        if self.records is not None:
+            # Every collected test gets a record, so the report accounts for tests never reached.
+            for item in items:
+                self.records.setdefault(item.nodeid, TestRecord(item.nodeid, outcome="not run"))
 
     # --- each test ---------------------------------------------------------------------
 
     def started(self, nodeid: str, ticket: Ticket, start_offset: int) -> None:
-        """A test was admitted or cancelled in this process."""
+        """A test was admitted or cancelled."""
+        if ticket.cancelled:
+            self.tally.cancel(ticket.waited_ns)
+        else:
+            self.tally.admitted(ticket.batch, ticket.tokens, start_offset, ticket.waited_ns)
+        if self.records is None:
+            return
         record = self._record(nodeid)
         record.outcome = ""
         record.waited_ns = ticket.waited_ns
@@ -144,42 +156,18 @@ class Reporter:
             record.start_ns = start_offset
             record.store_ns = ticket.store_ns
 
-    def finished(self, nodeid: str, finish_offset: int) -> bool:
-        """A test of this process finished: note when, and say whether it failed."""
-        record = self._record(nodeid)
-        record.finish_ns = finish_offset
-        return record.failed
+    def finished(self, nodeid: str, finish_offset: int) -> None:
+        if self.records is not None:
+            self._record(nodeid).finish_ns = finish_offset
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
-        """A test of this process took tokens while running."""
-        self._record(nodeid).acquired.append(acquisition)
+        """A test took tokens while running."""
+        if self.records is not None:
+            self._record(nodeid).acquired.append(acquisition)
 
-    def _apply(self, record: TestRecord, when: str, data: list[Any]) -> None:
-        """A worker's account of a test: its start (set-up report) or its end (teardown)."""
-        if when == "setup":
-            record.waited_ns, cancelled, *admission = data
-            if cancelled:
-                record.reason = f"{CANCELLED_PREFIX} ({cancelled})"
-            else:
-                record.batch, record.tokens, record.start_ns, record.store_ns = admission
-        elif when == "teardown":
-            record.finish_ns, record.acquired = data
-
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        data = getattr(report, REPORT_ATTRIBUTE, None)
-        if data is None and report.passed and report.when != "call":
-            return  # a set-up or teardown that passed changes no outcome: keep this path short
+    def note_outcome(self, report: pytest.TestReport) -> None:
+        """Fold one phase's report into the test's record."""
         record = self._record(report.nodeid)
-        if data is not None:  # from a worker
-            if record.outcome == "not run":
-                record.outcome = ""
-            self._apply(record, report.when, data)
-        worker = getattr(report, "node", None)
-        if worker is not None:
-            record.worker = str(getattr(getattr(worker, "gateway", None), "id", ""))
-        if report.failed and report.when not in ("setup", "call", "teardown"):
-            # xdist's report for a test whose worker crashed: it counts as a failure.
-            self.ledger.finish(0, failed=True, now=MONOTONIC.now_ns())
         if record.reason and report.skipped:
             record.outcome = "cancelled"
             return
@@ -215,17 +203,15 @@ class Reporter:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.shared is not None:
-            self.shared.stop_announcer()
-        cancelled = any(record.outcome == "cancelled" for record in self.records.values())
-        if cancelled and session.exitstatus == pytest.ExitCode.OK:
+        if self.tally.cancelled and session.exitstatus == pytest.ExitCode.OK:
             # Tests that never ran are not a success, even if nothing failed.
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        if self.report_path is not None:
+        if self.report_path is not None and self.records is not None:
             write_report(
                 self.report_path,
                 self.policy,
                 list(self.records.values()),
+                self.tally,
                 stop_reason=self.stop_reason,
                 store=self.store.describe(),
                 session_wall=self.start_wall,
@@ -234,8 +220,89 @@ class Reporter:
 
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         terminalreporter.section("ratebatch")
-        summary = summarize(self.records.values())
-        for line in describe_summary(self.policy, summary, self.stop_reason):
+        for line in describe_summary(self.policy, self.tally, self.stop_reason):
             terminalreporter.line(line)
         if self.report_path is not None:
             terminalreporter.line(f"report: {self.report_path}")
+
+
+class OutcomeRecorder:
+    """One process, with a JSON report: each test's outcome, from its reports."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.reporter.note_outcome(report)
+
+
+class ControllerReporter(Reporter):
+    """The xdist controller's reporter: the workers' accounts of their tests arrive on the
+    reports, and the workers' announcements on the shared session's socket."""
+
+    def __init__(self, shared: SharedSession, *args: Any) -> None:
+        super().__init__(*args)
+        self.shared = shared
+        self._collected: dict[str, int] = {}  # worker -> tests it collected
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        super().pytest_sessionstart(session)
+        self.shared.start_announcer(self._write_announcement)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist hook: hand the shared session to each worker."""
+        node.workerinput.update(self.shared.workerinput(send_finish=self.records is not None))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        # Every worker collects the whole suite; with --dist each, every worker runs it.
+        self._collected[str(node.gateway.id)] = len(ids)
+        each = self.config.getoption("dist", "load") == "each"
+        counts = self._collected.values()
+        self.tally.collected = sum(counts) if each else max(counts)
+        if self.records is not None:
+            for nodeid in ids:
+                self.records.setdefault(nodeid, TestRecord(nodeid, outcome="not run"))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        data = getattr(report, REPORT_ATTRIBUTE, None)
+        if data is not None and report.when == "setup":
+            waited_ns, cancelled, *admission = data
+            if cancelled:
+                self.tally.cancel(waited_ns)
+            else:
+                batch, tokens, start_offset, _store_ns = admission
+                self.tally.admitted(batch, tokens, start_offset, waited_ns)
+        if report.failed and report.when not in ("setup", "call", "teardown"):
+            # xdist's report for a test whose worker crashed: it counts as a failure.
+            self.ledger.finish(0, failed=True, now=MONOTONIC.now_ns())
+        if self.records is None:
+            return
+        record = self._record(report.nodeid)
+        if data is not None:
+            if record.outcome == "not run":
+                record.outcome = ""
+            self._apply(record, report.when, data)
+        worker = getattr(report, "node", None)
+        if worker is not None:
+            record.worker = str(getattr(getattr(worker, "gateway", None), "id", ""))
+        self.note_outcome(report)
+
+    @staticmethod
+    def _apply(record: TestRecord, when: str, data: list[Any]) -> None:
+        """A worker's account of a test: its start (set-up report) or its end (teardown)."""
+        if when == "setup":
+            record.waited_ns, cancelled, *admission = data
+            if cancelled:
+                record.reason = f"{CANCELLED_PREFIX} ({cancelled})"
+            else:
+                record.batch, record.tokens, record.start_ns, record.store_ns = admission
+        elif when == "teardown":
+            record.finish_ns, record.acquired = data
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.shared.stop_announcer()
+        super().pytest_sessionfinish(session)

@@ -13,7 +13,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from pytest_ratebatch.policy import OPTIONS
+from pytest_ratebatch.options import OPTIONS
 from pytest_ratebatch.report import worst_excess
 
 pytest_plugins = ["pytester"]
@@ -45,15 +45,22 @@ def load_report(path: Path) -> dict[str, object]:
 def test_inert_without_a_policy(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(
         """
+        import sys
+
         def pytest_sessionfinish(session):
-            print("active:", session.config.pluginmanager.has_plugin("ratebatch-session"))
+            manager = session.config.pluginmanager
+            print("parts:", manager.has_plugin("ratebatch-pacer"), manager.has_plugin("ratebatch-reporter"))
+            print("modules:", sorted(name for name in sys.modules if name.startswith("pytest_ratebatch")))
         """
     )
     write_tests(pytester)
-    result = pytester.runpytest("-s")
+    result = pytester.runpytest_subprocess("-s")
     result.assert_outcomes(passed=4)
-    result.stdout.fnmatch_lines(["*active: False*"])
-    result.stdout.no_fnmatch_line("ratebatch:*")
+    output = result.stdout.str()
+    assert "parts: False False" in output
+    imported = "modules: ['pytest_ratebatch', 'pytest_ratebatch.options', 'pytest_ratebatch.plugin']"
+    assert imported in output
+    assert not [line for line in result.stdout.lines if line.startswith("ratebatch")]
 
 
 def test_header_shows_the_effective_policy(pytester: pytest.Pytester) -> None:

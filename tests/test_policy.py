@@ -4,12 +4,11 @@ import math
 
 import pytest
 
+from pytest_ratebatch.options import COMMAND_LINE, RawValue
 from pytest_ratebatch.policy import (
-    COMMAND_LINE,
     ExecutionPolicy,
     PolicyError,
     RateLimit,
-    RawValue,
     build_policy,
     format_duration,
     parse_duration,

@@ -1,0 +1,160 @@
+"""An active session's parts, wired for this process once an option is set.
+
+A ``Pacer`` where tests run (a plain session, or a pytest-xdist worker) and a ``Reporter``
+where outcomes are reported (a plain session, or the xdist controller). Under xdist the
+controller creates the session's shared directory and hands it to the workers through
+``workerinput`` (see ``distributed``). Only what this kind of process needs is imported:
+a plain session never loads the xdist or Redis parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import pytest
+
+from .clock import MONOTONIC
+from .ledger import Ledger, MemoryLedger
+from .limiter import RateLimiter
+from .options import COMMAND_LINE, KEY_OPTION, REPORT_OPTION, STORE_OPTION, RawValue
+from .pacing import Pacer, WorkerPacer
+from .policy import ExecutionPolicy, PolicyError, build_policy, parse_value
+from .reporting import ControllerReporter, OutcomeRecorder, Reporter
+from .scheduler import TaskScheduler
+from .stores import BucketStore, MemoryBucketStore, StoreError
+
+if TYPE_CHECKING:
+    from .distributed import SessionDirectory
+
+__all__ = ["Settings", "configure", "is_distributing", "load_settings", "open_store"]
+
+
+class Settings(NamedTuple):
+    policy: ExecutionPolicy
+    report_path: Path | None
+    store: RawValue | None  # as written; None: the default for this kind of session
+    key: str | None  # the Redis key; None: the default
+
+
+def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
+    """The validated settings, or ``pytest.UsageError`` naming the bad value."""
+    raw = dict(raw)
+    extra = {
+        name: raw.pop(name) for name in (REPORT_OPTION, STORE_OPTION, KEY_OPTION) if name in raw
+    }
+    try:
+        policy = build_policy(raw)
+        values = {name: parse_value(name, value) for name, value in extra.items()}
+    except PolicyError as error:
+        raise pytest.UsageError(str(error)) from None
+    report_path = None
+    if REPORT_OPTION in values:
+        from_cli = extra[REPORT_OPTION].source == COMMAND_LINE
+        base = config.invocation_params.dir if from_cli else config.rootpath
+        report_path = base / Path(values[REPORT_OPTION]).expanduser()
+    return Settings(policy, report_path, extra.get(STORE_OPTION), values.get(KEY_OPTION))
+
+
+def is_distributing(config: pytest.Config) -> bool:
+    """Whether this process is an xdist controller that will start workers."""
+    return getattr(config.option, "dist", "no") != "no" and bool(getattr(config.option, "tx", None))
+
+
+def open_store(
+    config: pytest.Config, settings: Settings, shared: SessionDirectory | None
+) -> BucketStore:
+    """The bucket the settings name; a ``pytest.UsageError`` if it cannot be used."""
+    raw = settings.store
+    choice = raw.text.strip() if raw is not None else ("file" if shared is not None else "memory")
+    if choice == "memory":
+        if shared is not None:
+            assert raw is not None
+            raise pytest.UsageError(
+                f"ratebatch: {raw.describe(STORE_OPTION)}: the memory store cannot be shared by "
+                "pytest-xdist workers; use file (the default under xdist) or redis://"
+            )
+        return MemoryBucketStore()
+    if choice == "file":
+        if shared is None:
+            from .distributed import SharedSession
+
+            shared = SharedSession.create()  # a file store for this process alone
+            config.add_cleanup(shared.close)
+        return shared.bucket()
+    from .distributed import SharedSession
+    from .redis_store import DEFAULT_KEY, RedisBucketStore
+
+    try:
+        store = RedisBucketStore(choice, settings.key or DEFAULT_KEY)
+        config.add_cleanup(store.close)
+        if shared is None or isinstance(shared, SharedSession):
+            store.check()  # once per session, before any test: the workers trust it
+    except StoreError as error:
+        raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
+    return store
+
+
+def configure(
+    config: pytest.Config, raw: dict[str, RawValue], pacer_key: pytest.StashKey[Pacer]
+) -> None:
+    """Validate the options and register what this process needs."""
+    settings = load_settings(config, raw)
+    policy = settings.policy
+    if not policy.is_active and settings.report_path is None:
+        return
+    if hasattr(config, "workerinput"):
+        from .distributed import worker_session
+
+        worker = worker_session(config)
+        if worker is not None:
+            store = open_store(config, settings, worker)
+            scheduler = _scheduler(policy, store, worker.ledger(), worker.start_ns, worker.announce)
+            pacer: Pacer = WorkerPacer(scheduler, worker.start_ns, worker.send_finish)
+            config.stash[pacer_key] = pacer
+            config.pluginmanager.register(pacer, "ratebatch-pacer")
+            return
+    if is_distributing(config):
+        _configure_controller(config, settings)
+        return
+    store = open_store(config, settings, None)
+    ledger = MemoryLedger()
+    start_ns = MONOTONIC.now_ns()
+    reporter = Reporter(config, policy, settings.report_path, store, ledger, start_ns)
+    config.pluginmanager.register(reporter, "ratebatch-reporter")
+    if reporter.records is not None:
+        config.pluginmanager.register(OutcomeRecorder(reporter), "ratebatch-outcomes")
+    scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait)
+    pacer = Pacer(scheduler, start_ns, reporter)
+    config.stash[pacer_key] = pacer
+    config.pluginmanager.register(pacer, "ratebatch-pacer")
+
+
+def _configure_controller(config: pytest.Config, settings: Settings) -> None:
+    """The xdist controller runs no test: it shares the session and reports."""
+    from .distributed import SharedSession
+    from .reporting import TerminalGuard
+
+    shared = SharedSession.create()
+    config.add_cleanup(shared.close)
+    config.pluginmanager.register(TerminalGuard(shared.output_lock), "ratebatch-guard")
+    store = open_store(config, settings, shared)
+    reporter = ControllerReporter(
+        shared, config, settings.policy, settings.report_path, store, shared.ledger(),
+        shared.start_ns,
+    )  # fmt: skip
+    config.pluginmanager.register(reporter, "ratebatch-reporter")
+
+
+def _scheduler(
+    policy: ExecutionPolicy,
+    store: BucketStore,
+    ledger: Ledger,
+    start_ns: int,
+    on_wait: Callable[[str, float], None],
+) -> TaskScheduler:
+    limiter = RateLimiter(policy.rate_limit, store) if policy.rate_limit is not None else None
+    return TaskScheduler(
+        policy, limiter=limiter, ledger=ledger, session_start_ns=start_ns, on_wait=on_wait
+    )
