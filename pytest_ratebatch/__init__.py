@@ -8,15 +8,10 @@ PYTEST_DONT_REWRITE
 
 from __future__ import annotations
 
-import sys
 from importlib import import_module
-from importlib.machinery import ModuleSpec, PathFinder
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-    from types import ModuleType
-
     from .clock import MONOTONIC, Clock, MonotonicClock
     from .ledger import Ledger, MemoryLedger
     from .limiter import Admission, RateLimiter
@@ -74,32 +69,3 @@ def __getattr__(name: str) -> Any:
     value = getattr(import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
-
-
-class _PlainImporter:
-    """Imports this package's modules with Python's own loader, and so from their bytecode.
-
-    pytest rewrites the asserts of every module of a package that registers a pytest11
-    plugin, parsing its source anew on each run when bytecode is not written
-    (``PYTHONDONTWRITEBYTECODE``, common in containers): a cost on every session, for a
-    package whose asserts need no rewriting. This finder sits before pytest's and answers
-    only for this package's submodules.
-    """
-
-    ratebatch_importer = True
-
-    @staticmethod
-    def find_spec(
-        fullname: str, path: Sequence[str] | None = None, target: ModuleType | None = None
-    ) -> ModuleSpec | None:
-        if not fullname.startswith(f"{__name__}."):
-            return None
-        return PathFinder.find_spec(fullname, path, target)
-
-
-if not any(getattr(finder, "ratebatch_importer", False) for finder in sys.meta_path):
-    sys.meta_path.insert(0, _PlainImporter)

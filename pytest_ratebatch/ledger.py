@@ -158,35 +158,37 @@ class MemoryLedger:
 
     def __init__(self) -> None:
         self._state = SessionState()
-        self._changed = threading.Condition(threading.Lock())
+        # Updates take the lock directly (a C call); only the blocking waits need the condition.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
 
     def enter(self, now: int, rule: StopRule, batch_size: int | None) -> Entry:
-        with self._changed:
+        with self._lock:
             return enter(self._state, now, rule, batch_size)
 
     def release(self, batch: int) -> None:
-        with self._changed:
+        with self._lock:
             release(self._state, batch)
             self._changed.notify_all()
 
     def finish(self, batch: int, failed: bool, now: int) -> None:
-        with self._changed:
+        with self._lock:
             finish(self._state, batch, failed, now)
             self._changed.notify_all()
 
     def leave(self, batch: int) -> None:
-        with self._changed:
+        with self._lock:
             leave(self._state, batch)
             self._changed.notify_all()
 
     def stop(self, reason: str) -> str:
-        with self._changed:
+        with self._lock:
             result = stop(self._state, reason)
             self._changed.notify_all()
             return result
 
     def check_stop(self, now: int, rule: StopRule) -> str:
-        with self._changed:
+        with self._lock:
             return check_stop(self._state, now, rule)
 
     def wait_drained(self, batch: int) -> int:
@@ -203,5 +205,5 @@ class MemoryLedger:
             )
 
     def snapshot(self) -> SessionState:
-        with self._changed:
+        with self._lock:
             return SessionState(**vars(self._state))

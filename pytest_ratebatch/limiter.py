@@ -69,6 +69,25 @@ class RateLimiter:
             return None
         return self._wait_for_slot(tokens, now, wait, reserve_only, on_wait, max_wait)
 
+    def take(
+        self, tokens: int, max_wait_ns: int | None = None, on_wait: OnWait | None = None
+    ) -> int | None:
+        """Take ``tokens`` (1 to the burst), sleeping as needed; the admission time on the
+        store's clock, or ``None`` (taking nothing) if that would take more than ``max_wait_ns``.
+
+        ``admit`` without the ``Admission`` record: the scheduler's path for every test.
+        """
+        if type(tokens) is not int or not 0 < tokens <= self._burst:
+            self._check(tokens)
+            raise ValueError(f"tokens must be at least 1, not {tokens!r}")
+        status, now, wait = self.store.take(tokens, self._interval, self._burst, max_wait_ns, True)
+        if status == ADMITTED:
+            return now
+        if status == REFUSED:
+            return None
+        admission = self._wait_for_slot(tokens, now, wait, False, on_wait, max_wait_ns)
+        return None if admission is None else admission.at_ns
+
     def _wait_for_slot(
         self,
         tokens: int,

@@ -32,7 +32,11 @@ def read_costs(
     errors: list[tuple[str, str]] = []
     closest_above: dict[pytest.Collector | None, Any] = {None: None}
     for item in items:
-        mark = next((mark for mark in item.own_markers if mark.name == MARKER), None)
+        mark = None
+        for own in item.own_markers:
+            if own.name == MARKER:
+                mark = own
+                break
         if mark is None:
             parent = item.parent
             if parent in closest_above:
@@ -114,7 +118,9 @@ class Pacer:
     ) -> Generator[None, object, object]:
         # Outermost wrapper: waits happen before the test's own timers (pytest-timeout) start.
         nodeid = item.nodeid
-        ticket = self.scheduler.admit(self._costs.get(nodeid, 1), self._batch_costs.get(nodeid))
+        costs = self._costs
+        cost = costs.get(nodeid, 1) if costs else 1
+        ticket = self.scheduler.admit(cost, self._batch_costs.get(nodeid))
         self.started(nodeid, ticket)
         if ticket.cancelled:
             item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
@@ -123,22 +129,24 @@ class Pacer:
         try:
             return (yield)
         finally:
-            self.finished(nodeid, MONOTONIC.now_ns() - self.start_ns)
+            self.finished(nodeid)
             self.scheduler.finish(ticket, self._failed)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Final outcomes only: pytest-rerunfailures relabels an attempt it reruns "rerun".
-        if report.failed:
+        if report.outcome == "failed":
             self._failed = True
 
     def started(self, nodeid: str, ticket: Ticket) -> None:
         assert self.reporter is not None
         self.reporter.started(nodeid, ticket, ticket.start_ns - self.start_ns)
 
-    def finished(self, nodeid: str, finish_offset: int) -> None:
-        assert self.reporter is not None
-        self.reporter.finished(nodeid, finish_offset)
+    def finished(self, nodeid: str) -> None:
+        reporter = self.reporter
+        assert reporter is not None
+        if reporter.records is not None:
+            reporter.finished(nodeid, MONOTONIC.now_ns() - self.start_ns)
 
     def acquire(self, nodeid: str, cost: int) -> None:
         """Tokens taken inside a running test (the ``ratebatch`` fixture), a burst at a time."""
@@ -176,7 +184,7 @@ class WorkerPacer(Pacer):
         self._admitted = not ticket.cancelled
         self._acquired = []
 
-    def finished(self, nodeid: str, finish_offset: int) -> None:
+    def finished(self, nodeid: str) -> None:
         pass  # sent on the teardown report, which pytest made before this point
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
@@ -185,7 +193,7 @@ class WorkerPacer(Pacer):
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Before xdist's own implementation, which sends the report with these attributes.
-        if report.failed:
+        if report.outcome == "failed":
             self._failed = True
         if report.when == "setup":
             if self._start is not None:

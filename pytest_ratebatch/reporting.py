@@ -199,7 +199,8 @@ class Reporter:
 
     @property
     def stop_reason(self) -> str:
-        return "interrupted" if self.interrupted else self.ledger.snapshot().stop_reason
+        reason = self.ledger.snapshot().stop_reason
+        return reason or ("interrupted" if self.interrupted else "")
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:

@@ -56,7 +56,9 @@ class TaskScheduler:
         if limiter is None and policy.rate_limit is not None:
             limiter = RateLimiter(policy.rate_limit, clock=clock)
         self.limiter = limiter
+        self._local_clock = limiter is None or limiter.store.local_clock
         self._on_wait = on_wait
+        self._on_tokens = self._waiter("rate tokens")
         start = clock.now_ns() if session_start_ns is None else session_start_ns
         timeout = policy.total_timeout
         self._stop_rule = StopRule(
@@ -123,7 +125,7 @@ class TaskScheduler:
 
     def _admitted(self, batch: int, cost: int, store_ns: int | None, arrived: int) -> Ticket:
         now = self._clock.now_ns()
-        if store_ns is not None and self.limiter is not None and self.limiter.store.local_clock:
+        if store_ns is not None and self._local_clock:
             return Ticket(batch, cost, store_ns, now - arrived)  # the exact admission time
         return Ticket(batch, cost, now, now - arrived, store_ns=store_ns)
 
@@ -189,13 +191,14 @@ class TaskScheduler:
         limiter = self.limiter
         if limiter is None or cost == 0:
             return None, ""
-        on_wait = self._waiter("rate tokens")
         if batched:
-            return limiter.commit(cost, on_wait=on_wait), ""
-        admission = limiter.admit(cost, timeout=self._time_left(), on_wait=on_wait)
-        if admission is None:
+            return limiter.commit(cost, on_wait=self._on_tokens), ""
+        deadline = self._stop_rule.deadline_ns
+        max_wait = None if deadline is None else max(0, deadline - self._clock.now_ns())
+        at_ns = limiter.take(cost, max_wait, self._on_tokens)
+        if at_ns is None:
             return None, self.ledger.stop(self._timeout_ahead())
-        return admission.at_ns, ""
+        return at_ns, ""
 
     def _time_left(self) -> float | None:
         deadline = self._stop_rule.deadline_ns

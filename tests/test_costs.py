@@ -159,6 +159,115 @@ def test_a_bad_marker_is_a_collection_error_naming_the_test(
     assert "passed" not in result.stdout.str()
 
 
+MARKED_IN_CONFTEST = """
+import pytest
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "offline" in item.nodeid:
+            item.add_marker(pytest.mark.ratebatch(cost=0))
+"""
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
+def test_markers_added_by_a_conftest_hook_count(
+    pytester: pytest.Pytester, workers: list[str]
+) -> None:
+    pytester.makeconftest(MARKED_IN_CONFTEST)
+    pytester.makepyfile(
+        test_offline="""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(20))
+        def test_parse(n): pass
+        """,
+        test_online="def test_call(): pass",
+    )
+    # At 6/min, burst 1, the exempt tests would take minutes if they took tokens.
+    result = pytester.runpytest_subprocess(
+        "--rate-per-minute=6", "--ratebatch-report=r.json", "--total-timeout=60s", *workers
+    )
+    result.assert_outcomes(passed=21)
+    report = load_report(pytester.path / "r.json")
+    tokens = {test["nodeid"]: test["tokens"] for test in report["tests"]}
+    assert tokens.pop("test_online.py::test_call") == 1
+    assert set(tokens.values()) == {0}
+    assert len(tokens) == 20
+
+
+DOCTEST_MODULE = '''
+def double(x):
+    """
+    >>> double(2)
+    4
+    """
+    return 2 * x
+'''
+
+
+def test_markers_on_unittest_classes_and_doctests_count(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+        import pytest
+
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                if isinstance(item, pytest.DoctestItem):
+                    item.add_marker(pytest.mark.ratebatch(cost=3))
+        """
+    )
+    pytester.makepyfile(
+        test_unit="""
+        import unittest
+        import pytest
+
+        @pytest.mark.ratebatch(cost=2)
+        class TestClient(unittest.TestCase):
+            def test_get(self): pass
+            def test_put(self): pass
+        """,
+        helpers=DOCTEST_MODULE,
+    )
+    result = pytester.runpytest(
+        "--doctest-modules", "--rate-per-minute=60000", "--burst=3", "--ratebatch-report=r.json"
+    )
+    result.assert_outcomes(passed=3)
+    report = load_report(pytester.path / "r.json")
+    tokens = {test["nodeid"]: test["tokens"] for test in report["tests"]}
+    assert tokens == {
+        "helpers.py::helpers.double": 3,
+        "test_unit.py::TestClient::test_get": 2,
+        "test_unit.py::TestClient::test_put": 2,
+    }
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
+def test_a_bad_marker_from_a_conftest_hook_stops_before_any_test(
+    pytester: pytest.Pytester, workers: list[str]
+) -> None:
+    pytester.makeconftest(MARKED_IN_CONFTEST.replace("cost=0", "cost=-2"))
+    pytester.makepyfile(
+        test_offline="def test_parse(): pass",
+        test_online="""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_call(n): raise AssertionError("ran")
+        """,
+    )
+    result = pytester.runpytest_subprocess("--rate-per-minute=600", *workers)
+    assert result.ret != pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR collecting test_offline.py*",
+            "ratebatch: test_offline.py::test_parse: @pytest.mark.ratebatch: cost must be *-2",
+        ]
+    )
+    assert "ran" not in result.stdout.str()
+    assert "passed" not in result.stdout.str()
+    assert "Traceback" not in result.stdout.str()
+
+
 def test_fixture_takes_tokens_from_the_same_bucket(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """

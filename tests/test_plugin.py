@@ -49,8 +49,10 @@ def test_inert_without_a_policy(pytester: pytest.Pytester) -> None:
 
         def pytest_sessionfinish(session):
             manager = session.config.pluginmanager
-            print("parts:", manager.has_plugin("ratebatch-pacer"), manager.has_plugin("ratebatch-reporter"))
-            print("modules:", sorted(name for name in sys.modules if name.startswith("pytest_ratebatch")))
+            parts = [manager.has_plugin(f"ratebatch-{part}") for part in ("pacer", "reporter")]
+            print("parts:", *parts)
+            ours = sorted(name for name in sys.modules if name.startswith("pytest_ratebatch"))
+            print("modules:", ours)
         """
     )
     write_tests(pytester)
@@ -58,7 +60,9 @@ def test_inert_without_a_policy(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=4)
     output = result.stdout.str()
     assert "parts: False False" in output
-    imported = "modules: ['pytest_ratebatch', 'pytest_ratebatch.options', 'pytest_ratebatch.plugin']"
+    imported = (
+        "modules: ['pytest_ratebatch', 'pytest_ratebatch.options', 'pytest_ratebatch.plugin']"
+    )
     assert imported in output
     assert not [line for line in result.stdout.lines if line.startswith("ratebatch")]
 

@@ -145,6 +145,34 @@ def test_failures_are_counted_across_workers(pytester: pytest.Pytester) -> None:
     assert len(junit.findall(".//skipped")) == outcomes["skipped"]
 
 
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]])
+def test_a_rerun_that_passes_is_not_a_failure(
+    pytester: pytest.Pytester, workers: list[str]
+) -> None:
+    # Every test fails its first attempt and passes its rerun (pytest-rerunfailures).
+    pytester.makepyfile(
+        test_flaky="""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(12))
+        def test_flaky(n, tmp_path_factory):
+            mark = tmp_path_factory.getbasetemp().parent / f"attempted-{n}"
+            if not mark.exists():
+                mark.touch()
+                raise AssertionError("first attempt")
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "rerunfailures", "--reruns=1", "--max-failures=1", "--batch-size=2",
+        "--ratebatch-report=r.json", *workers,
+    )  # fmt: skip
+    assert result.parseoutcomes() == {"passed": 12, "rerun": 12}
+    assert result.ret == pytest.ExitCode.OK
+    outcomes = {test["outcome"] for test in load_report(pytester.path / "r.json")["tests"]}
+    assert outcomes == {"passed"}
+    result.stdout.fnmatch_lines(["stop: none, every test was started"])
+
+
 def test_a_crashed_worker_does_not_stick_the_session(pytester: pytest.Pytester) -> None:
     write_timed(pytester, 8, sleep=0.1, body="if n == 2: os._exit(1)")
     result = pytester.runpytest_subprocess(
