@@ -8,8 +8,9 @@ one process (and its threads); the file ledger the workers of a pytest-xdist ses
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, Protocol
+
+from .values import Value
 
 __all__ = [
     "Entry",
@@ -26,22 +27,65 @@ __all__ = [
 ]
 
 
-@dataclass
 class SessionState:
     """What every process of a session must agree on; a few numbers, whatever the suite size."""
 
-    failures: int = 0
-    stop_reason: str = ""
-    batch: int = 0  # the newest batch (0: none yet)
-    members: int = 0  # tests that joined the newest batch
-    running: int = 0  # of those, not finished yet
-    released: bool = True  # the newest batch holds its tokens; its members may start
-    draining: int = 0  # tests of the previous batch still running while the newest opens
-    drained_ns: int = 0  # when the previous batch's last test finished
-    last_finish_ns: int = 0  # when the newest batch's latest test finished
+    __slots__ = (
+        "batch",
+        "drained_ns",
+        "draining",
+        "failures",
+        "last_finish_ns",
+        "members",
+        "released",
+        "running",
+        "stop_reason",
+    )
+
+    def __init__(
+        self,
+        failures: int = 0,
+        stop_reason: str = "",
+        batch: int = 0,
+        members: int = 0,
+        running: int = 0,
+        released: bool = True,
+        draining: int = 0,
+        drained_ns: int = 0,
+        last_finish_ns: int = 0,
+    ) -> None:
+        self.failures = failures
+        self.stop_reason = stop_reason
+        self.batch = batch  # the newest batch (0: none yet)
+        self.members = members  # tests that joined the newest batch
+        self.running = running  # of those, not finished yet
+        self.released = released  # the newest batch holds its tokens; its members may start
+        self.draining = draining  # tests of the previous batch still running as the newest opens
+        self.drained_ns = drained_ns  # when the previous batch's last test finished
+        self.last_finish_ns = last_finish_ns  # when the newest batch's latest test finished
+
+    def copy(self) -> SessionState:
+        return SessionState(
+            self.failures,
+            self.stop_reason,
+            self.batch,
+            self.members,
+            self.running,
+            self.released,
+            self.draining,
+            self.drained_ns,
+            self.last_finish_ns,
+        )
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"SessionState({fields})"
 
 
-class Entry(NamedTuple):
+Action = Literal["go", "open", "join", "wait", "cancel"]
+
+
+class Entry:
     """What a test arriving at its start must do.
 
     ``go``: start (after taking its own tokens); ``open``: this test opens ``batch`` and
@@ -50,15 +94,29 @@ class Entry(NamedTuple):
     for its release and try again; ``cancel``: the session stopped, ``reason`` says why.
     """
 
-    action: Literal["go", "open", "join", "wait", "cancel"]
-    batch: int = 0
-    reason: str = ""
+    __slots__ = ("action", "batch", "reason")
+
+    def __init__(self, action: Action, batch: int = 0, reason: str = "") -> None:
+        self.action = action
+        self.batch = batch
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Entry({self.action!r}, {self.batch}, {self.reason!r})"
 
 
-class StopRule(NamedTuple):
+class StopRule(Value):
+    """When the session stops: after ``max_failures``, or at ``deadline_ns``."""
+
+    __slots__ = ("deadline_ns", "max_failures", "timeout_text")
     max_failures: int | None
     deadline_ns: int | None
     timeout_text: str
+
+    def __init__(
+        self, max_failures: int | None, deadline_ns: int | None, timeout_text: str
+    ) -> None:
+        self._set(max_failures=max_failures, deadline_ns=deadline_ns, timeout_text=timeout_text)
 
 
 def check_stop(state: SessionState, now: int, rule: StopRule) -> str:
@@ -206,4 +264,4 @@ class MemoryLedger:
 
     def snapshot(self) -> SessionState:
         with self._lock:
-            return SessionState(**vars(self._state))
+            return self._state.copy()

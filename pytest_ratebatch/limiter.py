@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 from .clock import MONOTONIC, Clock
 from .gcra import ADMITTED, REFUSED, overtaken
 from .policy import NANOS_PER_SECOND, RateLimit
 from .stores import BucketStore, MemoryBucketStore
+from .values import Value
 
 __all__ = ["Admission", "RateLimiter"]
 
 OnWait = Callable[[float], None]
 
 
-class Admission(NamedTuple):
+class Admission(Value):
+    """Tokens taken: when on the store's clock (the slot, if reserve-only), and the time
+    spent sleeping for them on the limiter's clock."""
+
+    __slots__ = ("at_ns", "tokens", "waited_ns")
     tokens: int
-    at_ns: int  # the store's clock when the tokens were taken (the slot, if reserve-only)
-    waited_ns: int  # time spent sleeping for them, on the limiter's clock
+    at_ns: int
+    waited_ns: int
+
+    def __init__(self, tokens: int, at_ns: int, waited_ns: int) -> None:
+        self._set(tokens=tokens, at_ns=at_ns, waited_ns=waited_ns)
 
 
 class RateLimiter:

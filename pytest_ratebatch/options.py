@@ -7,8 +7,6 @@ ini file; ``-o key=value`` is reported as its own source.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import pytest
 
 __all__ = [
@@ -35,12 +33,15 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-class OptionSpec(NamedTuple):
+class OptionSpec:
     """One setting: its ini key (``name``), the metavar of its flag, and its help text."""
 
-    name: str
-    metavar: str
-    help: str
+    __slots__ = ("help", "metavar", "name")
+
+    def __init__(self, name: str, metavar: str, help: str) -> None:
+        self.name = name
+        self.metavar = metavar
+        self.help = help
 
     @property
     def flag(self) -> str:
@@ -110,11 +111,25 @@ OPTIONS: tuple[OptionSpec, ...] = (
 )
 
 
-class RawValue(NamedTuple):
+class RawValue:
     """An option value as the user wrote it, and where: the command line or an ini file."""
 
-    text: str
-    source: str
+    __slots__ = ("source", "text")
+
+    def __init__(self, text: str, source: str) -> None:
+        self.text = text
+        self.source = source
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RawValue):
+            return NotImplemented
+        return (self.text, self.source) == (other.text, other.source)
+
+    def __hash__(self) -> int:
+        return hash((self.text, self.source))
+
+    def __repr__(self) -> str:
+        return f"RawValue({self.text!r}, {self.source!r})"
 
     def describe(self, name: str) -> str:
         """``--burst='3' (command line)`` or ``burst='3' (ini file /repo/pytest.ini)``."""

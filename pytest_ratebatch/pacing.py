@@ -89,7 +89,6 @@ class Pacer:
         self._burst = rate.burst if rate is not None else None
         self._costs: dict[str, int] = {}  # tests whose cost is not 1
         self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
-        self._failed = False  # whether the running test failed: a process runs one at a time
 
     @pytest.hookimpl(wrapper=True)
     def pytest_collection_modifyitems(
@@ -125,18 +124,15 @@ class Pacer:
         if ticket.cancelled:
             item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
             return (yield)
-        self._failed = False
+        # pytest counts the reports that failed; pytest-rerunfailures relabels an attempt it
+        # reruns "rerun" first, so only final outcomes count.
+        session = item.session
+        failed_before = session.testsfailed
         try:
             return (yield)
         finally:
             self.finished(nodeid)
-            self.scheduler.finish(ticket, self._failed)
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        # Final outcomes only: pytest-rerunfailures relabels an attempt it reruns "rerun".
-        if report.outcome == "failed":
-            self._failed = True
+            self.scheduler.finish(ticket, session.testsfailed > failed_before)
 
     def started(self, nodeid: str, ticket: Ticket) -> None:
         assert self.reporter is not None
@@ -193,8 +189,6 @@ class WorkerPacer(Pacer):
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         # Before xdist's own implementation, which sends the report with these attributes.
-        if report.outcome == "failed":
-            self._failed = True
         if report.when == "setup":
             if self._start is not None:
                 setattr(report, REPORT_ATTRIBUTE, self._start)

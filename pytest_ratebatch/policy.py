@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
+
+from .values import Value
 
 if TYPE_CHECKING:
     from .options import RawValue
@@ -32,18 +33,19 @@ __all__ = [
 NANOS_PER_SECOND = 1_000_000_000
 
 
-@dataclass(frozen=True)
-class RateLimit:
+class RateLimit(Value):
     """A token bucket: ``per_minute`` tokens refill per minute, at most ``burst`` stored."""
 
+    __slots__ = ("burst", "per_minute")
     per_minute: float
-    burst: int = 1
+    burst: int
 
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.per_minute) and self.per_minute > 0):
-            raise ValueError(f"per_minute must be a finite number > 0, not {self.per_minute!r}")
-        if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1:
-            raise ValueError(f"burst must be an integer >= 1, not {self.burst!r}")
+    def __init__(self, per_minute: float, burst: int = 1) -> None:
+        if not (math.isfinite(per_minute) and per_minute > 0):
+            raise ValueError(f"per_minute must be a finite number > 0, not {per_minute!r}")
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ValueError(f"burst must be an integer >= 1, not {burst!r}")
+        self._set(per_minute=per_minute, burst=burst)
 
     @property
     def interval_ns(self) -> int:
@@ -55,35 +57,43 @@ class RateLimit:
         return self.per_minute / 60
 
 
-@dataclass(frozen=True)
-class ExecutionPolicy:
+class ExecutionPolicy(Value):
     """Everything the scheduler enforces; ``None`` means "no limit"."""
 
-    rate_limit: RateLimit | None = None
-    batch_size: int | None = None
-    batch_backoff: float = 0.0
-    max_failures: int | None = None
-    total_timeout: float | None = None
+    __slots__ = ("batch_backoff", "batch_size", "max_failures", "rate_limit", "total_timeout")
+    rate_limit: RateLimit | None
+    batch_size: int | None
+    batch_backoff: float
+    max_failures: int | None
+    total_timeout: float | None
 
-    def __post_init__(self) -> None:
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {self.batch_size!r}")
-        if not (math.isfinite(self.batch_backoff) and self.batch_backoff >= 0):
-            raise ValueError(f"batch_backoff must be >= 0, not {self.batch_backoff!r}")
-        if self.max_failures is not None and self.max_failures < 1:
-            raise ValueError(f"max_failures must be >= 1, not {self.max_failures!r}")
-        if self.total_timeout is not None and not (
-            math.isfinite(self.total_timeout) and self.total_timeout > 0
-        ):
-            raise ValueError(f"total_timeout must be > 0, not {self.total_timeout!r}")
-        if (
-            self.rate_limit is not None
-            and self.batch_size is not None
-            and self.rate_limit.burst < self.batch_size
-        ):
+    def __init__(
+        self,
+        rate_limit: RateLimit | None = None,
+        batch_size: int | None = None,
+        batch_backoff: float = 0.0,
+        max_failures: int | None = None,
+        total_timeout: float | None = None,
+    ) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, not {batch_size!r}")
+        if not (math.isfinite(batch_backoff) and batch_backoff >= 0):
+            raise ValueError(f"batch_backoff must be >= 0, not {batch_backoff!r}")
+        if max_failures is not None and max_failures < 1:
+            raise ValueError(f"max_failures must be >= 1, not {max_failures!r}")
+        if total_timeout is not None and not (math.isfinite(total_timeout) and total_timeout > 0):
+            raise ValueError(f"total_timeout must be > 0, not {total_timeout!r}")
+        if rate_limit is not None and batch_size is not None and rate_limit.burst < batch_size:
             raise ValueError(
-                f"burst ({self.rate_limit.burst}) is smaller than batch_size ({self.batch_size})"
+                f"burst ({rate_limit.burst}) is smaller than batch_size ({batch_size})"
             )
+        self._set(
+            rate_limit=rate_limit,
+            batch_size=batch_size,
+            batch_backoff=batch_backoff,
+            max_failures=max_failures,
+            total_timeout=total_timeout,
+        )
 
     @property
     def is_active(self) -> bool:

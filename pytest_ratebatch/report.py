@@ -9,7 +9,6 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -53,36 +52,50 @@ def merge_outcome(current: str, when: str, outcome: str, xfail: bool) -> str:
     return phase if _SEVERITY.get(phase, 1) > _SEVERITY.get(current, 1) else current
 
 
-@dataclass
 class TestRecord:
     """One test. Times are nanoseconds since the session started, on the monotonic clock."""
 
     __test__ = False  # not a test class, whatever pytest's collection rules say
 
-    nodeid: str
-    outcome: str = ""  # passed, failed, error, skipped, xfailed, xpassed, cancelled, not run
-    batch: int = 0
-    tokens: int = 0
-    waited_ns: int = 0
-    start_ns: int | None = None
-    finish_ns: int | None = None
-    reason: str = ""  # for a cancelled test: why
-    worker: str = ""
-    store_ns: int | None = None  # the admission on a shared store's own clock (Redis)
-    #: Tokens taken while running (the ``ratebatch`` fixture): ``[start_ns, tokens, store_ns]``.
-    acquired: list[list[int | None]] = field(default_factory=list)
+    #: The fields, in the order the JSON report lists them.
+    FIELDS = (
+        "nodeid",
+        "outcome",
+        "batch",
+        "tokens",
+        "waited_ns",
+        "start_ns",
+        "finish_ns",
+        "reason",
+        "worker",
+        "store_ns",
+        "acquired",
+    )
+    __slots__ = FIELDS
+
+    def __init__(self, nodeid: str, outcome: str = "") -> None:
+        self.nodeid = nodeid
+        #: passed, failed, error, skipped, xfailed, xpassed, cancelled, not run
+        self.outcome = outcome
+        self.batch = 0
+        self.tokens = 0
+        self.waited_ns = 0
+        self.start_ns: int | None = None
+        self.finish_ns: int | None = None
+        self.reason = ""  # for a cancelled test: why
+        self.worker = ""
+        self.store_ns: int | None = None  # the admission on a shared store's own clock (Redis)
+        #: Tokens taken while running (the ``ratebatch`` fixture): ``[start_ns, tokens, store_ns]``.
+        self.acquired: list[list[int | None]] = []
 
     @property
     def failed(self) -> bool:
         return self.outcome in ("failed", "error")
 
     def to_json(self, session_wall: float) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("start", "finish"):
-            offset = data[f"{key}_ns"]
-            data[f"{key}ed_at" if key == "start" else "finished_at"] = (
-                None if offset is None else _iso(session_wall + offset / NANOS_PER_SECOND)
-            )
+        data = {name: getattr(self, name) for name in self.FIELDS}
+        for key, offset in (("started_at", self.start_ns), ("finished_at", self.finish_ns)):
+            data[key] = None if offset is None else _iso(session_wall + offset / NANOS_PER_SECOND)
         data["waited"] = self.waited_ns / NANOS_PER_SECOND
         return data
 
@@ -95,19 +108,31 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="microseconds")
 
 
-@dataclass(slots=True)
 class Tally:
     """The session's totals, kept as tests start: a few numbers, whatever the suite size."""
 
-    collected: int = 0
-    run: int = 0  # admitted
-    cancelled: int = 0
-    batches: int = 0  # the newest batch seen (batches are numbered 1, 2, ... per session)
-    waited_ns: int = 0
-    longest_wait_ns: int = 0
-    first_start_ns: int | None = None
-    last_start_ns: int | None = None
-    started_cost: int = 0
+    __slots__ = (
+        "batches",
+        "cancelled",
+        "collected",
+        "first_start_ns",
+        "last_start_ns",
+        "longest_wait_ns",
+        "run",
+        "started_cost",
+        "waited_ns",
+    )
+
+    def __init__(self) -> None:
+        self.collected = 0
+        self.run = 0  # admitted
+        self.cancelled = 0
+        self.batches = 0  # the newest batch seen (batches are numbered 1, 2, ... per session)
+        self.waited_ns = 0
+        self.longest_wait_ns = 0
+        self.first_start_ns: int | None = None
+        self.last_start_ns: int | None = None
+        self.started_cost = 0
 
     def admitted(self, batch: int, tokens: int, start_ns: int, waited_ns: int) -> None:
         self.run += 1

@@ -9,7 +9,6 @@ Which limiter store and which ledger it talks to is the caller's choice.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 from .clock import MONOTONIC, Clock
 from .ledger import Ledger, MemoryLedger, StopRule
@@ -26,15 +25,30 @@ ORPHAN_RETRY_SECONDS = 0.01
 OnWait = Callable[[str, float], None]
 
 
-class Ticket(NamedTuple):
+class Ticket:
     """The scheduler's answer for one test: admitted (``cancelled`` empty) or cancelled."""
 
-    batch: int  # 0 when unbatched
-    tokens: int
-    start_ns: int  # when the test was admitted, on the scheduler's (monotonic) clock
-    waited_ns: int
-    cancelled: str = ""  # the stop reason, e.g. "max failures (3) reached"
-    store_ns: int | None = None  # the admission on the store's own clock, if it has one
+    __slots__ = ("batch", "cancelled", "start_ns", "store_ns", "tokens", "waited_ns")
+
+    def __init__(
+        self,
+        batch: int,
+        tokens: int,
+        start_ns: int,
+        waited_ns: int,
+        cancelled: str = "",
+        store_ns: int | None = None,
+    ) -> None:
+        self.batch = batch  # 0 when unbatched
+        self.tokens = tokens
+        self.start_ns = start_ns  # when admitted, on the scheduler's (monotonic) clock
+        self.waited_ns = waited_ns
+        self.cancelled = cancelled  # the stop reason, e.g. "max failures (3) reached"
+        self.store_ns = store_ns  # the admission on the store's own clock, if it has one
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Ticket({fields})"
 
 
 class TaskScheduler:

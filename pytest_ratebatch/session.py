@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -24,6 +24,7 @@ from .policy import ExecutionPolicy, PolicyError, build_policy, parse_value
 from .reporting import ControllerReporter, OutcomeRecorder, Reporter
 from .scheduler import TaskScheduler
 from .stores import BucketStore, MemoryBucketStore, StoreError
+from .values import Value
 
 if TYPE_CHECKING:
     from .distributed import SessionDirectory
@@ -31,11 +32,23 @@ if TYPE_CHECKING:
 __all__ = ["Settings", "configure", "is_distributing", "load_settings", "open_store"]
 
 
-class Settings(NamedTuple):
+class Settings(Value):
+    """The validated options: the policy, and where the report and the bucket go."""
+
+    __slots__ = ("key", "policy", "report_path", "store")
     policy: ExecutionPolicy
     report_path: Path | None
     store: RawValue | None  # as written; None: the default for this kind of session
     key: str | None  # the Redis key; None: the default
+
+    def __init__(
+        self,
+        policy: ExecutionPolicy,
+        report_path: Path | None,
+        store: RawValue | None,
+        key: str | None,
+    ) -> None:
+        self._set(policy=policy, report_path=report_path, store=store, key=key)
 
 
 def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:

@@ -192,7 +192,7 @@ def test_a_member_takes_over_a_batch_whose_opener_died(tmp_path: Path) -> None:
     policy = ExecutionPolicy(batch_size=2)
     opener = FileLedger(tmp_path)
     entry = opener.enter(time.monotonic_ns(), StopRule(None, None, ""), 2)
-    assert entry == ("open", 1, "")
+    assert (entry.action, entry.batch, entry.reason) == ("open", 1, "")
     # The opener's process dies before releasing the batch: the kernel closes its files,
     # which drops its locks but leaves the gate file and the ledger saying "not released".
     for fd in [*opener._gates.values(), *opener._members.values()]:
