@@ -11,7 +11,10 @@ The plugin is measured as users install it: a virtualenv with a regular (not edi
 ``pip install`` of this checkout and pytest-xdist, and ``PYTHONDONTWRITEBYTECODE=1`` (as in
 many container images: nothing pytest rewrites is cached between runs); ``--bytecode``
 measures with bytecode writing on instead (after one unmeasured run fills the caches).
-``PYTHONHASHSEED=0`` keeps dict and set layouts, and so the counts, the same between runs.
+A count is exactly repeatable for one hash seed; between seeds, identical work lands in
+different dict and method-cache layouts and garbage collections fall at other points, which
+moves a whole run by a few million instructions (about 0.1-0.3%). So every variant runs under
+several ``PYTHONHASHSEED`` values (default 1, 2, 3) and the ratios are the medians over them.
 
 Variants (each compared with the baseline of the same process layout):
 
@@ -28,10 +31,11 @@ instructions per test; with two sizes or more, the marginal extra per test betwe
 smallest and the largest size, which must not exceed the per-test extra at the smallest
 (flat in suite size).
 
-Reproduce from the repository root (needs valgrind; about 25 minutes on a 2-CPU machine)::
+Reproduce from the repository root (needs valgrind; about an hour on a 2-CPU machine, most
+of it the 10,000-test runs)::
 
     python benchmarks/overhead.py
-    python benchmarks/overhead.py --sizes 1000 --variants off,unconfigured,policy   # quicker
+    python benchmarks/overhead.py --sizes 1000 --variants unconfigured,policy   # minutes
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import venv
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +102,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "temporary one, built from this checkout",
     )
     parser.add_argument(
+        "--seeds", type=lambda t: parse_list(t, int), default="1,2,3", help="PYTHONHASHSEED values"
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="callgrind runs at once"
+    )
+    parser.add_argument(
         "--bytecode",
         action="store_true",
         help="let Python write bytecode (pytest's rewritten modules are then cached)",
@@ -104,8 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
-    if min(args.sizes) < 1:
-        parser.error("sizes must be >= 1")
+    if min(args.sizes) < 1 or args.jobs < 1:
+        parser.error("sizes and --jobs must be >= 1")
     wanted = set(args.variants) | {VARIANTS[name][0] for name in args.variants}
     args.variants = [name for name in VARIANTS if name in wanted]
     return args
@@ -135,13 +147,13 @@ def write_suite(directory: Path, size: int) -> None:
     )
 
 
-def child_env(bytecode: bool) -> dict[str, str]:
+def child_env(bytecode: bool, seed: int) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
         if key not in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")
     }
-    env["PYTHONHASHSEED"] = "0"
+    env["PYTHONHASHSEED"] = str(seed)
     if not bytecode:
         env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
@@ -177,8 +189,12 @@ def count(python: Path, directory: Path, extra: list[str], env: dict[str, str]) 
 
 
 def own_lines(output: str) -> list[str]:
-    """Lines of a run's output that mention the plugin."""
-    return [line for line in output.splitlines() if "ratebatch" in line.lower()]
+    """Lines of a run's output that the plugin printed."""
+    return [line for line in output.splitlines() if line.startswith("ratebatch")]
+
+
+#: counts[size][variant][seed] = instructions
+Counts = dict[int, dict[str, dict[int, int]]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,70 +203,81 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("valgrind is required (Debian package valgrind)")
     with tempfile.TemporaryDirectory(prefix="ratebatch-overhead-") as tmp:
         python = install(args.venv or Path(tmp) / "venv")
-        env = child_env(args.bytecode)
+        probe = (
+            "import pytest_ratebatch as p, pytest; print(p.__file__, 'pytest', pytest.__version__)"
+        )
         version = subprocess.run(
-            [
-                str(python),
-                "-c",
-                "import pytest_ratebatch as p, pytest; "
-                "print(p.__file__, 'pytest', pytest.__version__)",
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-            cwd=tmp,
+            [str(python), "-c", probe], capture_output=True, text=True, check=True, cwd=tmp
         ).stdout.strip()
         print(f"python {platform.python_version()} on {platform.machine()}; measured: {version}")
-        print(f"bytecode writing {'on' if args.bytecode else 'off (PYTHONDONTWRITEBYTECODE=1)'}")
+        print(
+            f"bytecode writing {'on' if args.bytecode else 'off (PYTHONDONTWRITEBYTECODE=1)'}; "
+            f"hash seeds {', '.join(map(str, args.seeds))}"
+        )
         print()
-        counts: dict[int, dict[str, int]] = {}
+        jobs = []
         for size in args.sizes:
             directory = Path(tmp) / f"suite-{size}"
             directory.mkdir()
             write_suite(directory, size)
-            counts[size] = {}
             for name in args.variants:
-                extra = VARIANTS[name][1]
-                if args.bytecode:  # fill pytest's caches of rewritten modules first
-                    subprocess.run(
-                        pytest_command(python, directory, extra),
-                        cwd=directory,
-                        env=env,
-                        capture_output=True,
-                        check=False,
-                    )
-                counts[size][name], output = count(python, directory, extra, env)
-                print(f"  N={size} {name}: {counts[size][name]:,}", file=sys.stderr, flush=True)
-                if name == "unconfigured" and own_lines(output):
-                    print(f"  unconfigured run printed: {own_lines(output)}")
+                for seed in args.seeds:
+                    jobs.append((size, name, seed, directory))
+        counts: Counts = {}
+
+        def run(job: tuple[int, str, int, Path]) -> None:
+            size, name, seed, directory = job
+            env = child_env(args.bytecode, seed)
+            extra = VARIANTS[name][1]
+            if args.bytecode:  # fill pytest's caches of rewritten modules first
+                subprocess.run(
+                    pytest_command(python, directory, extra),
+                    cwd=directory, env=env, capture_output=True, check=False,
+                )  # fmt: skip
+            total, output = count(python, directory, extra, env)
+            counts.setdefault(size, {}).setdefault(name, {})[seed] = total
+            print(f"  N={size} {name} seed {seed}: {total:,}", file=sys.stderr, flush=True)
+            if name == "unconfigured" and own_lines(output):
+                print(f"  the unconfigured run printed: {own_lines(output)}")
+
+        # Largest runs first, so the pool does not end on one long run.
+        jobs.sort(key=lambda job: (-job[0], "-n" not in job[1]))
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(run, jobs))
         report(args, counts)
     return 0
 
 
-def report(args: argparse.Namespace, counts: dict[int, dict[str, int]]) -> None:
-    header = ("N", "variant", "instructions", "ratio", "target", "extra/test")
+def report(args: argparse.Namespace, counts: Counts) -> None:
+    header = ("N", "variant", "instructions", "ratio", "per seed", "target", "extra/test")
     rows = []
-    for size, by_name in counts.items():
+    for size in sorted(counts):
+        by_name = counts[size]
         for name in args.variants:
             base_name, _, target = VARIANTS[name]
-            ratio = by_name[name] / by_name[base_name]
-            extra = (by_name[name] - by_name[base_name]) / size
+            ratios = [by_name[name][seed] / by_name[base_name][seed] for seed in args.seeds]
+            extras = [by_name[name][seed] - by_name[base_name][seed] for seed in args.seeds]
+            median = statistics.median(by_name[name].values())
+            per_seed = " ".join(f"{ratio:.4f}" for ratio in ratios)
             target_text = "" if name == base_name else f"<= {target}"
             rows.append(
                 (
                     str(size),
                     name,
-                    f"{by_name[name]:,}",
-                    f"{ratio:.4f}",
+                    f"{median:,.0f}",
+                    f"{statistics.median(ratios):.4f}",
+                    per_seed,
                     target_text,
-                    f"{extra:,.0f}",
+                    f"{statistics.median(extras) / size:,.0f}",
                 )
             )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    print()
+    print("instructions: median over the seeds; ratio: median of the per-seed ratios to the")
+    print("baseline of the same process layout; extra/test: median extra instructions / N.")
     sizes = sorted(counts)
     if len(sizes) > 1:
         small, large = sizes[0], sizes[-1]
@@ -261,10 +288,15 @@ def report(args: argparse.Namespace, counts: dict[int, dict[str, int]]) -> None:
             base_name = VARIANTS[name][0]
             if name == base_name:
                 continue
-            extra_small = counts[small][name] - counts[small][base_name]
-            extra_large = counts[large][name] - counts[large][base_name]
-            marginal = (extra_large - extra_small) / (large - small)
-            print(f"  {name}: {marginal:,.0f} (at N={small}: {extra_small / small:,.0f})")
+
+            def extra(size: int, name: str = name, base_name: str = base_name) -> float:
+                by_name = counts[size]
+                return statistics.median(
+                    by_name[name][seed] - by_name[base_name][seed] for seed in args.seeds
+                )
+
+            marginal = (extra(large) - extra(small)) / (large - small)
+            print(f"  {name}: {marginal:,.0f} (at N={small}: {extra(small) / small:,.0f})")
 
 
 if __name__ == "__main__":

@@ -82,9 +82,10 @@ class RateLimiter:
         """Take ``tokens`` (1 to the burst), sleeping as needed; the admission time on the
         store's clock, or ``None`` (taking nothing) if that would take more than ``max_wait_ns``.
 
-        ``admit`` without the ``Admission`` record: the scheduler's path for every test.
+        ``admit`` without the ``Admission`` record: the scheduler's path for every test, whose
+        cost was checked once, when its marker was read.
         """
-        if type(tokens) is not int or not 0 < tokens <= self._burst:
+        if not 0 < tokens <= self._burst:
             self._check(tokens)
             raise ValueError(f"tokens must be at least 1, not {tokens!r}")
         status, now, wait = self.store.take(tokens, self._interval, self._burst, max_wait_ns, True)

@@ -89,6 +89,9 @@ class Pacer:
         self._burst = rate.burst if rate is not None else None
         self._costs: dict[str, int] = {}  # tests whose cost is not 1
         self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
+        self._tally = reporter.tally if reporter is not None else None
+        self._keeps_records = reporter is not None and reporter.records is not None
+        self._by_nodeid = self._keeps_records  # whether a test's node id is needed
 
     @pytest.hookimpl(wrapper=True)
     def pytest_collection_modifyitems(
@@ -96,6 +99,7 @@ class Pacer:
     ) -> Generator[None, None, None]:
         yield  # every other plugin's and conftest's hook first: the items are final after
         self._costs, errors = read_costs(items, self._burst)
+        self._by_nodeid = bool(self._costs) or self._keeps_records
         if errors:
             self._refuse(session, errors)
         batch_size = self.scheduler.policy.batch_size
@@ -116,10 +120,10 @@ class Pacer:
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> Generator[None, object, object]:
         # Outermost wrapper: waits happen before the test's own timers (pytest-timeout) start.
-        nodeid = item.nodeid
+        nodeid = item.nodeid if self._by_nodeid else ""
         costs = self._costs
         cost = costs.get(nodeid, 1) if costs else 1
-        ticket = self.scheduler.admit(cost, self._batch_costs.get(nodeid))
+        ticket = self.scheduler.admit(cost, self._batch_costs.get(nodeid) if costs else None)
         self.started(nodeid, ticket)
         if ticket.cancelled:
             item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
@@ -131,18 +135,25 @@ class Pacer:
         try:
             return (yield)
         finally:
-            self.finished(nodeid)
+            if self._keeps_records:
+                self.finished(nodeid)
             self.scheduler.finish(ticket, session.testsfailed > failed_before)
 
     def started(self, nodeid: str, ticket: Ticket) -> None:
-        assert self.reporter is not None
-        self.reporter.started(nodeid, ticket, ticket.start_ns - self.start_ns)
+        tally = self._tally
+        assert tally is not None
+        start_offset = ticket.start_ns - self.start_ns
+        if ticket.cancelled:
+            tally.cancel(ticket.waited_ns)
+        else:
+            tally.admitted(ticket.batch, ticket.tokens, start_offset, ticket.waited_ns)
+        if self._keeps_records:
+            assert self.reporter is not None
+            self.reporter.started(nodeid, ticket, start_offset)
 
     def finished(self, nodeid: str) -> None:
-        reporter = self.reporter
-        assert reporter is not None
-        if reporter.records is not None:
-            reporter.finished(nodeid, MONOTONIC.now_ns() - self.start_ns)
+        assert self.reporter is not None
+        self.reporter.finished(nodeid, MONOTONIC.now_ns() - self.start_ns)
 
     def acquire(self, nodeid: str, cost: int) -> None:
         """Tokens taken inside a running test (the ``ratebatch`` fixture), a burst at a time."""
@@ -179,9 +190,6 @@ class WorkerPacer(Pacer):
         self._start = ticket_start(ticket, ticket.start_ns - self.start_ns)
         self._admitted = not ticket.cancelled
         self._acquired = []
-
-    def finished(self, nodeid: str) -> None:
-        pass  # sent on the teardown report, which pytest made before this point
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
         self._acquired.append(acquisition)

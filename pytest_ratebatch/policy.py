@@ -140,17 +140,19 @@ class PolicyError(ValueError):
 # --- value parsers: each takes the raw text and raises ValueError with a short reason ---
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
-_PLAIN_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+# Patterns, not compiled objects: re compiles them on first use (and caches them), so a
+# session without a duration option never pays for it.
+_DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)"
+_PLAIN_NUMBER = r"\d+(?:\.\d*)?|\.\d+"
 
 
 def parse_duration(text: str) -> float:
     """Seconds from ``90``, ``1.5s``, ``250ms``, ``10m``, ``2h`` or ``1h30m``."""
     compact = text.strip().lower().replace(" ", "")
-    if _PLAIN_NUMBER.fullmatch(compact):
+    if re.fullmatch(_PLAIN_NUMBER, compact):
         seconds = float(compact)
     else:
-        parts = _DURATION_PART.findall(compact)
+        parts = re.findall(_DURATION_PART, compact)
         if not parts or "".join(number + unit for number, unit in parts) != compact:
             raise ValueError("not a duration (use seconds or a unit: 90, 1.5s, 250ms, 10m, 2h)")
         seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)

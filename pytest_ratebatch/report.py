@@ -137,7 +137,8 @@ class Tally:
     def admitted(self, batch: int, tokens: int, start_ns: int, waited_ns: int) -> None:
         self.run += 1
         self.started_cost += tokens
-        self.waited(waited_ns)
+        self.waited_ns += waited_ns
+        self.longest_wait_ns = max(self.longest_wait_ns, waited_ns)
         self.batches = max(self.batches, batch)
         if self.first_start_ns is None or start_ns < self.first_start_ns:
             self.first_start_ns = start_ns
@@ -146,9 +147,6 @@ class Tally:
 
     def cancel(self, waited_ns: int) -> None:
         self.cancelled += 1
-        self.waited(waited_ns)
-
-    def waited(self, waited_ns: int) -> None:
         self.waited_ns += waited_ns
         self.longest_wait_ns = max(self.longest_wait_ns, waited_ns)
 

@@ -138,13 +138,7 @@ class Reporter:
     # --- each test ---------------------------------------------------------------------
 
     def started(self, nodeid: str, ticket: Ticket, start_offset: int) -> None:
-        """A test was admitted or cancelled."""
-        if ticket.cancelled:
-            self.tally.cancel(ticket.waited_ns)
-        else:
-            self.tally.admitted(ticket.batch, ticket.tokens, start_offset, ticket.waited_ns)
-        if self.records is None:
-            return
+        """Record a test's admission or cancellation (the pacer keeps the tally)."""
         record = self._record(nodeid)
         record.outcome = ""
         record.waited_ns = ticket.waited_ns
@@ -157,8 +151,7 @@ class Reporter:
             record.store_ns = ticket.store_ns
 
     def finished(self, nodeid: str, finish_offset: int) -> None:
-        if self.records is not None:
-            self._record(nodeid).finish_ns = finish_offset
+        self._record(nodeid).finish_ns = finish_offset
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
         """A test took tokens while running."""

@@ -92,6 +92,8 @@ class TaskScheduler:
         stop); ``batch_cost`` what the batch this test may open is expected to cost in all
         (default: the batch size times ``cost``).
         """
+        if self.policy.batch_size is None or not cost:
+            return self.acquire(cost)  # no batch to join: the test takes its own tokens
         arrived = self._clock.now_ns()
         try:
             return self._admit(cost, batch_cost, arrived)
@@ -104,7 +106,7 @@ class TaskScheduler:
         return Ticket(0, 0, now, now - arrived, reason)
 
     def _admit(self, cost: int, batch_cost: int | None, arrived: int) -> Ticket:
-        batch_size = self.policy.batch_size if cost else None
+        batch_size = self.policy.batch_size
         while True:
             entry = self.ledger.enter(self._clock.now_ns(), self._stop_rule, batch_size)
             if entry.action == "cancel":
@@ -128,7 +130,7 @@ class TaskScheduler:
                     if not reason and state.batch == entry.batch and not state.released:
                         reason = self._open(entry.batch, cost * (batch_size or 1))  # opener died
                 if not reason:
-                    store_ns, reason = self._take_tokens(cost, batched=bool(entry.batch))
+                    store_ns = self._commit_tokens(cost)
             except BaseException:
                 self.ledger.leave(entry.batch)
                 raise
@@ -144,13 +146,19 @@ class TaskScheduler:
         return Ticket(batch, cost, now, now - arrived, store_ns=store_ns)
 
     def acquire(self, cost: int) -> Ticket:
-        """Tokens for a test already running (no batch): a ticket, or a cancelled one."""
+        """Tokens outside any batch, for an unbatched test's start or a running test: a
+        ticket, or a cancelled one."""
         arrived = self._clock.now_ns()
+        store_ns = None
         try:
             reason = self.ledger.check_stop(arrived, self._stop_rule)
-            store_ns = None
-            if not reason:
-                store_ns, reason = self._take_tokens(cost, batched=False)
+            limiter = self.limiter
+            if not reason and limiter is not None and cost:
+                deadline = self._stop_rule.deadline_ns
+                max_wait = None if deadline is None else max(0, deadline - arrived)
+                store_ns = limiter.take(cost, max_wait, self._on_tokens)
+                if store_ns is None:
+                    reason = self.ledger.stop(self._timeout_ahead())
         except StoreError as error:
             reason = self.ledger.stop(f"store unavailable: {error}")
         if reason:
@@ -196,23 +204,12 @@ class TaskScheduler:
         self.ledger.release(batch)
         return ""
 
-    def _take_tokens(self, cost: int, batched: bool) -> tuple[int | None, str]:
-        """The test's own tokens, committed from its batch's reservation or taken anew.
-
-        Returns the admission time on the store's clock (``None`` if nothing was taken), or
-        a stop reason.
-        """
-        limiter = self.limiter
-        if limiter is None or cost == 0:
-            return None, ""
-        if batched:
-            return limiter.commit(cost, on_wait=self._on_tokens), ""
-        deadline = self._stop_rule.deadline_ns
-        max_wait = None if deadline is None else max(0, deadline - self._clock.now_ns())
-        at_ns = limiter.take(cost, max_wait, self._on_tokens)
-        if at_ns is None:
-            return None, self.ledger.stop(self._timeout_ahead())
-        return at_ns, ""
+    def _commit_tokens(self, cost: int) -> int | None:
+        """A batch member's own tokens, from its batch's reservation: the admission time on
+        the store's clock (``None`` if nothing was taken)."""
+        if self.limiter is None:
+            return None
+        return self.limiter.commit(cost, on_wait=self._on_tokens)
 
     def _time_left(self) -> float | None:
         deadline = self._stop_rule.deadline_ns
