@@ -74,19 +74,20 @@ class SharedSession(SessionDirectory):
         self.start_ns = start_ns
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
-        self.output_lock = threading.Lock()
+        # Reentrant: an announcement holds it across its writes, each of which takes it too.
+        self.output_lock = threading.RLock()
 
     @classmethod
     def create(cls) -> SharedSession:
         return cls(Path(tempfile.mkdtemp(prefix="pytest-ratebatch-")), MONOTONIC.now_ns())
 
-    def workerinput(self, send_finish: bool) -> dict[str, Any]:
-        """What each worker needs; ``send_finish``: whether the controller keeps records."""
+    def workerinput(self, send_records: bool) -> dict[str, Any]:
+        """What each worker needs; ``send_records``: whether the controller keeps records."""
         return {
             WORKERINPUT_KEY: {
                 "directory": str(self.directory),
                 "start_ns": self.start_ns,
-                "send_finish": send_finish,
+                "send_records": send_records,
             }
         }
 
@@ -132,12 +133,12 @@ class SharedSession(SessionDirectory):
 class WorkerSession(SessionDirectory):
     """A worker's side: the controller's directory and session start."""
 
-    def __init__(self, directory: Path, start_ns: int, worker_id: str, send_finish: bool) -> None:
+    def __init__(self, directory: Path, start_ns: int, worker_id: str, send_records: bool) -> None:
         super().__init__()
         self.directory = directory
         self.start_ns = start_ns
         self.worker_id = worker_id
-        self.send_finish = send_finish
+        self.send_records = send_records
         self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sender.setblocking(False)
 
@@ -164,7 +165,7 @@ def worker_session(config: pytest.Config) -> WorkerSession | None:
         Path(data["directory"]),
         int(data["start_ns"]),
         str(workerinput.get("workerid", "gw?")),
-        bool(data["send_finish"]),
+        bool(data["send_records"]),
     )
     config.add_cleanup(session.close)
     return session

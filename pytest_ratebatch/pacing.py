@@ -9,11 +9,11 @@ import pytest
 
 from .clock import MONOTONIC
 from .policy import parse_cost
-from .report import CANCELLED_PREFIX
-from .reporting import REPORT_ATTRIBUTE, Reporter, ticket_start
+from .report import CANCELLED_PREFIX, Tally
+from .reporting import REPORT_ATTRIBUTE, WORKEROUTPUT_KEY, Reporter, ticket_start
 from .scheduler import TaskScheduler, Ticket
 
-__all__ = ["MARKER", "Pacer", "WorkerPacer", "read_costs"]
+__all__ = ["MARKER", "Pacer", "RecordingWorkerPacer", "WorkerPacer", "read_costs"]
 
 MARKER = "ratebatch"
 
@@ -80,7 +80,11 @@ class Pacer:
     """Where tests run: admit each test at its start, or cancel it."""
 
     def __init__(
-        self, scheduler: TaskScheduler, start_ns: int, reporter: Reporter | None = None
+        self,
+        scheduler: TaskScheduler,
+        start_ns: int,
+        tally: Tally,
+        reporter: Reporter | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.start_ns = start_ns
@@ -89,7 +93,7 @@ class Pacer:
         self._burst = rate.burst if rate is not None else None
         self._costs: dict[str, int] = {}  # tests whose cost is not 1
         self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
-        self._tally = reporter.tally if reporter is not None else None
+        self._tally = tally
         self._keeps_records = reporter is not None and reporter.records is not None
         self._by_nodeid = self._keeps_records  # whether a test's node id is needed
 
@@ -141,7 +145,6 @@ class Pacer:
 
     def started(self, nodeid: str, ticket: Ticket) -> None:
         tally = self._tally
-        assert tally is not None
         start_offset = ticket.start_ns - self.start_ns
         if ticket.cancelled:
             tally.cancel(ticket.waited_ns)
@@ -172,21 +175,36 @@ class Pacer:
 
 
 class WorkerPacer(Pacer):
-    """A pytest-xdist worker's pacer: each test's ticket travels to the controller on its reports.
+    """A pytest-xdist worker's pacer: it sends its totals to the controller when it finishes."""
 
-    The start rides on the first set-up report (so a test whose worker dies later still shows
-    when it started); the finish and in-test tokens on the teardown report, only if the
-    controller keeps per-test records. Other reports carry nothing.
+    def __init__(self, scheduler: TaskScheduler, start_ns: int) -> None:
+        super().__init__(scheduler, start_ns, Tally())
+
+    def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
+        pass  # only a JSON report lists them
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        # Before xdist's wrapper sends workeroutput to the controller.
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:
+            workeroutput[WORKEROUTPUT_KEY] = self._tally.to_list()
+
+
+class RecordingWorkerPacer(WorkerPacer):
+    """A worker's pacer when the controller writes a JSON report: each test's account
+    travels on its reports. The start rides on the first set-up report (so a test whose
+    worker dies later still shows when it started); the finish and in-test tokens on the
+    teardown report. Other reports carry nothing.
     """
 
-    def __init__(self, scheduler: TaskScheduler, start_ns: int, send_finish: bool) -> None:
+    def __init__(self, scheduler: TaskScheduler, start_ns: int) -> None:
         super().__init__(scheduler, start_ns)
-        self._send_finish = send_finish
         self._start: list[Any] | None = None  # the running test's start, until sent
         self._admitted = False  # whether the running test was admitted (not cancelled)
         self._acquired: list[list[int | None]] = []  # the running test's in-test tokens
 
     def started(self, nodeid: str, ticket: Ticket) -> None:
+        super().started(nodeid, ticket)
         self._start = ticket_start(ticket, ticket.start_ns - self.start_ns)
         self._admitted = not ticket.cancelled
         self._acquired = []
@@ -201,6 +219,6 @@ class WorkerPacer(Pacer):
             if self._start is not None:
                 setattr(report, REPORT_ATTRIBUTE, self._start)
                 self._start = None  # once: pytest-rerunfailures sets up again for a rerun
-        elif report.when == "teardown" and self._send_finish and self._admitted:
+        elif report.when == "teardown" and self._admitted:
             finish = [MONOTONIC.now_ns() - self.start_ns, self._acquired]
             setattr(report, REPORT_ATTRIBUTE, finish)

@@ -150,6 +150,33 @@ class Tally:
         self.waited_ns += waited_ns
         self.longest_wait_ns = max(self.longest_wait_ns, waited_ns)
 
+    def to_list(self) -> list[int | None]:
+        """The counts a pytest-xdist worker sends its controller at the end."""
+        return [
+            self.run,
+            self.cancelled,
+            self.batches,
+            self.waited_ns,
+            self.longest_wait_ns,
+            self.first_start_ns,
+            self.last_start_ns,
+            self.started_cost,
+        ]
+
+    def merge(self, counts: list[Any]) -> None:
+        """Add a worker's counts (``to_list``) to these."""
+        run, cancelled, batches, waited, longest, first, last, cost = counts
+        self.run += run
+        self.cancelled += cancelled
+        self.started_cost += cost
+        self.batches = max(self.batches, batches)
+        self.waited_ns += waited
+        self.longest_wait_ns = max(self.longest_wait_ns, longest)
+        if first is not None and (self.first_start_ns is None or first < self.first_start_ns):
+            self.first_start_ns = first
+        if last is not None and (self.last_start_ns is None or last > self.last_start_ns):
+            self.last_start_ns = last
+
     @property
     def not_run(self) -> int:
         """Collected tests never admitted nor cancelled (pytest stopped first: -x, a crash)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +35,12 @@ if TYPE_CHECKING:
 __all__ = [
     "ANNOUNCE_WAITS_FROM",
     "REPORT_ATTRIBUTE",
+    "WORKEROUTPUT_KEY",
     "ControllerReporter",
     "OutcomeRecorder",
     "Reporter",
     "TerminalGuard",
+    "WorkerRecords",
     "ticket_start",
 ]
 
@@ -48,6 +49,8 @@ ANNOUNCE_WAITS_FROM = 1.0
 
 #: The attribute of a TestReport that carries a test's ticket from a worker to the controller.
 REPORT_ATTRIBUTE = "ratebatch"
+#: The key of a worker's totals in what it sends its controller at the end (``workeroutput``).
+WORKEROUTPUT_KEY = "ratebatch"
 
 
 def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
@@ -61,25 +64,25 @@ def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
 
 
 class TerminalGuard:
-    """xdist controller: the hooks that print hold the lock the announcer thread prints under."""
+    """xdist controller: the terminal's writes and the announcer thread's lines take turns.
 
-    def __init__(self, lock: threading.Lock) -> None:
+    One lock around the terminal writer's ``write``, through which all of pytest's output
+    passes: cheaper than wrapping the hooks that print, which run several times per test.
+    """
+
+    def __init__(self, lock: threading.RLock) -> None:
         self.lock = lock
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_logstart(self) -> Generator[None, object, object]:
-        with self.lock:
-            return (yield)
+    def install(self, terminal: TerminalReporter) -> None:
+        writer = terminal._tw
+        write = writer.write
+        lock = self.lock
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_logreport(self) -> Generator[None, object, object]:
-        with self.lock:
-            return (yield)
+        def locked_write(msg: str, *, flush: bool = False, **markup: bool) -> None:
+            with lock:
+                write(msg, flush=flush, **markup)
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_logfinish(self) -> Generator[None, object, object]:
-        with self.lock:
-            return (yield)
+        writer.write = locked_write  # type: ignore[method-assign]
 
 
 class Reporter:
@@ -212,9 +215,12 @@ class Reporter:
                 duration_ns=MONOTONIC.now_ns() - self.start_ns,
             )
 
+    def summary_lines(self) -> list[str]:
+        return describe_summary(self.policy, self.tally, self.stop_reason)
+
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         terminalreporter.section("ratebatch")
-        for line in describe_summary(self.policy, self.tally, self.stop_reason):
+        for line in self.summary_lines():
             terminalreporter.line(line)
         if self.report_path is not None:
             terminalreporter.line(f"report: {self.report_path}")
@@ -231,23 +237,27 @@ class OutcomeRecorder:
 
 
 class ControllerReporter(Reporter):
-    """The xdist controller's reporter: the workers' accounts of their tests arrive on the
-    reports, and the workers' announcements on the shared session's socket."""
+    """The xdist controller's reporter: each worker's totals arrive when it finishes, its
+    announcements on the shared session's socket; it reads no per-test report unless a
+    JSON report is asked for (``WorkerRecords``)."""
 
     def __init__(self, shared: SharedSession, *args: Any) -> None:
         super().__init__(*args)
         self.shared = shared
         self._collected: dict[str, int] = {}  # worker -> tests it collected
+        self._lost: list[str] = []  # workers that died before sending their totals
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         super().pytest_sessionstart(session)
+        if self._terminal is not None:
+            TerminalGuard(self.shared.output_lock).install(self._terminal)
         self.shared.start_announcer(self._write_announcement)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         """xdist hook: hand the shared session to each worker."""
-        node.workerinput.update(self.shared.workerinput(send_finish=self.records is not None))
+        node.workerinput.update(self.shared.workerinput(send_records=self.records is not None))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
@@ -260,43 +270,54 @@ class ControllerReporter(Reporter):
             for nodeid in ids:
                 self.records.setdefault(nodeid, TestRecord(nodeid, outcome="not run"))
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        data = getattr(report, REPORT_ATTRIBUTE, None)
-        if data is not None and report.when == "setup":
-            waited_ns, cancelled, *admission = data
-            if cancelled:
-                self.tally.cancel(waited_ns)
-            else:
-                batch, tokens, start_offset, _store_ns = admission
-                self.tally.admitted(batch, tokens, start_offset, waited_ns)
-        if report.failed and report.when not in ("setup", "call", "teardown"):
-            # xdist's report for a test whose worker crashed: it counts as a failure.
-            self.ledger.finish(0, failed=True, now=MONOTONIC.now_ns())
-        if self.records is None:
-            return
-        record = self._record(report.nodeid)
-        if data is not None:
-            if record.outcome == "not run":
-                record.outcome = ""
-            self._apply(record, report.when, data)
-        worker = getattr(report, "node", None)
-        if worker is not None:
-            record.worker = str(getattr(getattr(worker, "gateway", None), "id", ""))
-        self.note_outcome(report)
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object | None) -> None:
+        counts = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
+        if counts is not None:
+            self.tally.merge(counts)
+        else:
+            self._lost.append(str(node.gateway.id))
 
-    @staticmethod
-    def _apply(record: TestRecord, when: str, data: list[Any]) -> None:
-        """A worker's account of a test: its start (set-up report) or its end (teardown)."""
-        if when == "setup":
-            record.waited_ns, cancelled, *admission = data
-            if cancelled:
-                record.reason = f"{CANCELLED_PREFIX} ({cancelled})"
-            else:
-                record.batch, record.tokens, record.start_ns, record.store_ns = admission
-        elif when == "teardown":
-            record.finish_ns, record.acquired = data
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport) -> None:
+        # A test whose worker crashed counts as a failure.
+        self.ledger.finish(0, failed=True, now=MONOTONIC.now_ns())
+
+    def summary_lines(self) -> list[str]:
+        lines = super().summary_lines()
+        if self._lost:
+            lines.insert(-1, f"(without the tests of {', '.join(self._lost)}, which crashed)")
+        return lines
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.shared.stop_announcer()
         super().pytest_sessionfinish(session)
+
+
+class WorkerRecords:
+    """xdist controller, with a JSON report: each test's record, from the accounts its
+    worker sends on the set-up and teardown reports, and its outcome."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        reporter = self.reporter
+        record = reporter._record(report.nodeid)
+        data = getattr(report, REPORT_ATTRIBUTE, None)
+        if data is not None:
+            if record.outcome == "not run":
+                record.outcome = ""
+            if report.when == "setup":
+                record.waited_ns, cancelled, *admission = data
+                if cancelled:
+                    record.reason = f"{CANCELLED_PREFIX} ({cancelled})"
+                else:
+                    record.batch, record.tokens, record.start_ns, record.store_ns = admission
+            elif report.when == "teardown":
+                record.finish_ns, record.acquired = data
+        worker = getattr(report, "node", None)
+        if worker is not None:
+            record.worker = str(getattr(getattr(worker, "gateway", None), "id", ""))
+        reporter.note_outcome(report)

@@ -19,9 +19,9 @@ from .clock import MONOTONIC
 from .ledger import Ledger, MemoryLedger
 from .limiter import RateLimiter
 from .options import COMMAND_LINE, KEY_OPTION, REPORT_OPTION, STORE_OPTION, RawValue
-from .pacing import Pacer, WorkerPacer
+from .pacing import Pacer, RecordingWorkerPacer, WorkerPacer
 from .policy import ExecutionPolicy, PolicyError, build_policy, parse_value
-from .reporting import ControllerReporter, OutcomeRecorder, Reporter
+from .reporting import ControllerReporter, OutcomeRecorder, Reporter, WorkerRecords
 from .scheduler import TaskScheduler
 from .stores import BucketStore, MemoryBucketStore, StoreError
 from .values import Value
@@ -124,7 +124,8 @@ def configure(
         if worker is not None:
             store = open_store(config, settings, worker)
             scheduler = _scheduler(policy, store, worker.ledger(), worker.start_ns, worker.announce)
-            pacer: Pacer = WorkerPacer(scheduler, worker.start_ns, worker.send_finish)
+            kind = RecordingWorkerPacer if worker.send_records else WorkerPacer
+            pacer: Pacer = kind(scheduler, worker.start_ns)
             config.stash[pacer_key] = pacer
             config.pluginmanager.register(pacer, "ratebatch-pacer")
             return
@@ -139,7 +140,7 @@ def configure(
     if reporter.records is not None:
         config.pluginmanager.register(OutcomeRecorder(reporter), "ratebatch-outcomes")
     scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait)
-    pacer = Pacer(scheduler, start_ns, reporter)
+    pacer = Pacer(scheduler, start_ns, reporter.tally, reporter)
     config.stash[pacer_key] = pacer
     config.pluginmanager.register(pacer, "ratebatch-pacer")
 
@@ -147,17 +148,17 @@ def configure(
 def _configure_controller(config: pytest.Config, settings: Settings) -> None:
     """The xdist controller runs no test: it shares the session and reports."""
     from .distributed import SharedSession
-    from .reporting import TerminalGuard
 
     shared = SharedSession.create()
     config.add_cleanup(shared.close)
-    config.pluginmanager.register(TerminalGuard(shared.output_lock), "ratebatch-guard")
     store = open_store(config, settings, shared)
     reporter = ControllerReporter(
         shared, config, settings.policy, settings.report_path, store, shared.ledger(),
         shared.start_ns,
     )  # fmt: skip
     config.pluginmanager.register(reporter, "ratebatch-reporter")
+    if reporter.records is not None:
+        config.pluginmanager.register(WorkerRecords(reporter), "ratebatch-records")
 
 
 def _scheduler(
