@@ -1,0 +1,4 @@
+from .api import *  # noqa: F403
+from .api import __all__ as __all__
+
+__version__: str

@@ -1,0 +1,40 @@
+"""The public API of pytest-ratebatch, usable without pytest: ``from pytest_ratebatch import ...``.
+
+The package imports this module on first use of one of these names.
+"""
+
+from __future__ import annotations
+
+from .clock import MONOTONIC, Clock, MonotonicClock
+from .ledger import Ledger, MemoryLedger
+from .limiter import Admission, RateLimiter
+from .policy import ExecutionPolicy, PolicyError, RateLimit, format_duration, parse_duration
+from .redis_store import RedisBucketStore
+from .report import worst_excess
+from .scheduler import TaskScheduler, Ticket
+from .shared import FileBucketStore, FileLedger
+from .stores import BucketStore, MemoryBucketStore, StoreError
+
+__all__ = [
+    "MONOTONIC",
+    "Admission",
+    "BucketStore",
+    "Clock",
+    "ExecutionPolicy",
+    "FileBucketStore",
+    "FileLedger",
+    "Ledger",
+    "MemoryBucketStore",
+    "MemoryLedger",
+    "MonotonicClock",
+    "PolicyError",
+    "RateLimit",
+    "RateLimiter",
+    "RedisBucketStore",
+    "StoreError",
+    "TaskScheduler",
+    "Ticket",
+    "format_duration",
+    "parse_duration",
+    "worst_excess",
+]
