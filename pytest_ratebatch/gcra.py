@@ -94,4 +94,6 @@ def overtaken(slot: int, now: int, interval: int) -> bool:
 def level(reserved: int, admitted: int, now: int, interval: int, burst: int) -> float:
     """Tokens a request could take right now without waiting (0 to ``burst``)."""
     debt = max(reserved, admitted) - now
-    return float(burst) if debt <= 0 else max(0.0, burst - debt / interval)
+    if debt <= 0:
+        return float(burst)
+    return 0.0 if interval <= 0 else max(0.0, burst - debt / interval)

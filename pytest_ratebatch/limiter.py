@@ -171,6 +171,13 @@ class RateLimiter:
         """Take ``tokens`` only if no wait is needed."""
         return self.admit(tokens, timeout=0) is not None
 
+    def throttle(self, wait: float, adapt: bool) -> tuple[int, int, int, int]:
+        """The server throttled a test: pause everyone sharing the bucket for ``wait`` seconds
+        and, with ``adapt``, lower the rate (``throttle.adapt``). Returns the store's clock,
+        the interval before and after, and the pause's end (on the store's clock)."""
+        wait_ns = max(0, int(wait * NANOS_PER_SECOND))
+        return self.store.throttle(wait_ns, self._interval, self._burst, adapt)
+
     @property
     def available_tokens(self) -> float:
         """Tokens that could be taken right now without waiting."""

@@ -15,6 +15,7 @@ __all__ = [
     "OPTIONS",
     "REPORT_OPTION",
     "STORE_OPTION",
+    "THROTTLE_EXCEPTIONS_OPTION",
     "OptionSpec",
     "RawValue",
     "add_options",
@@ -26,6 +27,7 @@ COMMAND_LINE = "command line"
 REPORT_OPTION = "ratebatch_report"
 STORE_OPTION = "ratebatch_store"
 KEY_OPTION = "ratebatch_key"
+THROTTLE_EXCEPTIONS_OPTION = "ratebatch_throttle_exceptions"
 
 
 def flag_of(name: str) -> str:
@@ -57,7 +59,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "rate_per_minute",
         "N",
         "Average cost of tests started per minute, across all processes sharing the limiter "
-        "(a number > 0, e.g. 60 or 0.5). Default: no rate limit.",
+        "(a number > 0, e.g. 60 or 0.5), or auto: no known limit, pace only at the rate "
+        "learnt from the server's throttles. Default: no rate limit.",
     ),
     OptionSpec(
         "burst",
@@ -88,6 +91,30 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "DURATION",
         "Start no more tests once the session is this old (90, 1.5s, 10m, 2h); the rest are "
         "reported as cancelled skips. Default: no limit.",
+    ),
+    OptionSpec(
+        "throttle_retries",
+        "N",
+        "How often a test the server throttled (HTTP 429, or 503 with Retry-After) runs "
+        "again, after the server's wait; 0: never. Default: 2.",
+    ),
+    OptionSpec(
+        "throttle_max_wait",
+        "DURATION",
+        "The longest wait a throttling server may ask for (Retry-After and the like); a "
+        "longer one, or one past the total timeout, stops the session. Default: 5m.",
+    ),
+    OptionSpec(
+        "throttle_adapt",
+        "on|off",
+        "Whether each throttle lowers the shared rate to what the server sustained, which "
+        "then recovers toward the configured rate. Default: on.",
+    ),
+    OptionSpec(
+        THROTTLE_EXCEPTIONS_OPTION,
+        "MODULE:CLASS",
+        "More exception types that mean the server throttled a test, as module:Class, "
+        "separated by commas or spaces (HTTP 429 from the usual clients needs none).",
     ),
     OptionSpec(
         STORE_OPTION,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -12,6 +12,9 @@ from .policy import parse_cost
 from .report import CANCELLED_PREFIX, Tally
 from .reporting import REPORT_ATTRIBUTE, WORKEROUTPUT_KEY, Reporter, ticket_start
 from .scheduler import TaskScheduler, Ticket
+
+if TYPE_CHECKING:
+    from .retrying import Throttles
 
 __all__ = ["MARKER", "Pacer", "RecordingWorkerPacer", "WorkerPacer", "read_costs"]
 
@@ -95,6 +98,9 @@ class Pacer:
         self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
         self._tally = tally
         self._keeps_records = reporter is not None and reporter.records is not None
+        #: Throttle handling, where tests run (``retrying``); ``None`` if off.
+        self.throttles: Throttles | None = None
+        self._retrying = False  # a retry runs: its admission was made by the call that runs it
         self._by_nodeid = self._keeps_records  # whether a test's node id is needed
 
     @pytest.hookimpl(wrapper=True)
@@ -124,10 +130,13 @@ class Pacer:
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> Generator[None, object, object]:
         # Outermost wrapper: waits happen before the test's own timers (pytest-timeout) start.
+        if self._retrying:
+            return (yield)
         nodeid = item.nodeid if self._by_nodeid else ""
         costs = self._costs
         cost = costs.get(nodeid, 1) if costs else 1
-        ticket = self.scheduler.admit(cost, self._batch_costs.get(nodeid) if costs else None)
+        batch_cost = self._batch_costs.get(nodeid) if costs else None
+        ticket = self.scheduler.admit(cost, batch_cost)
         self.started(nodeid, ticket)
         if ticket.cancelled:
             item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
@@ -137,22 +146,61 @@ class Pacer:
         session = item.session
         failed_before = session.testsfailed
         try:
-            return (yield)
+            result = yield
         finally:
             if self._keeps_records:
                 self.finished(nodeid)
             self.scheduler.finish(ticket, session.testsfailed > failed_before)
+        throttles = self.throttles
+        if throttles is not None and throttles.held is not None:
+            result = self._retry(item, nextitem, nodeid, cost, batch_cost, throttles, result)
+        return result
 
-    def started(self, nodeid: str, ticket: Ticket) -> None:
+    def _retry(
+        self,
+        item: pytest.Item,
+        nextitem: pytest.Item | None,
+        nodeid: str,
+        cost: int,
+        batch_cost: int | None,
+        throttles: Throttles,
+        result: object,
+    ) -> object:
+        """Run a throttled test again, admitted like any start: after the server's pause,
+        taking tokens; as often as ``throttle_retries`` allows (``Throttles`` decides)."""
+        session = item.session
+        failed_before = session.testsfailed
+        while throttles.held is not None:
+            ticket = self.scheduler.admit(cost, batch_cost)
+            self.started(nodeid, ticket, retry=True)
+            if ticket.cancelled:
+                throttles.give_up(item, f"the session stopped ({ticket.cancelled})")
+                break
+            attempt_failed = session.testsfailed
+            self._retrying = True
+            try:
+                result = item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            finally:
+                self._retrying = False
+                if self._keeps_records:
+                    self.finished(nodeid)
+                self.scheduler.finish(ticket, session.testsfailed > attempt_failed)
+        self._tally.retried += 1
+        if session.testsfailed > failed_before:
+            self._tally.retried_failed += 1
+        return result
+
+    def started(self, nodeid: str, ticket: Ticket, retry: bool = False) -> None:
         tally = self._tally
         start_offset = ticket.start_ns - self.start_ns
         if ticket.cancelled:
-            tally.cancel(ticket.waited_ns)
+            if not retry:
+                tally.cancel(ticket.waited_ns)
         else:
-            tally.admitted(ticket.batch, ticket.tokens, start_offset, ticket.waited_ns)
+            tally.admitted(ticket.batch, ticket.tokens, start_offset, ticket.waited_ns, retry)
         if self._keeps_records:
             assert self.reporter is not None
-            self.reporter.started(nodeid, ticket, start_offset)
+            self.reporter.started(nodeid, ticket, start_offset, retry)
 
     def finished(self, nodeid: str) -> None:
         assert self.reporter is not None
@@ -187,14 +235,15 @@ class WorkerPacer(Pacer):
         # Before xdist's wrapper sends workeroutput to the controller.
         workeroutput = getattr(session.config, "workeroutput", None)
         if workeroutput is not None:
-            workeroutput[WORKEROUTPUT_KEY] = self._tally.to_list()
+            events = self.throttles.events if self.throttles is not None else []
+            workeroutput[WORKEROUTPUT_KEY] = {"tally": self._tally.to_list(), "events": events}
 
 
 class RecordingWorkerPacer(WorkerPacer):
     """A worker's pacer when the controller writes a JSON report: each test's account
-    travels on its reports. The start rides on the first set-up report (so a test whose
-    worker dies later still shows when it started); the finish and in-test tokens on the
-    teardown report. Other reports carry nothing.
+    travels on its reports. The start rides on the first set-up report logged (so a test
+    whose worker dies later still shows when it started); the finish, in-test tokens and
+    retries on the teardown report. Other reports carry nothing.
     """
 
     def __init__(self, scheduler: TaskScheduler, start_ns: int) -> None:
@@ -202,12 +251,19 @@ class RecordingWorkerPacer(WorkerPacer):
         self._start: list[Any] | None = None  # the running test's start, until sent
         self._admitted = False  # whether the running test was admitted (not cancelled)
         self._acquired: list[list[int | None]] = []  # the running test's in-test tokens
+        self._retries: list[list[int | None]] = []  # its retries' admissions
 
-    def started(self, nodeid: str, ticket: Ticket) -> None:
-        super().started(nodeid, ticket)
-        self._start = ticket_start(ticket, ticket.start_ns - self.start_ns)
+    def started(self, nodeid: str, ticket: Ticket, retry: bool = False) -> None:
+        super().started(nodeid, ticket, retry)
+        start_offset = ticket.start_ns - self.start_ns
+        if retry:
+            if not ticket.cancelled:
+                self._retries.append([start_offset, ticket.tokens, ticket.store_ns])
+            return
+        self._start = ticket_start(ticket, start_offset)
         self._admitted = not ticket.cancelled
         self._acquired = []
+        self._retries = []
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
         self._acquired.append(acquisition)
@@ -220,5 +276,5 @@ class RecordingWorkerPacer(WorkerPacer):
                 setattr(report, REPORT_ATTRIBUTE, self._start)
                 self._start = None  # once: pytest-rerunfailures sets up again for a rerun
         elif report.when == "teardown" and self._admitted:
-            finish = [MONOTONIC.now_ns() - self.start_ns, self._acquired]
+            finish = [MONOTONIC.now_ns() - self.start_ns, self._acquired, self._retries]
             setattr(report, REPORT_ATTRIBUTE, finish)

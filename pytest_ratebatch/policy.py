@@ -22,6 +22,7 @@ __all__ = [
     "ExecutionPolicy",
     "PolicyError",
     "RateLimit",
+    "ThrottlePolicy",
     "build_policy",
     "format_duration",
     "mask_url",
@@ -34,22 +35,34 @@ NANOS_PER_SECOND = 1_000_000_000
 
 
 class RateLimit(Value):
-    """A token bucket: ``per_minute`` tokens refill per minute, at most ``burst`` stored."""
+    """A token bucket: ``per_minute`` tokens refill per minute, at most ``burst`` stored.
+
+    ``per_minute=math.inf`` is a bucket without a rate of its own ("auto"): it admits at once
+    until a throttle by the server pauses it or teaches it a rate.
+    """
 
     __slots__ = ("burst", "per_minute")
     per_minute: float
     burst: int
 
     def __init__(self, per_minute: float, burst: int = 1) -> None:
-        if not (math.isfinite(per_minute) and per_minute > 0):
-            raise ValueError(f"per_minute must be a finite number > 0, not {per_minute!r}")
+        if not per_minute > 0:  # also refuses NaN
+            raise ValueError(f"per_minute must be a number > 0, not {per_minute!r}")
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
             raise ValueError(f"burst must be an integer >= 1, not {burst!r}")
         self._set(per_minute=per_minute, burst=burst)
 
     @property
+    def learned(self) -> bool:
+        """Whether the rate is only what throttles by the server teach ("auto")."""
+        return math.isinf(self.per_minute)
+
+    @property
     def interval_ns(self) -> int:
-        """Nanoseconds per token, rounded up so the bucket never runs faster than asked."""
+        """Nanoseconds per token, rounded up so the bucket never runs faster than asked
+        (0 for "auto": no rate of its own)."""
+        if self.learned:
+            return 0
         return max(1, math.ceil(60 * NANOS_PER_SECOND / self.per_minute))
 
     @property
@@ -57,15 +70,55 @@ class RateLimit(Value):
         return self.per_minute / 60
 
 
+class ThrottlePolicy(Value):
+    """What happens when the server throttles a test (HTTP 429, or 503 with Retry-After).
+
+    ``retries``: how often a throttled test runs again (0: never); ``max_wait``: the longest
+    pause the server may ask for, in seconds, above which the session stops; ``adapt``:
+    whether throttles lower the shared rate; ``exceptions``: the user's own exception types
+    that mean "throttled", as ``module:Class``.
+    """
+
+    __slots__ = ("adapt", "exceptions", "max_wait", "retries")
+    retries: int
+    max_wait: float
+    adapt: bool
+    exceptions: tuple[str, ...]
+
+    def __init__(
+        self,
+        retries: int = 2,
+        max_wait: float = 300.0,
+        adapt: bool = True,
+        exceptions: tuple[str, ...] = (),
+    ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, not {retries!r}")
+        if not (math.isfinite(max_wait) and max_wait > 0):
+            raise ValueError(f"max_wait must be > 0, not {max_wait!r}")
+        self._set(retries=retries, max_wait=max_wait, adapt=adapt, exceptions=tuple(exceptions))
+
+
+DEFAULT_THROTTLING = ThrottlePolicy()
+
+
 class ExecutionPolicy(Value):
     """Everything the scheduler enforces; ``None`` means "no limit"."""
 
-    __slots__ = ("batch_backoff", "batch_size", "max_failures", "rate_limit", "total_timeout")
+    __slots__ = (
+        "batch_backoff",
+        "batch_size",
+        "max_failures",
+        "rate_limit",
+        "throttling",
+        "total_timeout",
+    )
     rate_limit: RateLimit | None
     batch_size: int | None
     batch_backoff: float
     max_failures: int | None
     total_timeout: float | None
+    throttling: ThrottlePolicy
 
     def __init__(
         self,
@@ -74,6 +127,7 @@ class ExecutionPolicy(Value):
         batch_backoff: float = 0.0,
         max_failures: int | None = None,
         total_timeout: float | None = None,
+        throttling: ThrottlePolicy = DEFAULT_THROTTLING,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size!r}")
@@ -93,24 +147,29 @@ class ExecutionPolicy(Value):
             batch_backoff=batch_backoff,
             max_failures=max_failures,
             total_timeout=total_timeout,
+            throttling=throttling,
         )
 
     @property
     def is_active(self) -> bool:
-        """Whether any limit is set; an inactive policy lets the plugin stay out of the way."""
+        """Whether any limit is set (or throttles are handled otherwise than by default); an
+        inactive policy lets the plugin stay out of the way."""
         return (
             self.rate_limit is not None
             or self.batch_size is not None
             or self.max_failures is not None
             or self.total_timeout is not None
+            or self.throttling != DEFAULT_THROTTLING
         )
 
     def describe(self) -> str:
         """One line for the session header, e.g. ``rate 60/min, burst 5, batch size 5``."""
         parts = []
-        if self.rate_limit is not None:
-            parts.append(f"rate {_format_number(self.rate_limit.per_minute)}/min")
-            parts.append(f"burst {self.rate_limit.burst}")
+        rate = self.rate_limit
+        if rate is not None:
+            per_minute = "auto" if rate.learned else f"{_format_number(rate.per_minute)}/min"
+            parts.append(f"rate {per_minute}")
+            parts.append(f"burst {rate.burst}")
         if self.batch_size is not None:
             parts.append(f"batch size {self.batch_size}")
             parts.append(f"backoff {format_duration(self.batch_backoff)}")
@@ -118,18 +177,27 @@ class ExecutionPolicy(Value):
             parts.append(f"max failures {self.max_failures}")
         if self.total_timeout is not None:
             parts.append(f"total timeout {format_duration(self.total_timeout)}")
+        throttling = self.throttling
+        if throttling != DEFAULT_THROTTLING:
+            parts.append(f"throttle retries {throttling.retries}")
+            parts.append(f"max wait {format_duration(throttling.max_wait)}")
+            if not throttling.adapt:
+                parts.append("no rate adaptation")
         return ", ".join(parts) if parts else "no limits"
 
     def to_json(self) -> dict[str, Any]:
         rate = self.rate_limit
         return {
-            "rate_per_minute": rate.per_minute if rate else None,
+            "rate_per_minute": ("auto" if rate.learned else rate.per_minute) if rate else None,
             "burst": rate.burst if rate else None,
             "interval_ns": rate.interval_ns if rate else None,
             "batch_size": self.batch_size,
             "batch_backoff": self.batch_backoff,
             "max_failures": self.max_failures,
             "total_timeout": self.total_timeout,
+            "throttle_retries": self.throttling.retries,
+            "throttle_max_wait": self.throttling.max_wait,
+            "throttle_adapt": self.throttling.adapt,
         }
 
 
@@ -211,6 +279,47 @@ def _positive_duration(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    """A rate per minute, or ``auto``: learn it from the server (``math.inf`` here)."""
+    if text.strip().lower() == "auto":
+        return math.inf
+    try:
+        return _positive_float(text)
+    except ValueError as error:
+        raise ValueError(f"{error} (or auto: learn the rate from the server)") from None
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError("not a whole number") from None
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+_SWITCHES = {"on": True, "yes": True, "true": True, "1": True}
+_SWITCHES.update({"off": False, "no": False, "false": False, "0": False})
+
+
+def _switch(text: str) -> bool:
+    try:
+        return _SWITCHES[text.strip().lower()]
+    except KeyError:
+        raise ValueError("not on or off") from None
+
+
+def _class_names(text: str) -> tuple[str, ...]:
+    """``module:Class`` entries, separated by commas, spaces or lines."""
+    names = tuple(name for name in re.split(r"[\s,]+", text.strip()) if name)
+    for name in names:
+        module, _, attribute = name.partition(":")
+        if not module or not attribute:
+            raise ValueError(f"{name!r} is not module:Class (e.g. myclient.errors:QuotaError)")
+    return names
+
+
 def _any_text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
@@ -270,12 +379,16 @@ def mask_url(url: str) -> str:
 
 #: Each option's parser: raw text in, value out, or ``ValueError`` with a short reason.
 PARSERS: dict[str, Callable[[str], Any]] = {
-    "rate_per_minute": _positive_float,
+    "rate_per_minute": _rate,
     "burst": _positive_int,
     "batch_size": _positive_int,
     "batch_backoff": _non_negative_duration,
     "max_failures": _positive_int,
     "total_timeout": _positive_duration,
+    "throttle_retries": _non_negative_int,
+    "throttle_max_wait": _positive_duration,
+    "throttle_adapt": _switch,
+    "ratebatch_throttle_exceptions": _class_names,
     "ratebatch_store": _store,
     "ratebatch_key": _key,
     "ratebatch_report": _any_text,
@@ -313,10 +426,17 @@ def build_policy(raw: Mapping[str, RawValue]) -> ExecutionPolicy:
     rate_limit = None
     if rate is not None:
         rate_limit = RateLimit(rate, burst if burst is not None else (batch_size or 1))
+    throttling = ThrottlePolicy(
+        retries=values.get("throttle_retries", DEFAULT_THROTTLING.retries),
+        max_wait=values.get("throttle_max_wait", DEFAULT_THROTTLING.max_wait),
+        adapt=values.get("throttle_adapt", DEFAULT_THROTTLING.adapt),
+        exceptions=values.get("ratebatch_throttle_exceptions", ()),
+    )
     return ExecutionPolicy(
         rate_limit=rate_limit,
         batch_size=batch_size,
         batch_backoff=values.get("batch_backoff", 0.0),
         max_failures=values.get("max_failures"),
         total_timeout=values.get("total_timeout"),
+        throttling=throttling,
     )

@@ -1,8 +1,9 @@
 """The bucket in Redis, shared by every session that names the same server and key.
 
-Each operation is one round trip: an atomic Lua script on one key (the two GCRA numbers of
-``gcra``, as ``reserved:admitted``), on the server's clock (``TIME``, in microseconds), never the
-clients' clocks, so sessions on different machines agree on time. The key expires once the
+Each operation is one round trip: an atomic Lua script on one key (the ``BucketState`` of
+``throttle.adapt``: the two GCRA numbers of ``gcra`` and the adapted rate), on the server's
+clock (``TIME``, in microseconds), never the clients' clocks, so sessions on different
+machines agree on time; a throttle, rare, reads and writes it under WATCH. The key expires once the
 bucket has been full and idle for a minute. redis-py (the ``redis`` extra) does the
 talking, with its own retry for brief outages; what stays down becomes a ``StoreError``.
 """
@@ -15,9 +16,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from . import gcra
 from .gcra import Outcome
 from .policy import mask_url
 from .stores import StoreError
+from .throttle.adapt import BucketState
+from .throttle.adapt import throttle as adapt_throttle
 
 __all__ = ["DEFAULT_KEY", "RedisBucketStore"]
 
@@ -27,22 +31,38 @@ IDLE_EXPIRY_MS = 60_000
 RETRY_SECONDS = 2.0  # how long a lost server is retried before the session stops
 
 # Shared preamble: the server's clock and the bucket, in microseconds. The bucket is one
-# string "reserved:admitted" (one GET, one SET with its expiry: fewest calls per round trip).
+# string of the eight numbers of ``BucketState`` joined by ":" (one GET, one SET with its
+# expiry: fewest calls per round trip); an older two-number value still reads.
 _READ = """
 local clock = redis.call('TIME')
 local now = clock[1] * 1000000 + clock[2]
 local cost, interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local reserved, admitted = 0, 0
+local st = {0, 0, -1, 0, -1, 0, 0, 0}
 local stored = redis.call('GET', KEYS[1])
 if stored then
-  local colon = string.find(stored, ':', 1, true)
-  reserved = tonumber(string.sub(stored, 1, colon - 1))
-  admitted = tonumber(string.sub(stored, colon + 1))
+  local i = 1
+  for field in string.gmatch(stored, '[^:]+') do st[i] = tonumber(field); i = i + 1 end
+end
+local reserved, admitted = st[1], st[2]
+-- throttle.adapt.current_interval: the adapted interval, after its recovery steps
+if st[3] >= 0 then
+  local adapted, recover_at = st[3], st[7]
+  while now >= recover_at and adapted > interval do
+    adapted = math.max(interval, adapted - math.floor(adapted / 16))
+    recover_at = recover_at + math.max(1000000, 4 * adapted)
+  end
+  if adapted <= interval then
+    st[3] = -1
+  else
+    st[3], st[7], interval = adapted, recover_at, adapted
+  end
 end
 local function save()
   local busy_ms = math.max(math.ceil((math.max(reserved, admitted) - now) / 1000), 0)
-  redis.call('SET', KEYS[1], string.format('%.0f:%.0f', reserved, admitted),
-             'PX', busy_ms + tonumber(ARGV[6]))
+  st[1], st[2] = reserved, admitted
+  local parts = {}
+  for i = 1, 8 do parts[i] = string.format('%.0f', st[i]) end
+  redis.call('SET', KEYS[1], table.concat(parts, ':'), 'PX', busy_ms + tonumber(ARGV[6]))
 end
 """
 
@@ -60,6 +80,7 @@ if wait <= 0 then
   wait = 0
   if ARGV[5] == '1' then
     admitted = math.max(admitted, now) + cost * interval
+    st[4] = st[4] + cost
     status = 0
   end
 end
@@ -75,18 +96,22 @@ COMMIT_SCRIPT = (
 local wait = admitted + (cost - burst) * interval - now
 if wait > 0 then return {2, now, wait} end
 admitted = math.max(admitted, now) + cost * interval
+st[4] = st[4] + cost
 save()
 return {0, now, 0}
 """
 )
 
-# gcra.level needs the debt only: max(reserved, admitted) - now.
+# gcra.level needs the debt only (max(reserved, admitted) - now), and the interval in force.
 DEBT_SCRIPT = (
     _READ
     + """
-return math.max(reserved, admitted) - now
+return {math.max(reserved, admitted) - now, interval}
 """
 )
+
+#: The fields of ``BucketState`` kept in microseconds in Redis (the others are counts).
+_TIME_FIELDS = frozenset({"reserved", "admitted", "interval", "mark_ns", "recover_at"})
 
 
 class Script:
@@ -127,6 +152,7 @@ class RedisBucketStore:
         except ValueError as error:
             raise StoreError(self._clean(f"bad Redis URL {mask_url(url)}: {error}")) from None
         self._noscript = redis.exceptions.NoScriptError
+        self._watch_error = redis.exceptions.WatchError
         self._take = Script(TAKE_SCRIPT)
         self._commit = Script(COMMIT_SCRIPT)
         self._debt = Script(DEBT_SCRIPT)
@@ -164,14 +190,58 @@ class RedisBucketStore:
         return int(status), int(now) * 1000, int(wait) * 1000
 
     def level(self, interval_ns: int, burst: int) -> float:
-        debt = int(self._call(self._debt, 0, 1, burst)) * 1000
-        return float(burst) if debt <= 0 else max(0.0, burst - debt / interval_ns)
+        debt, interval = self._call(self._debt, 0, _micros(interval_ns), burst, -1, 0)
+        return gcra.level(int(debt) * 1000, 0, 0, int(interval) * 1000, burst)
+
+    def throttle(
+        self, wait_ns: int, interval_ns: int, burst: int, adapt: bool
+    ) -> tuple[int, int, int, int]:
+        """Read, adapt and write the state under WATCH, retried if another client wrote it
+        meanwhile: rare (a throttle), so the arithmetic stays ``throttle.adapt``'s own."""
+        try:
+            with self._client.pipeline() as pipe:
+                while True:
+                    try:
+                        pipe.watch(self.key)  # type: ignore[no-untyped-call]
+                        seconds, micros = pipe.time()
+                        now = (int(seconds) * 1_000_000 + int(micros)) * 1000
+                        state = _load(pipe.get(self.key))
+                        result = adapt_throttle(state, now, wait_ns, interval_ns, burst, adapt)
+                        busy_ms = max(0, -(-(max(state.reserved, state.admitted) - now) // 10**6))
+                        pipe.multi()
+                        pipe.set(self.key, _dump(state), px=busy_ms + IDLE_EXPIRY_MS)
+                        pipe.execute()
+                        return (now, *result)
+                    except self._watch_error:
+                        continue
+        except self._errors as error:
+            raise StoreError(self._clean(f"{self.describe()}: {error}")) from None
 
     def describe(self) -> str:
         return f"redis {mask_url(self.url)} key {self.key}"
 
     def close(self) -> None:
         self._client.close()
+
+
+def _load(stored: bytes | str | None) -> BucketState:
+    """The state from its Redis string (microseconds) into nanoseconds."""
+    state = BucketState()
+    if stored:
+        text = stored.decode() if isinstance(stored, bytes) else stored
+        for name, field in zip(BucketState.FIELDS, text.split(":"), strict=False):
+            value = int(float(field))
+            scale = 1000 if name in _TIME_FIELDS and value >= 0 else 1
+            setattr(state, name, value * scale)
+    return state
+
+
+def _dump(state: BucketState) -> str:
+    fields = []
+    for name in BucketState.FIELDS:
+        value = getattr(state, name)
+        fields.append(str(value // 1000 if name in _TIME_FIELDS and value >= 0 else value))
+    return ":".join(fields)
 
 
 def _micros(interval_ns: int) -> int:

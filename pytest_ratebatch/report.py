@@ -20,7 +20,9 @@ __all__ = [
     "Tally",
     "TestRecord",
     "describe_summary",
+    "describe_throttling",
     "merge_outcome",
+    "throttling_summary",
     "worst_excess",
     "write_report",
 ]
@@ -70,6 +72,7 @@ class TestRecord:
         "worker",
         "store_ns",
         "acquired",
+        "retries",
     )
     __slots__ = FIELDS
 
@@ -87,6 +90,8 @@ class TestRecord:
         self.store_ns: int | None = None  # the admission on a shared store's own clock (Redis)
         #: Tokens taken while running (the ``ratebatch`` fixture): ``[start_ns, tokens, store_ns]``.
         self.acquired: list[list[int | None]] = []
+        #: The admissions of retries after throttles, in the same form.
+        self.retries: list[list[int | None]] = []
 
     @property
     def failed(self) -> bool:
@@ -118,6 +123,9 @@ class Tally:
         "first_start_ns",
         "last_start_ns",
         "longest_wait_ns",
+        "retried",
+        "retried_failed",
+        "retries",
         "run",
         "started_cost",
         "waited_ns",
@@ -133,9 +141,17 @@ class Tally:
         self.first_start_ns: int | None = None
         self.last_start_ns: int | None = None
         self.started_cost = 0
+        self.retries = 0  # admissions of throttled tests run again
+        self.retried = 0  # tests run again after a throttle
+        self.retried_failed = 0  # of those, the ones that failed in the end
 
-    def admitted(self, batch: int, tokens: int, start_ns: int, waited_ns: int) -> None:
-        self.run += 1
+    def admitted(
+        self, batch: int, tokens: int, start_ns: int, waited_ns: int, retry: bool = False
+    ) -> None:
+        if retry:
+            self.retries += 1
+        else:
+            self.run += 1
         self.started_cost += tokens
         self.waited_ns += waited_ns
         self.longest_wait_ns = max(self.longest_wait_ns, waited_ns)
@@ -161,11 +177,17 @@ class Tally:
             self.first_start_ns,
             self.last_start_ns,
             self.started_cost,
+            self.retries,
+            self.retried,
+            self.retried_failed,
         ]
 
     def merge(self, counts: list[Any]) -> None:
         """Add a worker's counts (``to_list``) to these."""
-        run, cancelled, batches, waited, longest, first, last, cost = counts
+        run, cancelled, batches, waited, longest, first, last, cost, *retries = counts
+        self.retries += retries[0]
+        self.retried += retries[1]
+        self.retried_failed += retries[2]
         self.run += run
         self.cancelled += cancelled
         self.started_cost += cost
@@ -231,6 +253,7 @@ def write_report(
     records: Sequence[TestRecord],
     tally: Tally,
     *,
+    events: Sequence[dict[str, Any]] = (),
     stop_reason: str,
     store: str,
     session_wall: float,
@@ -255,6 +278,8 @@ def write_report(
             "longest_wait": tally.longest_wait_ns / NANOS_PER_SECOND,
             "sustained_per_minute": tally.sustained_per_minute(_burst(policy)),
         },
+        "throttling": throttling_summary(events, tally),
+        "events": sorted(events, key=lambda event: event.get("store_ns") or 0),
         "tests": [record.to_json(session_wall) for record in records],
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +291,79 @@ def write_report(
     os.replace(handle.name, path)
 
 
-def describe_summary(policy: ExecutionPolicy, summary: Tally, stop_reason: str) -> list[str]:
+def throttling_summary(events: Sequence[dict[str, Any]], tally: Tally) -> dict[str, Any]:
+    """The throttles, pauses, rate changes and retries of a session, in numbers."""
+    throttles = [event for event in events if event.get("event") == "throttle"]
+    statuses: dict[str, int] = {}
+    for event in throttles:
+        key = str(event.get("status") or "other")
+        statuses[key] = statuses.get(key, 0) + 1
+    pauses = sorted(
+        (event["store_ns"], event["paused_until_store_ns"])
+        for event in events
+        if event.get("paused_until_store_ns") is not None
+    )
+    paused = 0
+    reach = None
+    for start, end in pauses:  # the union of the pauses: overlapping ones count once
+        if reach is None or start > reach:
+            paused += end - start
+            reach = end
+        elif end > reach:
+            paused += end - reach
+            reach = end
+    rated = [event for event in throttles if "rate_after" in event]
+    rated.sort(key=lambda event: event["store_ns"])
+    return {
+        "throttles": len(throttles),
+        "statuses": statuses,
+        "budget_pauses": sum(event.get("event") == "budget" for event in events),
+        "paused": paused / NANOS_PER_SECOND,
+        "rate_before": rated[0]["rate_before"] if rated else None,
+        "rate_after": rated[-1]["rate_after"] if rated else None,
+        "retried_tests": tally.retried,
+        "retried_failed": tally.retried_failed,
+        "retries": tally.retries,
+    }
+
+
+def _rate_text(per_minute: float | None) -> str:
+    return "no rate" if per_minute is None else f"{per_minute:.4g}/min"
+
+
+def describe_throttling(summary: dict[str, Any]) -> list[str]:
+    """The summary lines about throttling; none if the server never pushed back."""
+    if not summary["throttles"] and not summary["budget_pauses"]:
+        return []
+    statuses = ", ".join(
+        f"{'HTTP ' + status if status.isdigit() else status} x{count}"
+        for status, count in sorted(summary["statuses"].items())
+    )
+    throttled = f"throttled: {summary['throttles']}" + (f" ({statuses})" if statuses else "")
+    if summary["budget_pauses"]:
+        throttled += f"; paused {summary['budget_pauses']} times for a published budget"
+    lines = [f"{throttled}, paused {format_duration(round(summary['paused'], 3))} in all"]
+    if summary["rate_before"] is not None or summary["rate_after"] is not None:
+        lines.append(
+            f"rate: {_rate_text(summary['rate_before'])} before the first throttle, "
+            f"{_rate_text(summary['rate_after'])} after the last"
+        )
+    retried = summary["retried_tests"]
+    if retried:
+        failed = summary["retried_failed"]
+        lines.append(
+            f"retried: {retried} test{'s' if retried != 1 else ''} "
+            f"({summary['retries']} retries): {retried - failed} then passed, {failed} failed"
+        )
+    return lines
+
+
+def describe_summary(
+    policy: ExecutionPolicy,
+    summary: Tally,
+    stop_reason: str,
+    events: Sequence[dict[str, Any]] = (),
+) -> list[str]:
     """The lines of the terminal summary section."""
     lines = [f"policy: {policy.describe()}"]
     tests = f"tests: {summary.run} run, {summary.cancelled} cancelled"
@@ -285,5 +382,6 @@ def describe_summary(policy: ExecutionPolicy, summary: Tally, stop_reason: str) 
             f"sustained rate: {sustained:.1f}/min (cost started beyond the burst, "
             "over the span of starts)"
         )
+    lines += describe_throttling(throttling_summary(events, summary))
     lines.append(f"stop: {stop_reason or 'none, every test was started'}")
     return lines

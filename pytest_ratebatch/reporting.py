@@ -109,6 +109,8 @@ class Reporter:
         self.start_ns = start_ns
         self.start_wall = time.time() - (MONOTONIC.now_ns() - start_ns) / 1e9
         self.tally = Tally()
+        #: Throttles and pauses (``retrying``), for the summary and the JSON report.
+        self.events: list[dict[str, Any]] = []
         #: Per-test records, kept only for the JSON report.
         self.records: dict[str, TestRecord] | None = {} if report_path is not None else None
         self.interrupted = False
@@ -140,9 +142,13 @@ class Reporter:
 
     # --- each test ---------------------------------------------------------------------
 
-    def started(self, nodeid: str, ticket: Ticket, start_offset: int) -> None:
+    def started(self, nodeid: str, ticket: Ticket, start_offset: int, retry: bool = False) -> None:
         """Record a test's admission or cancellation (the pacer keeps the tally)."""
         record = self._record(nodeid)
+        if retry:
+            if not ticket.cancelled:
+                record.retries.append([start_offset, ticket.tokens, ticket.store_ns])
+            return
         record.outcome = ""
         record.waited_ns = ticket.waited_ns
         if ticket.cancelled:
@@ -209,6 +215,7 @@ class Reporter:
                 self.policy,
                 list(self.records.values()),
                 self.tally,
+                events=self.events,
                 stop_reason=self.stop_reason,
                 store=self.store.describe(),
                 session_wall=self.start_wall,
@@ -216,7 +223,7 @@ class Reporter:
             )
 
     def summary_lines(self) -> list[str]:
-        return describe_summary(self.policy, self.tally, self.stop_reason)
+        return describe_summary(self.policy, self.tally, self.stop_reason, self.events)
 
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         terminalreporter.section("ratebatch")
@@ -272,9 +279,10 @@ class ControllerReporter(Reporter):
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object | None) -> None:
-        counts = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
-        if counts is not None:
-            self.tally.merge(counts)
+        output = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
+        if output is not None:
+            self.tally.merge(output["tally"])
+            self.events.extend(output["events"])
         else:
             self._lost.append(str(node.gateway.id))
 
@@ -316,7 +324,7 @@ class WorkerRecords:
                 else:
                     record.batch, record.tokens, record.start_ns, record.store_ns = admission
             elif report.when == "teardown":
-                record.finish_ns, record.acquired = data
+                record.finish_ns, record.acquired, record.retries = data
         worker = getattr(report, "node", None)
         if worker is not None:
             record.worker = str(getattr(getattr(worker, "gateway", None), "id", ""))

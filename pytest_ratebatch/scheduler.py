@@ -82,6 +82,11 @@ class TaskScheduler:
         )
 
     @property
+    def deadline_ns(self) -> int | None:
+        """When the total timeout passes, on the scheduler's clock (``None``: never)."""
+        return self._stop_rule.deadline_ns
+
+    @property
     def stop_reason(self) -> str:
         return self.ledger.snapshot().stop_reason
 

@@ -9,6 +9,7 @@ a plain session never loads the xdist or Redis parts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,10 +19,18 @@ import pytest
 from .clock import MONOTONIC
 from .ledger import Ledger, MemoryLedger
 from .limiter import RateLimiter
-from .options import COMMAND_LINE, KEY_OPTION, REPORT_OPTION, STORE_OPTION, RawValue
+from .options import (
+    COMMAND_LINE,
+    KEY_OPTION,
+    REPORT_OPTION,
+    STORE_OPTION,
+    THROTTLE_EXCEPTIONS_OPTION,
+    RawValue,
+)
 from .pacing import Pacer, RecordingWorkerPacer, WorkerPacer
-from .policy import ExecutionPolicy, PolicyError, build_policy, parse_value
+from .policy import ExecutionPolicy, PolicyError, RateLimit, build_policy, parse_value
 from .reporting import ControllerReporter, OutcomeRecorder, Reporter, WorkerRecords
+from .retrying import Throttles, load_exception_types
 from .scheduler import TaskScheduler
 from .stores import BucketStore, MemoryBucketStore, StoreError
 from .values import Value
@@ -35,11 +44,12 @@ __all__ = ["Settings", "configure", "is_distributing", "load_settings", "open_st
 class Settings(Value):
     """The validated options: the policy, and where the report and the bucket go."""
 
-    __slots__ = ("key", "policy", "report_path", "store")
+    __slots__ = ("key", "policy", "raw", "report_path", "store")
     policy: ExecutionPolicy
     report_path: Path | None
     store: RawValue | None  # as written; None: the default for this kind of session
     key: str | None  # the Redis key; None: the default
+    raw: dict[str, RawValue]  # every option as written, for messages
 
     def __init__(
         self,
@@ -47,12 +57,14 @@ class Settings(Value):
         report_path: Path | None,
         store: RawValue | None,
         key: str | None,
+        raw: dict[str, RawValue],
     ) -> None:
-        self._set(policy=policy, report_path=report_path, store=store, key=key)
+        self._set(policy=policy, report_path=report_path, store=store, key=key, raw=raw)
 
 
 def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
     """The validated settings, or ``pytest.UsageError`` naming the bad value."""
+    written = raw
     raw = dict(raw)
     extra = {
         name: raw.pop(name) for name in (REPORT_OPTION, STORE_OPTION, KEY_OPTION) if name in raw
@@ -67,7 +79,7 @@ def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
         from_cli = extra[REPORT_OPTION].source == COMMAND_LINE
         base = config.invocation_params.dir if from_cli else config.rootpath
         report_path = base / Path(values[REPORT_OPTION]).expanduser()
-    return Settings(policy, report_path, extra.get(STORE_OPTION), values.get(KEY_OPTION))
+    return Settings(policy, report_path, extra.get(STORE_OPTION), values.get(KEY_OPTION), written)
 
 
 def is_distributing(config: pytest.Config) -> bool:
@@ -126,8 +138,7 @@ def configure(
             scheduler = _scheduler(policy, store, worker.ledger(), worker.start_ns, worker.announce)
             kind = RecordingWorkerPacer if worker.send_records else WorkerPacer
             pacer: Pacer = kind(scheduler, worker.start_ns)
-            config.stash[pacer_key] = pacer
-            config.pluginmanager.register(pacer, "ratebatch-pacer")
+            _register_pacer(config, pacer, pacer_key, settings)
             return
     if is_distributing(config):
         _configure_controller(config, settings)
@@ -141,8 +152,31 @@ def configure(
         config.pluginmanager.register(OutcomeRecorder(reporter), "ratebatch-outcomes")
     scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait)
     pacer = Pacer(scheduler, start_ns, reporter.tally, reporter)
+    _register_pacer(config, pacer, pacer_key, settings)
+    if pacer.throttles is not None:
+        reporter.events = pacer.throttles.events
+
+
+def _register_pacer(
+    config: pytest.Config, pacer: Pacer, pacer_key: pytest.StashKey[Pacer], settings: Settings
+) -> None:
+    """The pacer where tests run, and the handling of throttled tests beside it."""
     config.stash[pacer_key] = pacer
     config.pluginmanager.register(pacer, "ratebatch-pacer")
+    throttling = settings.policy.throttling
+    try:
+        extra = load_exception_types(throttling.exceptions)
+    except ValueError as error:
+        raw = settings.raw[THROTTLE_EXCEPTIONS_OPTION]
+        raise pytest.UsageError(
+            f"ratebatch: {raw.describe(THROTTLE_EXCEPTIONS_OPTION)}: {error}"
+        ) from None
+    limiter = pacer.scheduler.limiter
+    assert limiter is not None  # every active session has a bucket, if only for pauses
+    start_ns = pacer.start_ns
+    throttles = Throttles(config, throttling, pacer.scheduler, limiter, start_ns, extra)
+    pacer.throttles = throttles
+    config.pluginmanager.register(throttles, "ratebatch-throttles")
 
 
 def _configure_controller(config: pytest.Config, settings: Settings) -> None:
@@ -161,6 +195,11 @@ def _configure_controller(config: pytest.Config, settings: Settings) -> None:
         config.pluginmanager.register(WorkerRecords(reporter), "ratebatch-records")
 
 
+#: The bucket of a session without a rate: no rate of its own, there to carry a throttle's
+#: pause to everyone (any burst: without a rate it only bounds a single request).
+UNLIMITED = RateLimit(math.inf, 2**31)
+
+
 def _scheduler(
     policy: ExecutionPolicy,
     store: BucketStore,
@@ -168,7 +207,7 @@ def _scheduler(
     start_ns: int,
     on_wait: Callable[[str, float], None],
 ) -> TaskScheduler:
-    limiter = RateLimiter(policy.rate_limit, store) if policy.rate_limit is not None else None
+    limiter = RateLimiter(policy.rate_limit or UNLIMITED, store)
     return TaskScheduler(
         policy, limiter=limiter, ledger=ledger, session_start_ns=start_ns, on_wait=on_wait
     )

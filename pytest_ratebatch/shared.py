@@ -27,6 +27,7 @@ from . import gcra
 from .clock import MONOTONIC, Clock
 from .gcra import Outcome
 from .ledger import Entry, SessionState, StopRule, check_stop, enter, finish, leave, release, stop
+from .throttle.adapt import UNSET, BucketState, current_interval, throttle
 
 __all__ = ["FileBucketStore", "FileLedger", "SharedFile"]
 
@@ -68,11 +69,11 @@ class SharedFile:
 
 
 class FileBucketStore:
-    """The GCRA bucket of ``gcra`` in a file: two signed 64-bit integers."""
+    """The ``BucketState`` of ``throttle.adapt`` in a file: eight signed 64-bit integers."""
 
     local_clock = True  # the monotonic clock is system-wide: every worker reads the same one
 
-    _LAYOUT = struct.Struct("<qq")
+    _LAYOUT = struct.Struct(f"<{len(BucketState.FIELDS)}q")
 
     def __init__(self, directory: Path, clock: Clock = MONOTONIC) -> None:
         self._file = SharedFile(directory / BUCKET_FILE, self._LAYOUT)
@@ -82,30 +83,49 @@ class FileBucketStore:
         self, cost: int, interval_ns: int, burst: int, max_wait_ns: int | None, admit: bool
     ) -> Outcome:
         with self._file as stored:
-            reserved, admitted = stored or (0, 0)
+            state = BucketState(*stored) if stored else BucketState()
             now = self._now()
-            new_reserved, new_admitted, status, wait = gcra.take(
-                reserved, admitted, now, cost, interval_ns, burst, max_wait_ns, admit
+            if state.interval != UNSET:
+                interval_ns = current_interval(state, now, interval_ns)
+            state.reserved, state.admitted, status, wait = gcra.take(
+                state.reserved, state.admitted, now, cost, interval_ns, burst, max_wait_ns, admit
             )
             if status != gcra.REFUSED:
-                self._file.write(new_reserved, new_admitted)
+                if status == gcra.ADMITTED:
+                    state.count += cost
+                self._file.write(*state.values())
         return status, now, wait
 
     def commit(self, cost: int, interval_ns: int, burst: int) -> Outcome:
         with self._file as stored:
-            reserved, admitted = stored or (0, 0)
+            state = BucketState(*stored) if stored else BucketState()
             now = self._now()
-            reserved, new_admitted, status, wait = gcra.commit(
-                reserved, admitted, now, cost, interval_ns, burst
+            if state.interval != UNSET:
+                interval_ns = current_interval(state, now, interval_ns)
+            state.reserved, state.admitted, status, wait = gcra.commit(
+                state.reserved, state.admitted, now, cost, interval_ns, burst
             )
             if status == gcra.ADMITTED:
-                self._file.write(reserved, new_admitted)
+                state.count += cost
+                self._file.write(*state.values())
         return status, now, wait
 
     def level(self, interval_ns: int, burst: int) -> float:
         with self._file as stored:
-            reserved, admitted = stored or (0, 0)
-            return gcra.level(reserved, admitted, self._now(), interval_ns, burst)
+            state = BucketState(*stored) if stored else BucketState()
+            now = self._now()
+            interval_ns = current_interval(state, now, interval_ns)
+            return gcra.level(state.reserved, state.admitted, now, interval_ns, burst)
+
+    def throttle(
+        self, wait_ns: int, interval_ns: int, burst: int, adapt: bool
+    ) -> tuple[int, int, int, int]:
+        with self._file as stored:
+            state = BucketState(*stored) if stored else BucketState()
+            now = self._now()
+            result = throttle(state, now, wait_ns, interval_ns, burst, adapt)
+            self._file.write(*state.values())
+        return (now, *result)
 
     def describe(self) -> str:
         return "file (shared by this session's workers)"

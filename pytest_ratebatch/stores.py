@@ -1,4 +1,4 @@
-"""Where the bucket lives. A store is one atomic operation on the two GCRA numbers.
+"""Where the bucket lives. A store makes each operation on one ``BucketState`` atomic.
 
 The limiter never knows which store it has: the in-memory store serves one process, the
 file store the workers of one pytest-xdist session, the Redis store several sessions.
@@ -12,7 +12,8 @@ from typing import Protocol
 
 from . import gcra
 from .clock import MONOTONIC, Clock
-from .gcra import Outcome
+from .gcra import ADMITTED, Outcome
+from .throttle.adapt import UNSET, BucketState, current_interval, throttle
 
 __all__ = ["BucketStore", "MemoryBucketStore", "StoreError"]
 
@@ -38,6 +39,14 @@ class BucketStore(Protocol):
 
     def level(self, interval_ns: int, burst: int) -> float: ...
 
+    def throttle(
+        self, wait_ns: int, interval_ns: int, burst: int, adapt: bool
+    ) -> tuple[int, int, int, int]:
+        """A throttle: pause the bucket for ``wait_ns`` and, with ``adapt``, adapt its rate
+        (``throttle.adapt``). Returns the store's clock, the interval before and after, and
+        the pause's end."""
+        ...
+
     def describe(self) -> str:
         """A name safe to print (no credentials)."""
         ...
@@ -51,30 +60,49 @@ class MemoryBucketStore:
     def __init__(self, clock: Clock = MONOTONIC) -> None:
         self._now = clock.now_ns
         self._lock = threading.Lock()
-        self._reserved = 0
-        self._admitted = 0
+        self._state = BucketState()
 
     def take(
         self, cost: int, interval_ns: int, burst: int, max_wait_ns: int | None, admit: bool
     ) -> Outcome:
         with self._lock:
             now = self._now()
-            self._reserved, self._admitted, status, wait = gcra.take(
-                self._reserved, self._admitted, now, cost, interval_ns, burst, max_wait_ns, admit
+            state = self._state
+            if state.interval != UNSET:
+                interval_ns = current_interval(state, now, interval_ns)
+            state.reserved, state.admitted, status, wait = gcra.take(
+                state.reserved, state.admitted, now, cost, interval_ns, burst, max_wait_ns, admit
             )
+            if status == ADMITTED:
+                state.count += cost
         return status, now, wait
 
     def commit(self, cost: int, interval_ns: int, burst: int) -> Outcome:
         with self._lock:
             now = self._now()
-            self._reserved, self._admitted, status, wait = gcra.commit(
-                self._reserved, self._admitted, now, cost, interval_ns, burst
+            state = self._state
+            if state.interval != UNSET:
+                interval_ns = current_interval(state, now, interval_ns)
+            state.reserved, state.admitted, status, wait = gcra.commit(
+                state.reserved, state.admitted, now, cost, interval_ns, burst
             )
+            if status == ADMITTED:
+                state.count += cost
         return status, now, wait
 
     def level(self, interval_ns: int, burst: int) -> float:
         with self._lock:
-            return gcra.level(self._reserved, self._admitted, self._now(), interval_ns, burst)
+            state = self._state
+            now = self._now()
+            interval_ns = current_interval(state, now, interval_ns)
+            return gcra.level(state.reserved, state.admitted, now, interval_ns, burst)
+
+    def throttle(
+        self, wait_ns: int, interval_ns: int, burst: int, adapt: bool
+    ) -> tuple[int, int, int, int]:
+        with self._lock:
+            now = self._now()
+            return (now, *throttle(self._state, now, wait_ns, interval_ns, burst, adapt))
 
     def describe(self) -> str:
         return "memory"

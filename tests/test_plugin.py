@@ -100,7 +100,7 @@ def test_plays_along_with_xdist_timeout_and_rerunfailures(pytester: pytest.Pytes
 
 
 BAD_VALUES = [
-    (["--rate-per-minute=0"], "", "--rate-per-minute='0' (command line): must be > 0"),
+    (["--rate-per-minute=0"], "", "--rate-per-minute='0' (command line): must be > 0 (or auto*"),
     (["--rate-per-minute", "nan"], "", "--rate-per-minute='nan' (command line): must be a finite*"),
     (["--batch-size=2.5"], "", "--batch-size='2.5' (command line): not a whole number"),
     (["--total-timeout=10y"], "", "--total-timeout='10y' (command line): not a duration*"),
@@ -111,7 +111,7 @@ BAD_VALUES = [
         "",
         "--burst='2' (command line): smaller than the batch size (3)*",
     ),
-    ([], "rate_per_minute = fast", "rate_per_minute='fast' (ini file */tox.ini): not a number"),
+    ([], "rate_per_minute = fast", "rate_per_minute='fast' (ini file */tox.ini): not a number*"),
     ([], "burst = 4", "burst='4' (ini file */tox.ini): a burst needs a rate*"),
     (["-o", "batch_size=0"], "", "batch_size='0' (-o/--override-ini): must be >= 1"),
     (["--ratebatch-report= "], "", "--ratebatch-report=' ' (command line): must not be empty"),

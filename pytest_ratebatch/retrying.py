@@ -1,0 +1,307 @@
+"""Throttles handled, not failed: a throttled test pauses everyone sharing the bucket, and
+runs again.
+
+``Throttles`` runs each test's protocol itself, like pytest's own ``runtestprotocol``, logging
+each phase's report at once, until a phase is throttled (``throttle.detect``, seen through
+``pytest_exception_interact`` before the report is logged): that report and the rest are held
+back, the bucket is paused for the server's wait (and its rate adapted), and the pacer admits
+the test again (after the pause, taking tokens like any start) and runs it once more. Only
+the last attempt's outcome is logged, so every test ends with one; one still throttled
+after its retries fails with a message that says so. Tests that pytest-rerunfailures reruns
+are left to it (its reruns do not wait for a pause), but their throttles still pause the
+bucket.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+import time
+from typing import Any
+
+import pytest
+from _pytest.runner import call_and_report, show_test_item
+
+from .limiter import RateLimiter
+from .policy import NANOS_PER_SECOND, ThrottlePolicy, format_duration
+from .scheduler import TaskScheduler
+from .throttle.detect import Throttle, find_throttle, response_status
+from .throttle.headers import remaining
+
+__all__ = ["BACKOFF_CAP", "BACKOFF_FIRST", "Throttles", "load_exception_types"]
+
+#: Without a header, the first pause, doubled for each further attempt of the test.
+BACKOFF_FIRST = 1.0
+#: ... up to this, in seconds.
+BACKOFF_CAP = 60.0
+
+
+def load_exception_types(names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
+    """The classes named ``module:Class``; ``ValueError`` naming the entry that fails."""
+    types = []
+    for name in names:
+        module_name, _, attribute = name.partition(":")
+        try:
+            value: Any = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                value = getattr(value, part)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"{name!r} cannot be loaded: {error}") from None
+        if not (isinstance(value, type) and issubclass(value, BaseException)):
+            raise ValueError(f"{name!r} is not an exception class")
+        types.append(value)
+    return tuple(types)
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to pause without a header: 1 s, 2 s, 4 s, ... up to a minute, +-10% jitter."""
+    base: float = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** max(0, attempt - 1))
+    return base * random.uniform(0.9, 1.1)
+
+
+class Throttles:
+    """Where tests run: notices throttles, pauses the shared bucket, holds a throttled
+    attempt's reports back for a retry, and keeps the events for the report."""
+
+    def __init__(
+        self,
+        config: pytest.Config,
+        policy: ThrottlePolicy,
+        scheduler: TaskScheduler,
+        limiter: RateLimiter,
+        start_ns: int,
+        extra: tuple[type[BaseException], ...],
+    ) -> None:
+        self.policy = policy
+        self.scheduler = scheduler
+        self.limiter = limiter
+        self.start_ns = start_ns
+        self.extra = extra
+        #: The throttled attempt of the running test, waiting for its retry (reports, why).
+        self.held: tuple[list[pytest.TestReport], Throttle] | None = None
+        #: Everything that happened, for the JSON report and the summary.
+        self.events: list[dict[str, Any]] = []
+        self._seen: Throttle | None = None  # a throttle seen in the running attempt
+        self._running: pytest.Item | None = None
+        self._attempts: dict[str, int] = {}  # throttled attempts so far, per test
+        self._defer_reruns = bool(config.getoption("reruns", None)) and (
+            config.pluginmanager.has_plugin("rerunfailures")
+        )
+
+    # --- the protocol ---------------------------------------------------------------------
+
+    def _rerunfailures_runs(self, item: pytest.Item) -> bool:
+        if not item.config.pluginmanager.has_plugin("rerunfailures"):
+            return False
+        return self._defer_reruns or item.get_closest_marker("flaky") is not None
+
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+        if self._rerunfailures_runs(item):
+            return None
+        ihook = item.ihook
+        nodeid = item.nodeid
+        attempt = self._attempts.get(nodeid, 0)
+        if not attempt:
+            ihook.pytest_runtest_logstart(nodeid=nodeid, location=item.location)
+        self._running = item
+        self._seen = None
+        try:
+            held = self._run_phases(item, nextitem)
+        finally:
+            self._running = None
+        seen = self._seen
+        if seen is not None:
+            retry, note = self._handle(nodeid, seen, attempt + 1)
+            if retry:
+                self._attempts[nodeid] = attempt + 1
+                self.held = (held, seen)
+                _forget_failed_fixtures(item)
+                return True
+            self._annotate(held, note)
+        self._attempts.pop(nodeid, None)
+        for report in held:
+            ihook.pytest_runtest_logreport(report=report)
+        ihook.pytest_runtest_logfinish(nodeid=nodeid, location=item.location)
+        return True
+
+    def _run_phases(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> list[pytest.TestReport]:
+        """pytest's ``runtestprotocol``, but each phase's report is logged at once only
+        until a phase is throttled: that one and the rest are returned, held back."""
+        held: list[pytest.TestReport] = []
+
+        def run(when: str, **kwargs: Any) -> pytest.TestReport:
+            report = call_and_report(item, when, log=False, **kwargs)  # type: ignore[arg-type]
+            if held or self._seen is not None:
+                held.append(report)
+            else:
+                item.ihook.pytest_runtest_logreport(report=report)
+            return report
+
+        if hasattr(item, "_request") and not item._request:
+            item._initrequest()  # type: ignore[attr-defined]  # run again, as rerunfailures does
+        if run("setup").passed:
+            if item.config.getoption("setupshow", False):
+                show_test_item(item)
+            if not item.config.getoption("setuponly", False):
+                run("call")
+        if item.session.shouldfail or item.session.shouldstop:
+            nextitem = None  # tear everything down (pytest #11706)
+        run("teardown", nextitem=nextitem)
+        if hasattr(item, "_request"):
+            item._request = False
+            item.funcargs = None  # type: ignore[attr-defined]
+        return held
+
+    def pytest_exception_interact(self, node: pytest.Item, call: pytest.CallInfo[Any]) -> None:
+        # Called for each failed phase (set-up, call, teardown), before anything is logged.
+        if node is not self._running or self._seen is not None or call.excinfo is None:
+            return
+        self._seen = find_throttle(call.excinfo.value, self.extra)
+
+    def give_up(self, item: pytest.Item, reason: str) -> None:
+        """The held attempt will not be retried (the session stopped): log it as it was."""
+        held, self.held = self.held, None
+        if held is None:
+            return
+        reports, seen = held
+        attempts = self._attempts.pop(item.nodeid, 0)
+        self._annotate(reports, f"throttled ({seen.describe()}) on attempt {attempts}, not run "
+                                f"again: {reason}")  # fmt: skip
+        for report in reports:
+            item.ihook.pytest_runtest_logreport(report=report)
+        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+
+    # --- a throttle -----------------------------------------------------------------------
+
+    def _handle(self, nodeid: str, seen: Throttle, attempt: int) -> tuple[bool, str]:
+        """Pause (and adapt) for a throttle of ``nodeid``'s attempt; whether to retry it,
+        and what to say if not."""
+        wait, source = (seen.wait, seen.wait_source) if seen.wait is not None else (None, "")
+        if wait is None:
+            wait, source = backoff(attempt), "backoff"
+        reason = self._too_long(wait, source)
+        if reason:
+            self.scheduler.ledger.stop(reason)
+            self._record(nodeid, seen, wait, source, None, retried=False)
+            return False, f"throttled ({seen.describe()}); {reason}"
+        paused = self.pause(wait)
+        retry = attempt <= self.policy.retries
+        self._record(nodeid, seen, wait, source, paused, retried=retry)
+        if retry:
+            return True, ""
+        retries = self.policy.retries
+        times = "once" if retries == 1 else f"{retries} times"
+        what = f"retried {times}" if retries else "not retried (throttle_retries = 0)"
+        return False, f"still throttled ({seen.describe()}) after running {attempt} times; {what}"
+
+    def _too_long(self, wait: float, source: str) -> str:
+        limit = self.policy.max_wait
+        asked = f"the server asked to wait {format_duration(round(wait, 3))} ({source})"
+        if wait > limit:
+            return f"{asked}, more than throttle_max_wait ({format_duration(limit)})"
+        deadline = self.scheduler.deadline_ns
+        if deadline is not None and time.monotonic_ns() + int(wait * NANOS_PER_SECOND) > deadline:
+            return f"{asked}, past the total timeout"
+        return ""
+
+    def pause(self, wait: float, adapt: bool | None = None) -> tuple[int, int, int, int]:
+        """Pause everyone sharing the bucket for ``wait`` seconds; with ``adapt`` (default:
+        the policy's) lower the rate. Returns the store's clock, the intervals before and
+        after, and the pause's end."""
+        learn = self.policy.adapt if adapt is None else adapt
+        return self.limiter.throttle(wait, learn)
+
+    def _record(
+        self,
+        nodeid: str,
+        seen: Throttle,
+        wait: float,
+        source: str,
+        paused: tuple[int, int, int, int] | None,
+        retried: bool,
+    ) -> None:
+        event: dict[str, Any] = {
+            "event": "throttle",
+            "test": nodeid,
+            "status": seen.status,
+            "recognised": seen.source,
+            "wait": wait,
+            "wait_source": source,
+            "retried": retried,
+        }
+        if paused is not None:
+            at, before, after, until = paused
+            event.update(rate_before=_per_minute(before), rate_after=_per_minute(after))
+            self._timed(event, at, until)
+        self.events.append(event)
+
+    def _timed(self, event: dict[str, Any], at: int, until: int) -> dict[str, Any]:
+        """When, on the store's clock, and (for a store on this machine's clock) as times
+        since the session started, like the tests' ``start_ns``."""
+        event.update(store_ns=at, paused_until_store_ns=until)
+        if self.limiter.store.local_clock:
+            event.update(at_ns=at - self.start_ns, paused_until_ns=until - self.start_ns)
+        return event
+
+    def observe(self, nodeid: str, response: Any) -> None:
+        """A response the test saw: a throttle pauses (and adapts) as above; a published
+        budget at 0 pauses until its reset, so the server never has to refuse."""
+        status, headers = response_status(response)
+        if status == 429 or (status == 503 and headers is not None):
+            error = _ObservedResponse(response)
+            seen = find_throttle(error)
+            if seen is not None:
+                wait = seen.wait if seen.wait is not None else backoff(1)
+                source = seen.wait_source or "backoff"
+                reason = self._too_long(wait, source)
+                if reason:
+                    self.scheduler.ledger.stop(reason)
+                    return
+                paused = self.pause(wait)
+                self._record(nodeid, seen, wait, source, paused, retried=False)
+                return
+        budget = remaining(headers, time.time())
+        if budget is None or budget.remaining > 0 or not budget.reset:
+            return
+        if self._too_long(budget.reset, budget.source):
+            return  # a budget reset far away: the next request will tell (a 429 with a wait)
+        at, _, _, until = self.pause(budget.reset, adapt=False)
+        event = {"event": "budget", "test": nodeid, "source": budget.source, "wait": budget.reset}
+        self.events.append(self._timed(event, at, until))
+
+    @staticmethod
+    def _annotate(reports: list[pytest.TestReport], note: str) -> None:
+        for report in reports:
+            if not report.failed:
+                continue
+            report.sections.append(("ratebatch", note))
+            crash = getattr(report.longrepr, "reprcrash", None)
+            if crash is not None and hasattr(crash, "message"):
+                crash.message = f"ratebatch: {note}: {crash.message}"
+
+
+class _ObservedResponse(Exception):
+    """A response handed to ``observe``, in the shape ``find_throttle`` reads."""
+
+    def __init__(self, response: Any) -> None:
+        super().__init__("observed response")
+        self.response = response
+
+
+def _per_minute(interval_ns: int) -> float | None:
+    """A rate from an interval; ``None`` for no rate (0)."""
+    return None if interval_ns <= 0 else 60 * NANOS_PER_SECOND / interval_ns
+
+
+def _forget_failed_fixtures(item: pytest.Item) -> None:
+    """Let a retry set up again the fixtures whose set-up raised (pytest caches a fixture's
+    exception for its scope, so a module-scoped fixture throttled once would fail every
+    retry without calling the server again)."""
+    info = getattr(item, "_fixtureinfo", None)
+    for definitions in getattr(info, "name2fixturedefs", {}).values():
+        for definition in definitions:
+            cached = getattr(definition, "cached_result", None)
+            if cached is not None and cached[2] is not None:
+                definition.cached_result = None
