@@ -6,13 +6,15 @@ policy imports nothing more.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, NoReturn, Protocol
 
 __all__ = ["RateBatch", "TokenSource"]
 
 
 class TokenSource(Protocol):
     def acquire(self, nodeid: str, cost: int) -> None: ...
+
+    def observe(self, nodeid: str, response: Any) -> None: ...
 
 
 class RateBatch:
@@ -38,3 +40,26 @@ class RateBatch:
             raise ValueError(f"cost must be a whole number >= 0, not {cost!r}")
         if self._pacer is not None and cost:
             self._pacer.acquire(self._nodeid, cost)
+
+    def observe(self, response: Any) -> Any:
+        """Read a response's status and rate-limit headers (requests, httpx, urllib,
+        aiohttp, or a botocore response dict), and return it.
+
+        A 429 (or 503 with Retry-After) pauses everyone sharing the bucket for the server's
+        wait and lowers the rate, as a throttled test does; a published budget at zero
+        (``RateLimit`` / ``RateLimit-Remaining`` / ``X-RateLimit-Remaining``) pauses until
+        its reset, so the next request is not refused. Handy in a client hook::
+
+            session.hooks["response"].append(lambda r, *a, **k: ratebatch.observe(r))
+        """
+        if self._pacer is not None:
+            self._pacer.observe(self._nodeid, response)
+        return response
+
+    def throttled(self, retry_after: float | None = None) -> NoReturn:
+        """Say the server throttled this test, for code that detects it itself: raises an
+        exception that makes the test a throttled one (paused for ``retry_after`` seconds,
+        or a backoff, and run again)."""
+        from .throttle.detect import Throttled
+
+        raise Throttled(retry_after)

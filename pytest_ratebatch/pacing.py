@@ -176,6 +176,7 @@ class Pacer:
             if ticket.cancelled:
                 throttles.give_up(item, f"the session stopped ({ticket.cancelled})")
                 break
+            throttles.held = None  # this attempt's reports are dropped: it runs again
             attempt_failed = session.testsfailed
             self._retrying = True
             try:
@@ -220,6 +221,11 @@ class Pacer:
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
         assert self.reporter is not None
         self.reporter.acquired(nodeid, acquisition)
+
+    def observe(self, nodeid: str, response: object) -> None:
+        """A response a running test saw (the ``ratebatch`` fixture's ``observe``)."""
+        if self.throttles is not None:
+            self.throttles.observe(nodeid, response)
 
 
 class WorkerPacer(Pacer):

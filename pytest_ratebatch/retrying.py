@@ -71,8 +71,10 @@ class Throttles:
         limiter: RateLimiter,
         start_ns: int,
         extra: tuple[type[BaseException], ...],
+        adapt: bool,
     ) -> None:
         self.policy = policy
+        self.adapt = adapt  # the policy's wish, and a rate (or auto) to adapt
         self.scheduler = scheduler
         self.limiter = limiter
         self.start_ns = start_ns
@@ -208,9 +210,9 @@ class Throttles:
 
     def pause(self, wait: float, adapt: bool | None = None) -> tuple[int, int, int, int]:
         """Pause everyone sharing the bucket for ``wait`` seconds; with ``adapt`` (default:
-        the policy's) lower the rate. Returns the store's clock, the intervals before and
-        after, and the pause's end."""
-        learn = self.policy.adapt if adapt is None else adapt
+        the policy's, if it has a rate) lower the rate. Returns the store's clock, the
+        intervals before and after, and the pause's end."""
+        learn = self.adapt if adapt is None else adapt
         return self.limiter.throttle(wait, learn)
 
     def _record(

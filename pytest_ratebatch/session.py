@@ -127,7 +127,10 @@ def configure(
     """Validate the options and register what this process needs."""
     settings = load_settings(config, raw)
     policy = settings.policy
-    if not policy.is_active and settings.report_path is None:
+    throttling_set = any(name.startswith("throttle_") for name in raw) or (
+        THROTTLE_EXCEPTIONS_OPTION in raw
+    )
+    if not (policy.is_active or throttling_set or settings.report_path is not None):
         return
     if hasattr(config, "workerinput"):
         from .distributed import worker_session
@@ -174,7 +177,9 @@ def _register_pacer(
     limiter = pacer.scheduler.limiter
     assert limiter is not None  # every active session has a bucket, if only for pauses
     start_ns = pacer.start_ns
-    throttles = Throttles(config, throttling, pacer.scheduler, limiter, start_ns, extra)
+    # Without a rate (nor auto) a throttle pauses everyone, but there is no rate to adapt.
+    adapt = throttling.adapt and settings.policy.rate_limit is not None
+    throttles = Throttles(config, throttling, pacer.scheduler, limiter, start_ns, extra, adapt)
     pacer.throttles = throttles
     config.pluginmanager.register(throttles, "ratebatch-throttles")
 
