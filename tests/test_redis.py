@@ -58,6 +58,29 @@ def test_store_follows_gcra_on_the_server_clock(
     store.close()
 
 
+def test_a_throttle_pauses_and_adapts_every_sharer(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    ours = RedisBucketStore(redis_server.url, unique_key(request))
+    theirs = RedisBucketStore(redis_server.url, unique_key(request))  # another session
+    interval = RateLimit(600, 1).interval_ns  # 0.1 s per token
+    for _ in range(3):
+        ours.take(1, interval, 1, None, True)
+    at, before, after, until = ours.throttle(SECOND // 2, interval, 1, True)
+    assert (before, after) == (interval, 2 * interval)  # the first throttle halves the rate
+    assert until - at == SECOND // 2
+    status, now, wait = theirs.take(1, interval, 1, None, True)
+    assert status == gcra.RESERVED
+    assert until - now - 10_000_000 <= wait <= until - now  # not before the pause ends
+    # The adapted interval is shared: the next slot is two intervals later, not one.
+    status, now2, wait2 = theirs.take(1, interval, 1, None, True)
+    assert now2 + wait2 - (now + wait) == 2 * interval
+    # A second throttle with nothing accepted since the first teaches nothing new.
+    assert ours.throttle(SECOND // 2, interval, 1, True)[2] == 2 * interval
+    ours.close()
+    theirs.close()
+
+
 def test_the_key_expires_once_idle(
     redis_server: RedisServer, request: pytest.FixtureRequest
 ) -> None:
