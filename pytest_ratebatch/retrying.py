@@ -129,8 +129,10 @@ class Throttles:
     def _run_phases(
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> list[pytest.TestReport]:
-        """pytest's ``runtestprotocol``, but each phase's report is logged at once only
-        until a phase is throttled: that one and the rest are returned, held back."""
+        """pytest's ``runtestprotocol`` (8.0 to 9.x), but each phase's report is logged at once
+        only until a phase is throttled: that one and the rest are returned, held back.
+        (Logging as it goes keeps a test's start on its set-up report, which reaches the
+        xdist controller even if the worker dies in the test.)"""
         held: list[pytest.TestReport] = []
 
         def run(when: str, **kwargs: Any) -> pytest.TestReport:
@@ -141,19 +143,23 @@ class Throttles:
                 item.ihook.pytest_runtest_logreport(report=report)
             return report
 
-        if hasattr(item, "_request") and not item._request:
+        hasrequest = hasattr(item, "_request")
+        if hasrequest and not item._request:  # type: ignore[attr-defined]
             item._initrequest()  # type: ignore[attr-defined]  # run again, as rerunfailures does
-        if run("setup").passed:
-            if item.config.getoption("setupshow", False):
-                show_test_item(item)
-            if not item.config.getoption("setuponly", False):
-                run("call")
-        if item.session.shouldfail or item.session.shouldstop:
-            nextitem = None  # tear everything down (pytest #11706)
-        run("teardown", nextitem=nextitem)
-        if hasattr(item, "_request"):
-            item._request = False
-            item.funcargs = None  # type: ignore[attr-defined]
+        try:
+            if run("setup").passed:
+                setup_only = item.config.getoption("setuponly", False)
+                if item.config.getoption("setupshow", False):
+                    _show_test_item(item, add_space=not setup_only)
+                if not setup_only:
+                    run("call")
+            if item.session.shouldfail or item.session.shouldstop:
+                nextitem = None  # tear everything down (pytest #11706)
+            run("teardown", nextitem=nextitem)
+        finally:
+            if hasrequest:
+                item._request = False  # type: ignore[attr-defined]
+                item.funcargs = None  # type: ignore[attr-defined]
         return held
 
     def pytest_exception_interact(self, node: pytest.Item, call: pytest.CallInfo[Any]) -> None:
@@ -295,6 +301,14 @@ class _ObservedResponse(Exception):
 def _per_minute(interval_ns: int) -> float | None:
     """A rate from an interval; ``None`` for no rate (0)."""
     return None if interval_ns <= 0 else 60 * NANOS_PER_SECOND / interval_ns
+
+
+def _show_test_item(item: pytest.Item, add_space: bool) -> None:
+    """``--setup-show``'s line, in the form of whichever pytest runs."""
+    try:
+        show_test_item(item, add_space=add_space)  # type: ignore[call-arg,unused-ignore]
+    except TypeError:  # pytest before 9.1
+        show_test_item(item)  # type: ignore[call-arg,unused-ignore]
 
 
 def _forget_failed_fixtures(item: pytest.Item) -> None:

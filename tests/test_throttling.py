@@ -289,3 +289,24 @@ def test_auto_learns_a_rate_in_one_process(pytester: pytest.Pytester, api: Any) 
     summary = load_report(pytester.path / "r.json")["throttling"]
     assert summary["rate_before"] is None
     assert 0 < summary["rate_after"] <= 5 * 60 * 1.5
+
+
+def test_setup_show_and_setup_only_still_work(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.fixture
+        def client():
+            return object()
+
+        def test_uses(client):
+            raise AssertionError("ran")
+        """
+    )
+    result = pytester.runpytest("--setup-show", "--setup-only", "--max-failures=3")
+    result.stdout.fnmatch_lines(["*SETUP    F client*", "*test_uses (fixtures used: client)*"])
+    result.stdout.no_fnmatch_line("*AssertionError: ran*")
+    result = pytester.runpytest("--setup-show", "--max-failures=3")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*SETUP    F client*", "*TEARDOWN F client*"])
