@@ -12,11 +12,36 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
+# Spelled out (and checked against ``api.__all__`` by the tests) so that other names, such as
+# a submodule's in ``from . import gcra``, never import the API midway through its own import.
+__all__ = [
+    "MONOTONIC",
+    "Admission",
+    "BucketStore",
+    "Clock",
+    "ExecutionPolicy",
+    "FileBucketStore",
+    "FileLedger",
+    "Ledger",
+    "MemoryBucketStore",
+    "MemoryLedger",
+    "MonotonicClock",
+    "PolicyError",
+    "RateLimit",
+    "RateLimiter",
+    "RedisBucketStore",
+    "StoreError",
+    "TaskScheduler",
+    "Ticket",
+    "format_duration",
+    "parse_duration",
+    "worst_excess",
+]
+
 
 def __getattr__(name: str) -> object:
-    api = import_module(f"{__name__}.api")
-    if name != "__all__" and name not in api.__all__:
+    if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(api, name)
+    value = getattr(import_module(f"{__name__}.api"), name)
     globals()[name] = value
     return value

@@ -67,6 +67,21 @@ def test_inert_without_a_policy(pytester: pytest.Pytester) -> None:
     assert not [line for line in result.stdout.lines if line.startswith("ratebatch")]
 
 
+def test_the_package_lists_the_public_api_without_importing_it() -> None:
+    import pytest_ratebatch
+    from pytest_ratebatch import api
+
+    assert pytest_ratebatch.__all__ == api.__all__
+    assert all(getattr(pytest_ratebatch, name) is getattr(api, name) for name in api.__all__)
+
+
+@pytest.mark.parametrize("module", ["shared", "stores", "redis_store", "limiter"])
+def test_any_module_imports_first(module: str) -> None:
+    # A submodule's ``from . import gcra`` must not reach the lazy API midway.
+    code = f"import pytest_ratebatch.{module}"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_header_shows_the_effective_policy(pytester: pytest.Pytester) -> None:
     write_tests(pytester, 1)
     result = pytester.runpytest("--rate-per-minute=600", "--batch-size=2", "--max-failures=3")
