@@ -24,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "ADMITTED",
+    "OVERTAKEN",
     "REFUSED",
     "RESERVED",
     "WAIT",
@@ -39,6 +40,7 @@ ADMITTED = 0  # tokens taken: the request may start now
 RESERVED = 1  # slot reserved: sleep ``wait_ns``, then commit (unless reserve-only)
 WAIT = 2  # commit not possible yet: sleep ``wait_ns`` and commit again
 REFUSED = 3  # the slot is later than the caller accepts; nothing changed
+OVERTAKEN = 4  # commit not possible: a later waiter took this slot; reserve a new one
 
 #: ``(status, now_ns, wait_ns)``: the store's clock reading is the admission time if admitted.
 Outcome = tuple[int, int, int]
@@ -71,11 +73,23 @@ def take(
 
 
 def commit(
-    reserved: int, admitted: int, now: int, cost: int, interval: int, burst: int
+    reserved: int,
+    admitted: int,
+    now: int,
+    cost: int,
+    interval: int,
+    burst: int,
+    slot: int | None = None,
 ) -> tuple[int, int, int, int]:
-    """Admit ``cost`` reserved tokens if the admissions so far leave room at ``now``."""
+    """Admit ``cost`` reserved tokens if the admissions so far leave room at ``now``.
+
+    Given the waiter's ``slot``, a refusal says ``OVERTAKEN`` rather than ``WAIT`` when the
+    waiter was overtaken, judged with ``interval``, the one in force (after adaptation).
+    """
     wait = admitted + (cost - burst) * interval - now
     if wait > 0:
+        if slot is not None and overtaken(slot, now, interval):
+            return reserved, admitted, OVERTAKEN, wait
         return reserved, admitted, WAIT, wait
     return reserved, max(admitted, now) + cost * interval, ADMITTED, 0
 

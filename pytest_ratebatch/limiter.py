@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .clock import MONOTONIC, Clock
-from .gcra import ADMITTED, REFUSED, overtaken
+from .gcra import ADMITTED, OVERTAKEN, REFUSED
 from .policy import NANOS_PER_SECOND, RateLimit
 from .stores import BucketStore, MemoryBucketStore
 from .values import Value
@@ -111,11 +111,11 @@ class RateLimiter:
         if reserve_only:
             return Admission(tokens, slot, self._clock.now_ns() - started)
         while True:
-            status, now, wait = self.store.commit(tokens, self._interval, self._burst)
+            status, now, wait = self.store.commit(tokens, self._interval, self._burst, slot)
             if status == ADMITTED:
                 return Admission(tokens, now, self._clock.now_ns() - started)
             left = None if max_wait is None else max(0, max_wait - (self._clock.now_ns() - started))
-            if overtaken(slot, now, self._interval):
+            if status == OVERTAKEN:
                 # Woken too late: a later waiter took this admission. Queue again.
                 status, now, wait = self.store.take(tokens, self._interval, self._burst, left, True)
                 if status == ADMITTED:

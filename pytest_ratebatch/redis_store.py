@@ -89,12 +89,16 @@ return {status, now, wait}
 """
 )
 
-# gcra.commit
+# gcra.commit: ARGV[4] = the waiter's slot (-1: none), for gcra.overtaken.
 COMMIT_SCRIPT = (
     _READ
     + """
 local wait = admitted + (cost - burst) * interval - now
-if wait > 0 then return {2, now, wait} end
+if wait > 0 then
+  local slot = tonumber(ARGV[4])
+  if slot >= 0 and now - slot >= interval then return {4, now, wait} end
+  return {2, now, wait}
+end
 admitted = math.max(admitted, now) + cost * interval
 st[4] = st[4] + cost
 save()
@@ -185,8 +189,11 @@ class RedisBucketStore:
         )
         return int(status), int(now) * 1000, int(wait) * 1000
 
-    def commit(self, cost: int, interval_ns: int, burst: int) -> Outcome:
-        status, now, wait = self._call(self._commit, cost, _micros(interval_ns), burst, -1, 0)
+    def commit(
+        self, cost: int, interval_ns: int, burst: int, slot_ns: int | None = None
+    ) -> Outcome:
+        slot = -1 if slot_ns is None else slot_ns // 1000
+        status, now, wait = self._call(self._commit, cost, _micros(interval_ns), burst, slot, 0)
         return int(status), int(now) * 1000, int(wait) * 1000
 
     def level(self, interval_ns: int, burst: int) -> float:

@@ -96,14 +96,16 @@ class FileBucketStore:
                 self._file.write(*state.values())
         return status, now, wait
 
-    def commit(self, cost: int, interval_ns: int, burst: int) -> Outcome:
+    def commit(
+        self, cost: int, interval_ns: int, burst: int, slot_ns: int | None = None
+    ) -> Outcome:
         with self._file as stored:
             state = BucketState(*stored) if stored else BucketState()
             now = self._now()
             if state.interval != UNSET:
                 interval_ns = current_interval(state, now, interval_ns)
             state.reserved, state.admitted, status, wait = gcra.commit(
-                state.reserved, state.admitted, now, cost, interval_ns, burst
+                state.reserved, state.admitted, now, cost, interval_ns, burst, slot_ns
             )
             if status == gcra.ADMITTED:
                 state.count += cost

@@ -35,7 +35,13 @@ class BucketStore(Protocol):
         self, cost: int, interval_ns: int, burst: int, max_wait_ns: int | None, admit: bool
     ) -> Outcome: ...
 
-    def commit(self, cost: int, interval_ns: int, burst: int) -> Outcome: ...
+    def commit(
+        self, cost: int, interval_ns: int, burst: int, slot_ns: int | None = None
+    ) -> Outcome:
+        """Admit reserved tokens. Given the waiter's ``slot_ns`` (its admission time as
+        reserved), a refusal is ``OVERTAKEN`` if a later waiter took that admission (judged
+        with the interval in force, which only the store knows once it has adapted)."""
+        ...
 
     def level(self, interval_ns: int, burst: int) -> float: ...
 
@@ -77,14 +83,16 @@ class MemoryBucketStore:
                 state.count += cost
         return status, now, wait
 
-    def commit(self, cost: int, interval_ns: int, burst: int) -> Outcome:
+    def commit(
+        self, cost: int, interval_ns: int, burst: int, slot_ns: int | None = None
+    ) -> Outcome:
         with self._lock:
             now = self._now()
             state = self._state
             if state.interval != UNSET:
                 interval_ns = current_interval(state, now, interval_ns)
             state.reserved, state.admitted, status, wait = gcra.commit(
-                state.reserved, state.admitted, now, cost, interval_ns, burst
+                state.reserved, state.admitted, now, cost, interval_ns, burst, slot_ns
             )
             if status == ADMITTED:
                 state.count += cost

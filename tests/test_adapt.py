@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -116,6 +118,59 @@ def test_stores_keep_the_adapted_rate_for_everyone(store: BucketStore, clock: Fa
     theirs.acquire()
     theirs.acquire()
     assert clock.now - start >= 500_000_000 + 20_000_000
+
+
+def test_a_waiter_is_judged_overtaken_by_the_adapted_interval(
+    store: BucketStore, clock: FakeClock
+) -> None:
+    # "auto": no interval configured (0); after a throttle, 250 ms is in force. A waiter
+    # refused a few milliseconds past its slot (a second throttle moved the pause) keeps
+    # its place; one refused a whole adapted interval late was overtaken.
+    for _ in range(5):
+        store.take(1, 0, 1, None, True)
+    store.throttle(SECOND, 0, 1, True)
+    status, now, wait = store.take(1, 0, 1, None, True)
+    assert status == gcra.RESERVED
+    slot = now + wait
+    clock.advance(0.001)
+    store.throttle(SECOND, 0, 1, True)  # in flight at the same moment: the pause grows 1 ms
+    clock.now = slot
+    assert store.commit(1, 0, 1, slot)[0] == gcra.WAIT
+    clock.now = slot + 250_000_000
+    store.take(1, 0, 1, None, True)  # someone else, admitted meanwhile
+    assert store.commit(1, 0, 1, slot)[0] == gcra.OVERTAKEN
+    assert store.commit(1, 0, 1)[0] == gcra.WAIT  # without a slot: no judgement
+
+
+class ClockWithInterlude(FakeClock):
+    """A fake clock that runs ``interlude`` when its first sleep begins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interlude: list[Callable[[], object]] = []
+
+    def sleep(self, seconds: float) -> None:
+        while self.interlude:
+            self.interlude.pop(0)()
+        super().sleep(seconds)
+
+
+def test_a_waiter_keeps_its_slot_when_the_pause_grows() -> None:
+    clock = ClockWithInterlude()
+    store = MemoryBucketStore(clock)
+    limiter = RateLimiter(RateLimit(math.inf, 1), store, clock)  # auto
+    for _ in range(5):
+        limiter.acquire()
+    _, _, adapted, until = limiter.throttle(1.0, adapt=True)  # 4 accepted in 1 s
+    assert adapted == 250_000_000
+    # While the waiter sleeps toward its slot (the pause's end), a test refused in the same
+    # moment asks for 2 ms more, and another waiter queues behind.
+    clock.interlude.append(lambda: limiter.throttle(1.002, adapt=True))
+    clock.interlude.append(lambda: store.take(1, 0, 1, None, True))
+    admission = limiter.admit()
+    assert admission is not None
+    # Admitted 2 ms late, still first: not sent to the back of the line (until + 500 ms).
+    assert admission.at_ns == until + 2_000_000
 
 
 class TokenBucketServer:

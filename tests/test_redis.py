@@ -48,6 +48,10 @@ def test_store_follows_gcra_on_the_server_clock(
     assert third[0] == gcra.RESERVED
     assert SECOND - 50_000_000 < third[2] <= SECOND  # about a second, minus the elapsed time
     assert store.commit(1, interval, 2)[0] == gcra.WAIT  # not before its slot
+    slot = third[1] + third[2]
+    assert store.commit(1, interval, 2, slot)[0] == gcra.WAIT
+    # A waiter whose slot passed a whole interval ago was overtaken.
+    assert store.commit(1, interval, 2, third[1] - interval)[0] == gcra.OVERTAKEN
     refused = store.take(1, interval, 2, 0, True)
     assert refused[0] == gcra.REFUSED
     assert 0 <= store.level(interval, 2) < 1
