@@ -31,7 +31,7 @@ from .throttle.headers import remaining
 __all__ = ["BACKOFF_CAP", "BACKOFF_FIRST", "Throttles", "load_exception_types"]
 
 #: Without a header, the first pause, doubled for each further attempt of the test.
-BACKOFF_FIRST = 1.0
+BACKOFF_FIRST = 0.5
 #: ... up to this, in seconds.
 BACKOFF_CAP = 60.0
 
@@ -54,7 +54,7 @@ def load_exception_types(names: tuple[str, ...]) -> tuple[type[BaseException], .
 
 
 def backoff(attempt: int) -> float:
-    """Seconds to pause without a header: 1 s, 2 s, 4 s, ... up to a minute, +-10% jitter."""
+    """Seconds to pause without a header: 0.5 s, 1 s, 2 s, ... up to a minute, +-10% jitter."""
     base: float = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** max(0, attempt - 1))
     return base * random.uniform(0.9, 1.1)
 
