@@ -331,6 +331,10 @@ def _rate_text(per_minute: float | None) -> str:
     return "no rate" if per_minute is None else f"{per_minute:.4g}/min"
 
 
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
+
+
 def describe_throttling(summary: dict[str, Any]) -> list[str]:
     """The summary lines about throttling; none if the server never pushed back."""
     if not summary["throttles"] and not summary["budget_pauses"]:
@@ -352,8 +356,9 @@ def describe_throttling(summary: dict[str, Any]) -> list[str]:
     if retried:
         failed = summary["retried_failed"]
         lines.append(
-            f"retried: {retried} test{'s' if retried != 1 else ''} "
-            f"({summary['retries']} retries): {retried - failed} then passed, {failed} failed"
+            f"retried: {_count(retried, 'test', 'tests')} "
+            f"({_count(summary['retries'], 'retry', 'retries')}): "
+            f"{retried - failed} then passed, {failed} failed"
         )
     return lines
 

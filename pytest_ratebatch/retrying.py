@@ -86,21 +86,18 @@ class Throttles:
         self._seen: Throttle | None = None  # a throttle seen in the running attempt
         self._running: pytest.Item | None = None
         self._attempts: dict[str, int] = {}  # throttled attempts so far, per test
-        self._defer_reruns = bool(config.getoption("reruns", None)) and (
-            config.pluginmanager.has_plugin("rerunfailures")
-        )
+        self._rerunfailures = config.pluginmanager.has_plugin("rerunfailures")
+        self._defer_reruns = self._rerunfailures and bool(config.getoption("reruns", None))
 
     # --- the protocol ---------------------------------------------------------------------
 
     def _rerunfailures_runs(self, item: pytest.Item) -> bool:
-        if not item.config.pluginmanager.has_plugin("rerunfailures"):
-            return False
         return self._defer_reruns or item.get_closest_marker("flaky") is not None
 
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-        if self._rerunfailures_runs(item):
+        if self._rerunfailures and self._rerunfailures_runs(item):
             return None
-        ihook = item.ihook
+        ihook = item.ihook  # once: each lookup costs a path hash and a set difference
         nodeid = item.nodeid
         attempt = self._attempts.get(nodeid, 0)
         if not attempt:
@@ -108,7 +105,7 @@ class Throttles:
         self._running = item
         self._seen = None
         try:
-            held = self._run_phases(item, nextitem)
+            held = self._run_phases(item, nextitem, ihook)
         finally:
             self._running = None
         seen = self._seen
@@ -120,14 +117,15 @@ class Throttles:
                 _forget_failed_fixtures(item)
                 return True
             self._annotate(held, note)
-        self._attempts.pop(nodeid, None)
+        if attempt:
+            del self._attempts[nodeid]
         for report in held:
             ihook.pytest_runtest_logreport(report=report)
         ihook.pytest_runtest_logfinish(nodeid=nodeid, location=item.location)
         return True
 
     def _run_phases(
-        self, item: pytest.Item, nextitem: pytest.Item | None
+        self, item: pytest.Item, nextitem: pytest.Item | None, ihook: Any
     ) -> list[pytest.TestReport]:
         """pytest's ``runtestprotocol`` (8.0 to 9.x), but each phase's report is logged at once
         only until a phase is throttled: that one and the rest are returned, held back.
@@ -140,7 +138,7 @@ class Throttles:
             if held or self._seen is not None:
                 held.append(report)
             else:
-                item.ihook.pytest_runtest_logreport(report=report)
+                ihook.pytest_runtest_logreport(report=report)
             return report
 
         hasrequest = hasattr(item, "_request")

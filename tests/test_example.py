@@ -23,8 +23,10 @@ API_STATS = re.compile(r"^rate-limited API: (\d+) requests, (\d+) rejected with 
 PASSED = re.compile(r"\b(\d+) passed\b")
 
 
-def run_suite(*args: str) -> tuple[int, str]:
-    """Run the example suite in a subprocess; its exit code and its combined output."""
+def run_suite(*args: str, server_limit: str | None = None) -> tuple[int, str]:
+    """Run the example suite in a subprocess; its exit code and its combined output.
+
+    ``server_limit`` replaces the server's limit (``RATE_LIMITED_API_LIMIT``)."""
     # A server URL or limit from outside would change what this run measures, and
     # PYTEST_ADDOPTS or PYTEST_DISABLE_PLUGIN_AUTOLOAD what it runs: pass none of them on.
     env = {
@@ -33,6 +35,8 @@ def run_suite(*args: str) -> tuple[int, str]:
         if not name.startswith(("RATE_LIMITED_API_", "PYTEST_"))
     }
     assert "RATE_LIMITED_API_URL" not in env
+    if server_limit is not None:
+        env["RATE_LIMITED_API_LIMIT"] = server_limit
     completed = subprocess.run(
         [sys.executable, "-m", "pytest", SUITE, "--color=no", *args],
         cwd=REPO_ROOT,
@@ -81,3 +85,29 @@ def test_suite_passes_on_four_workers_sharing_the_rate() -> None:
     assert "store: file (shared by this session's workers)" in output, output
     requests, rejected = api_stats(output)
     assert (requests, rejected) == (25, 0), output
+
+
+def assert_throttles_absorbed(code: int, output: str) -> None:
+    """Every test passed although the server refused some calls: each was retried."""
+    assert code == pytest.ExitCode.OK, output
+    requests, rejected = api_stats(output)
+    assert rejected >= 1, output
+    passed = PASSED.search(output)
+    assert passed is not None, output
+    # Each refused call was a test's attempt that ran again and then passed.
+    assert requests == int(passed.group(1)) + rejected, output
+    assert f"throttled: {rejected} (HTTP 429 x{rejected})" in output, output
+    assert "then passed, 0 failed" in output, output
+
+
+def test_suite_passes_when_the_server_allows_less_than_the_policy() -> None:
+    # 5 calls in any 3 s: a whole batch fits, but not one every 2.5 s (the policy's rate).
+    code, output = run_suite(server_limit="5 per 3 seconds")
+    assert_throttles_absorbed(code, output)
+    assert "rate: 120/min before the first throttle" in output, output
+
+
+def test_suite_learns_an_unknown_limit_on_two_workers() -> None:
+    code, output = run_suite("-o", "rate_per_minute=auto", "-n", "2")
+    assert "ratebatch: rate auto, burst 5, batch size 5" in output, output
+    assert_throttles_absorbed(code, output)

@@ -71,7 +71,7 @@ def test_a_throttled_test_waits_for_the_server_and_passes(
     result.stdout.fnmatch_lines(
         [
             "throttled: 1 (HTTP 429 x1), paused 1s in all",
-            "retried: 1 test (1 retries): 1 then passed, 0 failed",
+            "retried: 1 test (1 retry): 1 then passed, 0 failed",
         ]
     )
     refused, accepted = server.refused(), server.accepted()

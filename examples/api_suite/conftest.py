@@ -58,10 +58,11 @@ class ApiClient:
             status, raw, retry_after = error.code, error.read(), error.headers.get("Retry-After")
             error.close()
             if status == HTTPStatus.TOO_MANY_REQUESTS:
+                # Chained: pytest-ratebatch finds the 429 and its Retry-After in the cause.
                 raise RateLimitExceeded(
                     "429 Too Many Requests from the API: the suite exceeded the rate limit "
                     f"({method} {path}, Retry-After: {retry_after}, body: {raw.decode()!r})"
-                ) from None
+                ) from error
         return status, json.loads(raw) if raw else None
 
 
