@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from _pytest.runner import call_and_report, show_test_item
@@ -25,8 +25,9 @@ from _pytest.runner import call_and_report, show_test_item
 from .limiter import RateLimiter
 from .policy import NANOS_PER_SECOND, ThrottlePolicy, format_duration
 from .scheduler import TaskScheduler
-from .throttle.detect import Throttle, find_throttle, response_status
-from .throttle.headers import remaining
+
+if TYPE_CHECKING:
+    from .throttle.detect import Throttle
 
 __all__ = ["BACKOFF_CAP", "BACKOFF_FIRST", "Throttles", "load_exception_types"]
 
@@ -164,6 +165,9 @@ class Throttles:
         # Called for each failed phase (set-up, call, teardown), before anything is logged.
         if node is not self._running or self._seen is not None or call.excinfo is None:
             return
+        # Imported on the first failure: a session that never fails need not load it.
+        from .throttle.detect import find_throttle
+
         self._seen = find_throttle(call.excinfo.value, self.extra)
 
     def give_up(self, item: pytest.Item, reason: str) -> None:
@@ -254,6 +258,9 @@ class Throttles:
     def observe(self, nodeid: str, response: Any) -> None:
         """A response the test saw: a throttle pauses (and adapts) as above; a published
         budget at 0 pauses until its reset, so the server never has to refuse."""
+        from .throttle.detect import find_throttle, response_status
+        from .throttle.headers import remaining
+
         status, headers = response_status(response)
         if status == 429 or (status == 503 and headers is not None):
             error = _ObservedResponse(response)

@@ -61,7 +61,8 @@ def test_inert_without_a_policy(pytester: pytest.Pytester) -> None:
     output = result.stdout.str()
     assert "parts: False False" in output
     imported = (
-        "modules: ['pytest_ratebatch', 'pytest_ratebatch.options', 'pytest_ratebatch.plugin']"
+        "modules: ['pytest_ratebatch', 'pytest_ratebatch.hooks', 'pytest_ratebatch.options', "
+        "'pytest_ratebatch.plugin']"
     )
     assert imported in output
     assert not [line for line in result.stdout.lines if line.startswith("ratebatch")]
@@ -75,7 +76,7 @@ def test_the_package_lists_the_public_api_without_importing_it() -> None:
     assert all(getattr(pytest_ratebatch, name) is getattr(api, name) for name in api.__all__)
 
 
-@pytest.mark.parametrize("module", ["shared", "stores", "redis_store", "limiter"])
+@pytest.mark.parametrize("module", ["shared", "stores", "redis_store", "limiter", "hooks"])
 def test_any_module_imports_first(module: str) -> None:
     # A submodule's ``from . import gcra`` must not reach the lazy API midway.
     code = f"import pytest_ratebatch.{module}"
