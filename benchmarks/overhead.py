@@ -53,6 +53,8 @@ import venv
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tables import print_table
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 POLICY = ["--rate-per-minute", "100000000", "--burst", "100000"]
@@ -271,10 +273,7 @@ def report(args: argparse.Namespace, counts: Counts) -> None:
                     f"{statistics.median(extras) / size:,.0f}",
                 )
             )
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for row in rows:
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    print_table(header, rows, right=True)
     print()
     print("instructions: median over the seeds; ratio: median of the per-seed ratios to the")
     print("baseline of the same process layout; extra/test: median extra instructions / N.")

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from tables import print_table
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SPAN_TOLERANCE = 0.01  # the span target: within 1% of the ideal
 
@@ -166,12 +168,9 @@ def row(label: str, run: Run) -> list[str]:
     ]
 
 
-def print_table(rows: list[list[str]]) -> None:
+def print_runs(rows: list[list[str]]) -> None:
     header = ["run", "started", "ideal s", "span s", "span/ideal", "deviation", "excess", "wall s"]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
-    for cells in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
+    print_table(header, rows, right=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=0,
     )
     rows.append(row("median", median))
-    print_table(rows)
+    print_runs(rows)
     print()
     worst = max(r.excess for r in runs)
     median_ratio = statistics.median(ratio(r) for r in runs)

@@ -53,6 +53,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from tables import print_table
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RATE = 5.0  # nginx: 300r/m
 CAPACITY = 4  # burst=3 nodelay: the first request, and 3 more
@@ -464,10 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             "0 429s",
         )
     )
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    for row in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+    print_table(header, table)
     print()
     print("passed, 429s, inside: each run; span: median of the runs (first to last accepted")
     print("request); inside: requests that arrived 50 ms to 1 s after a 429 with Retry-After.")
