@@ -19,8 +19,10 @@ __all__ = [
     "CANCELLED_PREFIX",
     "Tally",
     "TestRecord",
+    "describe_limits",
     "describe_summary",
     "describe_throttling",
+    "limit_names",
     "merge_outcome",
     "throttling_summary",
     "worst_excess",
@@ -73,6 +75,7 @@ class TestRecord:
         "store_ns",
         "acquired",
         "retries",
+        "limit",
     )
     __slots__ = FIELDS
 
@@ -92,6 +95,8 @@ class TestRecord:
         self.acquired: list[list[int | None]] = []
         #: The admissions of retries after throttles, in the same form.
         self.retries: list[list[int | None]] = []
+        #: The limit it waited for longest before it started (``rate``, ``10/2s``, ...), if any.
+        self.limit = ""
 
     @property
     def failed(self) -> bool:
@@ -128,6 +133,7 @@ class Tally:
         "retries",
         "run",
         "started_cost",
+        "waited_by_limit",
         "waited_ns",
     )
 
@@ -144,6 +150,8 @@ class Tally:
         self.retries = 0  # admissions of throttled tests run again
         self.retried = 0  # tests run again after a throttle
         self.retried_failed = 0  # of those, the ones that failed in the end
+        #: Seconds slept for each limit, by its name (``rate``, ``10/2s``, ``concurrency``).
+        self.waited_by_limit: dict[str, float] = {}
 
     def admitted(
         self, batch: int, tokens: int, start_ns: int, waited_ns: int, retry: bool = False
@@ -166,7 +174,7 @@ class Tally:
         self.waited_ns += waited_ns
         self.longest_wait_ns = max(self.longest_wait_ns, waited_ns)
 
-    def to_list(self) -> list[int | None]:
+    def to_list(self) -> list[Any]:
         """The counts a pytest-xdist worker sends its controller at the end."""
         return [
             self.run,
@@ -180,6 +188,7 @@ class Tally:
             self.retries,
             self.retried,
             self.retried_failed,
+            self.waited_by_limit,
         ]
 
     def merge(self, counts: list[Any]) -> None:
@@ -188,6 +197,8 @@ class Tally:
         self.retries += retries[0]
         self.retried += retries[1]
         self.retried_failed += retries[2]
+        for limit, seconds in retries[3].items():
+            self.waited_by_limit[limit] = self.waited_by_limit.get(limit, 0.0) + seconds
         self.run += run
         self.cancelled += cancelled
         self.started_cost += cost
@@ -363,6 +374,25 @@ def describe_throttling(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def limit_names(policy: ExecutionPolicy) -> list[str]:
+    """The limits in force, by the names waits are accounted under."""
+    names = ["rate"] if policy.rate_limit is not None else []
+    names += [window.describe() for window in policy.windows]
+    if policy.max_concurrency is not None:
+        names.append("concurrency")
+    return names
+
+
+def describe_limits(policy: ExecutionPolicy, waited: dict[str, float]) -> str:
+    """Which limit bound the run: ``waited on 25/10s for 38s, on 10/2s for 4s, ...``."""
+    names = limit_names(policy)
+    names += [name for name in waited if name not in names]  # a pause without a rate
+    names.sort(key=lambda name: -waited.get(name, 0.0))
+    return "waited on " + ", on ".join(
+        f"{name} for {format_duration(round(waited.get(name, 0.0), 1))}" for name in names
+    )
+
+
 def describe_summary(
     policy: ExecutionPolicy,
     summary: Tally,
@@ -381,6 +411,8 @@ def describe_summary(
         f"waited: {format_duration(round(summary.waited_ns / NANOS_PER_SECOND, 3))} in total, "
         f"longest {format_duration(round(summary.longest_wait_ns / NANOS_PER_SECOND, 3))}"
     )
+    if policy.windows or policy.max_concurrency is not None:
+        lines.append(describe_limits(policy, summary.waited_by_limit))
     sustained = summary.sustained_per_minute(_burst(policy))
     if sustained is not None:
         lines.append(

@@ -60,7 +60,10 @@ def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
     """
     if ticket.cancelled:
         return [ticket.waited_ns, ticket.cancelled]
-    return [ticket.waited_ns, "", ticket.batch, ticket.tokens, start_offset, ticket.store_ns]
+    admission = [ticket.waited_ns, "", ticket.batch, ticket.tokens, start_offset, ticket.store_ns]
+    if ticket.limit:
+        admission.append(ticket.limit)
+    return admission
 
 
 class TerminalGuard:
@@ -158,6 +161,7 @@ class Reporter:
             record.tokens = ticket.tokens
             record.start_ns = start_offset
             record.store_ns = ticket.store_ns
+            record.limit = ticket.limit
 
     def finished(self, nodeid: str, finish_offset: int) -> None:
         self._record(nodeid).finish_ns = finish_offset
@@ -322,7 +326,8 @@ class WorkerRecords:
                 if cancelled:
                     record.reason = f"{CANCELLED_PREFIX} ({cancelled})"
                 else:
-                    record.batch, record.tokens, record.start_ns, record.store_ns = admission
+                    record.batch, record.tokens, record.start_ns, record.store_ns = admission[:4]
+                    record.limit = admission[4] if len(admission) > 4 else ""
             elif report.when == "teardown":
                 record.finish_ns, record.acquired, record.retries = data
         worker = getattr(report, "node", None)
