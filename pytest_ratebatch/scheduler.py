@@ -210,7 +210,7 @@ class TaskScheduler:
         if limiter is not None:
             # The batch's cost, or the burst if it costs more: then its tests beyond the
             # burst are paced one by one as they start (each takes its own tokens).
-            tokens = min(expected_cost, limiter.rate_limit.burst)
+            tokens = min(expected_cost, limiter.largest)
             admission = limiter.admit(
                 tokens,
                 timeout=self._time_left(),

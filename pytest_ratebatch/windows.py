@@ -86,11 +86,15 @@ def take(
     the reservation's planned start, which the store logs (and, if admitted, the admission).
     """
     base = max(reserved, admitted, now)
-    start = max(base + (cost - burst) * interval, last)
-    bound = RATE
+    rate_start = base + (cost - burst) * interval
+    start, bound = max(rate_start, last), RATE
+    latest, latest_bound = start, RATE  # the most binding window, even if FIFO binds more
     for index, window_start in enumerate(earliest, 1):
-        if window_start > start:
-            start, bound = window_start, index
+        if latest_bound == RATE or window_start > latest:
+            latest, latest_bound = window_start, index
+    if latest > start or (latest_bound != RATE and last >= rate_start):
+        # A window holds it, or it queues behind earlier starts that windows hold.
+        start, bound = max(start, latest), latest_bound
     wait = start - now
     if wait > 0:
         if max_wait is not None and wait > max_wait:

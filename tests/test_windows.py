@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import heapq
+import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +23,8 @@ from pytest_ratebatch.stores import BucketStore, MemoryBucketStore
 
 from .fakes import FakeClock
 from .redis_server import RedisServer
+
+pytest_plugins = ["pytester"]
 
 SECOND = 1_000_000_000
 
@@ -335,3 +342,121 @@ def test_redis_windowed_outcomes_name_the_bound(
     assert store.commit_windowed(1, interval, burst, now + wait, pairs)[0] == gcra.WAIT
     refused = store.take_windowed(1, interval, burst, 0, True, pairs)
     assert refused[0] == gcra.REFUSED
+
+
+# --- in real sessions ------------------------------------------------------------------
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def report_starts(report: dict[str, Any]) -> list[tuple[int, int]]:
+    """Each admission on one clock: the store's if it has one (Redis), else the session's."""
+    return [
+        (test["store_ns"] if test["store_ns"] is not None else test["start_ns"], test["tokens"])
+        for test in report["tests"]
+    ]
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "3"], ["-n", "2", "--batch-size=3"]])
+def test_a_session_holds_every_window_and_says_which_bound(
+    pytester: pytest.Pytester, workers: list[str]
+) -> None:
+    pytester.makepyfile(
+        test_calls="""
+        import pytest
+
+        @pytest.mark.parametrize("n", range(14))
+        def test_call(n):
+            pass
+
+        @pytest.mark.ratebatch(cost=2)
+        def test_expensive():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        *workers, "--rate-limit=4/400ms, 6/1.2s", "--ratebatch-report=r.json"
+    )
+    result.assert_outcomes(passed=15)
+    result.stdout.fnmatch_lines(
+        [
+            "ratebatch: limits 4/0.4s, 6/1.2s*; store: *",
+            "policy: limits 4/0.4s, 6/1.2s*",
+            "waited on 6/1.2s for *s, on 4/0.4s for *s",
+        ]
+    )
+    report = load_report(pytester.path / "r.json")
+    starts = report_starts(report)
+    assert sum(cost for _, cost in starts) == 16
+    for limit in parse_windows("4/400ms, 6/1.2s"):
+        assert worst_window(starts, limit) <= limit.count
+    # 16 cost at 6 per 1.2 s: the greedy schedule needs 2 windows of 1.2 s after the first.
+    times = sorted(at for at, _ in starts)
+    assert times[-1] - times[0] >= 2.4 * SECOND
+    assert times[-1] - times[0] < 2.4 * SECOND + 1.5 * SECOND  # generous: start-up jitter
+    assert {test["limit"] for test in report["tests"]} <= {"", "6/1.2s", "4/0.4s"}
+    assert any(test["limit"] == "6/1.2s" for test in report["tests"])
+    assert report["policy"]["rate_limit"][1] == {"count": 6, "window": 1.2, "text": "6/1.2s"}
+
+
+def test_sessions_on_one_redis_key_share_the_windows(
+    pytester: pytest.Pytester, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    pytester.makepyfile(
+        test_calls="import pytest\n@pytest.mark.parametrize('n', range(6))\ndef test_call(n): pass"
+    )
+    key = f"sessions-{os.getpid()}-{request.node.name}"
+    command = [
+        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rate-limit=3/500ms",
+        f"--ratebatch-store={redis_server.url}", f"--ratebatch-key={key}",
+    ]  # fmt: skip
+    sessions = [
+        subprocess.Popen(
+            [*command, f"--ratebatch-report=r{index}.json"],
+            cwd=pytester.path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for index in range(2)
+    ]
+    for session in sessions:
+        output, _ = session.communicate(timeout=60)
+        assert session.returncode == 0, output.decode()
+    starts = []
+    for index in range(2):
+        starts += report_starts(load_report(pytester.path / f"r{index}.json"))
+    assert len(starts) == 12
+    assert worst_window(starts, parse_windows("3/500ms")[0]) <= 3
+    times = sorted(at for at, _ in starts)
+    assert times[-1] - times[0] >= 3 * SECOND // 2  # 12 at 3 per 0.5 s: 3 windows at least
+
+
+def test_a_marker_above_the_smallest_window_stops_before_any_test(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        test_big="""
+        import pytest
+
+        @pytest.mark.ratebatch(cost=5)
+        def test_big():
+            raise AssertionError("ran")
+        """
+    )
+    result = pytester.runpytest("--rate-limit=10/s, 3/s")
+    result.stdout.fnmatch_lines(["*cost 5 exceeds 3/1s (3)*raise 3/1s or lower the cost*"])
+    assert "ran" not in result.stdout.str()
+    assert result.ret != 0
+
+
+def test_a_bad_limit_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nrate_limit = 10/2\n")
+    result = pytester.runpytest()
+    result.stderr.fnmatch_lines(
+        ["ERROR: ratebatch: rate_limit='10/2' (ini file *): '10/2': the window needs a unit*"]
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
