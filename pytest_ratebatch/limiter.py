@@ -12,10 +12,15 @@ from .stores import BucketStore, MemoryBucketStore
 from .values import Value
 from .windows import RATE, Windows
 
-__all__ = ["UNLIMITED", "Admission", "RateLimiter"]
+__all__ = ["UNLIMITED", "WINDOW_MARGIN_NS", "Admission", "RateLimiter"]
 
 OnWait = Callable[[float], None]
 
+
+#: How much longer than stated each window is kept: a request reaches the server a little
+#: after its test was admitted, and by a varying delay (set-up, connecting). Without it, two
+#: requests admitted a window apart could arrive closer together than that.
+WINDOW_MARGIN_NS = 10_000_000
 
 #: The bucket of a session without a rate: no rate of its own, there to carry a throttle's
 #: pause to everyone and to order the starts that window limits hold (any burst: without a
@@ -52,6 +57,7 @@ class RateLimiter:
         store: BucketStore | None = None,
         clock: Clock = MONOTONIC,
         windows: tuple[WindowLimit, ...] = (),
+        window_margin_ns: int = WINDOW_MARGIN_NS,
     ) -> None:
         self.rate_limit = rate_limit
         self.store: BucketStore = store if store is not None else MemoryBucketStore(clock)
@@ -59,7 +65,9 @@ class RateLimiter:
         self._interval = rate_limit.interval_ns
         self._burst = rate_limit.burst
         self.windows = windows
-        self._windows: Windows = tuple((window.count, window.window_ns) for window in windows)
+        self._windows: Windows = tuple(
+            (window.count, window.window_ns + window_margin_ns) for window in windows
+        )
         #: The most one request may take: the burst, or the smallest window.
         self.largest = min([rate_limit.burst] + [window.count for window in windows])
         #: Each limit's name: the bucket's (``windows.RATE``), then each window's.
