@@ -71,7 +71,9 @@ class RateLimiter:
         #: The most one request may take: the burst, or the smallest window.
         self.largest = min([rate_limit.burst] + [window.count for window in windows])
         #: Each limit's name: the bucket's (``windows.RATE``), then each window's.
-        self.limit_names = ("rate", *(window.describe() for window in windows))
+        # Without a rate of its own the bucket only carries the pauses after throttles.
+        bucket = "pauses" if rate_limit is UNLIMITED else "rate"
+        self.limit_names = (bucket, *(window.describe() for window in windows))
         #: The limit that set the latest sleep (an index into ``limit_names``).
         self.last_bound = RATE
         if windows:  # the stores' windowed operations; without windows the lean ones
