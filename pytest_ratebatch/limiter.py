@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .clock import MONOTONIC, Clock
 from .gcra import ADMITTED, OVERTAKEN, REFUSED, Outcome
 from .policy import NANOS_PER_SECOND, RateLimit, WindowLimit
 from .stores import BucketStore, MemoryBucketStore
 from .values import Value
-from .windows import RATE, Windows
+
+if TYPE_CHECKING:
+    from .windows import Windows
 
 __all__ = ["UNLIMITED", "WINDOW_MARGIN_NS", "Admission", "RateLimiter"]
 
@@ -75,7 +78,7 @@ class RateLimiter:
         bucket = "pauses" if rate_limit is UNLIMITED else "rate"
         self.limit_names = (bucket, *(window.describe() for window in windows))
         #: The limit that set the latest sleep (an index into ``limit_names``).
-        self.last_bound = RATE
+        self.last_bound = 0  # windows.RATE
         if windows:  # the stores' windowed operations; without windows the lean ones
             self._store_take = self._take_windowed
             self._store_commit = self._commit_windowed
