@@ -170,7 +170,8 @@ def finish(state: SessionState, batch: int, failed: bool, now: int) -> None:
         return
     if batch == state.batch:
         state.running -= 1
-        state.last_finish_ns = max(state.last_finish_ns, now)
+        if now > state.last_finish_ns:  # noqa: PLR1730  (a comparison costs less than max())
+            state.last_finish_ns = now
     elif batch == state.batch - 1:
         state.draining -= 1
         if not state.draining:
@@ -219,6 +220,14 @@ class MemoryLedger:
         # Updates take the lock directly (a C call); only the blocking waits need the condition.
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
+        # Threads blocked in a wait: notifying costs a few Python calls, spared when none is
+        # (always, in a plain session, whose one thread never waits on itself).
+        self._waiting = 0
+
+    def _notify(self) -> None:
+        """Under the lock: wake the waiters, if any."""
+        if self._waiting:
+            self._changed.notify_all()
 
     def enter(self, now: int, rule: StopRule, batch_size: int | None) -> Entry:
         with self._lock:
@@ -227,22 +236,22 @@ class MemoryLedger:
     def release(self, batch: int) -> None:
         with self._lock:
             release(self._state, batch)
-            self._changed.notify_all()
+            self._notify()
 
     def finish(self, batch: int, failed: bool, now: int) -> None:
         with self._lock:
             finish(self._state, batch, failed, now)
-            self._changed.notify_all()
+            self._notify()
 
     def leave(self, batch: int) -> None:
         with self._lock:
             leave(self._state, batch)
-            self._changed.notify_all()
+            self._notify()
 
     def stop(self, reason: str) -> str:
         with self._lock:
             result = stop(self._state, reason)
-            self._changed.notify_all()
+            self._notify()
             return result
 
     def check_stop(self, now: int, rule: StopRule) -> str:
@@ -255,15 +264,23 @@ class MemoryLedger:
     def wait_drained(self, batch: int) -> int:
         state = self._state
         with self._changed:
-            self._changed.wait_for(lambda: state.batch > batch + 1 or state.draining <= 0)
+            self._waiting += 1
+            try:
+                self._changed.wait_for(lambda: state.batch > batch + 1 or state.draining <= 0)
+            finally:
+                self._waiting -= 1
             return state.drained_ns
 
     def wait_released(self, batch: int) -> None:
         state = self._state
         with self._changed:
-            self._changed.wait_for(
-                lambda: state.batch != batch or state.released or bool(state.stop_reason)
-            )
+            self._waiting += 1
+            try:
+                self._changed.wait_for(
+                    lambda: state.batch != batch or state.released or bool(state.stop_reason)
+                )
+            finally:
+                self._waiting -= 1
 
     def snapshot(self) -> SessionState:
         with self._lock:

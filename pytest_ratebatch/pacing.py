@@ -107,6 +107,8 @@ class Pacer:
         self.throttles: Throttles | None = None
         self._retrying = False  # a retry runs: its admission was made by the call that runs it
         self._by_nodeid = self._keeps_records  # whether a test's node id is needed
+        # Whether a start only counts in the tally (no record, no subclass's own account).
+        self._plain_starts = not self._keeps_records and type(self).started is Pacer.started
 
     @pytest.hookimpl(wrapper=True)
     def pytest_collection_modifyitems(
@@ -142,7 +144,11 @@ class Pacer:
         cost = costs.get(nodeid, 1) if costs else 1
         batch_cost = self._batch_costs.get(nodeid) if costs else None
         ticket = self.scheduler.admit(cost, batch_cost)
-        self.started(nodeid, ticket)
+        if self._plain_starts and not ticket.cancelled:  # ``started``, one call less
+            start = ticket.start_ns - self.start_ns
+            self._tally.admitted(ticket.batch, ticket.tokens, start, ticket.waited_ns)
+        else:
+            self.started(nodeid, ticket)
         if ticket.cancelled:
             item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
             return (yield)

@@ -119,8 +119,9 @@ class TaskScheduler:
 
     def _admit(self, cost: int, batch_cost: int | None, arrived: int) -> Ticket:
         batch_size = self.policy.batch_size
+        now = arrived
         while True:
-            entry = self.ledger.enter(self._clock.now_ns(), self._stop_rule, batch_size)
+            entry = self.ledger.enter(now, self._stop_rule, batch_size)
             if entry.action == "cancel":
                 return self._cancelled(entry.reason, arrived)
             if entry.action == "wait":
@@ -129,6 +130,7 @@ class TaskScheduler:
                 if state.batch == entry.batch and not state.released and not state.stop_reason:
                     # Its opener died; a member is taking over. Do not spin meanwhile.
                     self._clock.sleep(ORPHAN_RETRY_SECONDS)
+                now = self._clock.now_ns()
                 continue
             reason = ""
             try:
