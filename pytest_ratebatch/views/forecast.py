@@ -134,15 +134,15 @@ def simulate(
             starts.append(now)
             continue
         at = now
-        batch = batch_of.get(index)
-        if batch is not None and batch != current_batch:
+        opens = batch_of.get(index)
+        if opens is not None and opens != current_batch:
             # The barrier (the previous batch's last start), the backoff, the batch's tokens.
             if current_batch >= 0:
                 at += backoff_ns
             if interval:
-                reserve = min(batch_cost[batch], burst)
+                reserve = min(batch_cost[opens], burst)
                 at = max(at, tat - (burst - reserve) * interval)
-            current_batch = batch
+            current_batch = opens
         if interval:
             at = max(at, tat - (burst - min(cost, burst)) * interval)
         for limit in limits:
