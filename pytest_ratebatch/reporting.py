@@ -6,6 +6,8 @@ The session's totals, the header, wait announcements, the summary section, the J
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -26,6 +28,7 @@ from .report import (
 )
 from .scheduler import Ticket
 from .stores import BucketStore
+from .views.forecast import Forecast, describe_forecast, forecast_policy
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANNOUNCE_WAITS_FROM",
+    "COSTS_FILE",
     "REPORT_ATTRIBUTE",
     "WORKEROUTPUT_KEY",
     "ControllerReporter",
@@ -41,7 +45,10 @@ __all__ = [
     "Reporter",
     "TerminalGuard",
     "WorkerRecords",
+    "read_worker_costs",
     "ticket_start",
+    "wants_forecast",
+    "write_worker_costs",
 ]
 
 #: Waits shorter than this (seconds) are not announced on the terminal.
@@ -61,6 +68,32 @@ def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
     if ticket.cancelled:
         return [ticket.waited_ns, ticket.cancelled]
     return [ticket.waited_ns, "", ticket.batch, ticket.tokens, start_offset, ticket.store_ns]
+
+
+#: The file in which a worker leaves its collection's costs other than 1 for the controller.
+COSTS_FILE = "costs-{worker}.json"
+
+
+def wants_forecast(policy: ExecutionPolicy) -> bool:
+    """Whether the policy bounds the pace (a rate, or windows), so a forecast says something."""
+    return forecast_policy(policy, []) is not None
+
+
+def write_worker_costs(directory: Path, worker: str, costs: dict[str, int]) -> None:
+    """A worker's costs other than 1, by node id, written whole before its collection ends."""
+    path = directory / COSTS_FILE.format(worker=worker)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(costs), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def read_worker_costs(directory: Path, worker: str) -> dict[str, int] | None:
+    """What ``write_worker_costs`` wrote; ``None`` if the worker wrote nothing (bad markers)."""
+    try:
+        data = json.loads((directory / COSTS_FILE.format(worker=worker)).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class TerminalGuard:
@@ -115,6 +148,11 @@ class Reporter:
         self.records: dict[str, TestRecord] | None = {} if report_path is not None else None
         self.interrupted = False
         self._terminal: TerminalReporter | None = None
+        #: The least time the policy imposes on the collected tests (``None``: no rate, no
+        #: windows, or not known yet).
+        self.forecast: Forecast | None = None
+        self.wants_forecast = wants_forecast(policy)
+        self._forecast_line = ""
 
     def _record(self, nodeid: str) -> TestRecord:
         assert self.records is not None
@@ -139,6 +177,25 @@ class Reporter:
             # Every collected test gets a record, so the report accounts for tests never reached.
             for item in items:
                 self.records.setdefault(item.nodeid, TestRecord(item.nodeid, outcome="not run"))
+
+    def plan(self, costs: list[int], costs_known: bool = True) -> None:
+        """The collected tests' costs, in run order: forecast what the policy imposes."""
+        if self.forecast is not None:
+            return
+        forecast = forecast_policy(self.policy, costs)
+        if forecast is not None:
+            self.forecast = forecast
+            text = describe_forecast(forecast, self.policy.total_timeout, costs_known)
+            self._forecast_line = f"forecast: {text}"
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self._print_forecast()
+
+    def _print_forecast(self) -> None:
+        if self._forecast_line and self.config.get_verbosity() >= -1:
+            self._write_announcement(self._forecast_line)
+            self._forecast_line = ""
 
     # --- each test ---------------------------------------------------------------------
 
@@ -266,16 +323,29 @@ class ControllerReporter(Reporter):
         """xdist hook: hand the shared session to each worker."""
         node.workerinput.update(self.shared.workerinput(send_records=self.records is not None))
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        pass  # the controller collects nothing: the workers' collections tell
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
         # Every worker collects the whole suite; with --dist each, every worker runs it.
-        self._collected[str(node.gateway.id)] = len(ids)
+        worker = str(node.gateway.id)
+        self._collected[worker] = len(ids)
         each = self.config.getoption("dist", "load") == "each"
         counts = self._collected.values()
         self.tally.collected = sum(counts) if each else max(counts)
         if self.records is not None:
             for nodeid in ids:
                 self.records.setdefault(nodeid, TestRecord(nodeid, outcome="not run"))
+        if self.forecast is None and self.wants_forecast:
+            # The worker wrote the costs other than 1 before it reported its collection.
+            known = read_worker_costs(self.shared.directory, worker)
+            costs = [1] * len(ids) if known is None else [known.get(id, 1) for id in ids]
+            if each:
+                costs *= max(1, len(getattr(self.config.option, "tx", None) or ()))
+            self.plan(costs, costs_known=known is not None)
+            self._print_forecast()
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object | None) -> None:

@@ -29,7 +29,13 @@ from .options import (
 )
 from .pacing import Pacer, RecordingWorkerPacer, WorkerPacer
 from .policy import ExecutionPolicy, PolicyError, RateLimit, build_policy, parse_value
-from .reporting import ControllerReporter, OutcomeRecorder, Reporter, WorkerRecords
+from .reporting import (
+    ControllerReporter,
+    OutcomeRecorder,
+    Reporter,
+    WorkerRecords,
+    wants_forecast,
+)
 from .retrying import Throttles, load_exception_types
 from .scheduler import TaskScheduler
 from .stores import BucketStore, MemoryBucketStore, StoreError
@@ -140,7 +146,10 @@ def configure(
             store = open_store(config, settings, worker)
             scheduler = _scheduler(policy, store, worker.ledger(), worker.start_ns, worker.announce)
             kind = RecordingWorkerPacer if worker.send_records else WorkerPacer
-            pacer: Pacer = kind(scheduler, worker.start_ns)
+            worker_pacer = kind(scheduler, worker.start_ns)
+            if wants_forecast(policy):
+                worker_pacer.costs_to = (worker.directory, worker.worker_id)
+            pacer: Pacer = worker_pacer
             _register_pacer(config, pacer, pacer_key, settings)
             return
     if is_distributing(config):

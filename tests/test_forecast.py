@@ -92,7 +92,7 @@ def test_no_rate_and_no_windows_means_no_forecast() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0.04, "0s"), (2.46, "2.5s"), (12.4, "12s"), (295, "4m55s"), (3601.2, "1h1s")],
+    [(0.0004, "0s"), (0.04, "0.04s"), (2.46, "2.5s"), (12.4, "12s"), (295, "4m55s"), (3601.2, "1h1s")],
 )
 def test_format_span(seconds: float, text: str) -> None:
     assert format_span(seconds) == text

@@ -188,10 +188,11 @@ def forecast_policy(policy: ExecutionPolicy, costs: Sequence[int]) -> Forecast |
 
 
 def format_span(seconds: float) -> str:
-    """A duration as the options spell it, to the second from a minute on: ``4m55s``, ``2.5s``."""
+    """A duration as the options spell it, rounded to what matters: ``4m55s``, ``2.5s``,
+    ``0.004s``."""
     if seconds >= 10:
         return format_duration(float(round(seconds)))
-    return format_duration(round(seconds, 1))
+    return format_duration(round(seconds, 1 if seconds >= 1 else 3))
 
 
 def describe_forecast(
