@@ -17,18 +17,25 @@ from .policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
 
 __all__ = [
     "CANCELLED_PREFIX",
+    "REPORT_FORMAT",
     "Tally",
     "TestRecord",
+    "build_report",
+    "describe_pace",
+    "describe_report",
     "describe_summary",
     "describe_throttling",
     "merge_outcome",
+    "policy_json",
+    "summary_json",
     "throttling_summary",
     "worst_excess",
+    "write_json",
     "write_report",
 ]
 
 CANCELLED_PREFIX = "ratebatch: cancelled"
-REPORT_FORMAT = 1
+REPORT_FORMAT = 2
 
 # How bad an outcome is, to merge the reports of a test's phases into one outcome.
 _SEVERITY = {
@@ -204,7 +211,7 @@ class Tally:
         """Collected tests never admitted nor cancelled (pytest stopped first: -x, a crash)."""
         return max(0, self.collected - self.run - self.cancelled)
 
-    def sustained_per_minute(self, burst: int) -> float | None:
+    def achieved_per_minute(self, burst: int) -> float | None:
         """``(cost started - burst) / span of starts``, per minute; ``None`` if undefined.
 
         G1 bounds the cost started in the span by ``burst + rate * span``, so this figure
@@ -247,8 +254,32 @@ def worst_excess(starts: Sequence[tuple[int, int]], interval_ns: int, burst: int
     return worst / interval_ns
 
 
-def write_report(
-    path: Path,
+def policy_json(policy: ExecutionPolicy) -> dict[str, Any]:
+    """The policy as the report states it: its settings, its header line, its windows."""
+    data = policy.to_json()
+    data.setdefault(
+        "windows",
+        [[window.count, window.window_ns] for window in getattr(policy, "windows", ())],
+    )
+    data["description"] = policy.describe()
+    return data
+
+
+def summary_json(tally: Tally, burst: int) -> dict[str, Any]:
+    """The session's totals as the report states them (and the summary section reads them)."""
+    return {
+        "run": tally.run,
+        "cancelled": tally.cancelled,
+        "not_run": tally.not_run,
+        "batches": tally.batches,
+        "waited": tally.waited_ns / NANOS_PER_SECOND,
+        "longest_wait": tally.longest_wait_ns / NANOS_PER_SECOND,
+        "cost": tally.started_cost,
+        "achieved_per_minute": tally.achieved_per_minute(burst),
+    }
+
+
+def build_report(
     policy: ExecutionPolicy,
     records: Sequence[TestRecord],
     tally: Tally,
@@ -258,30 +289,28 @@ def write_report(
     store: str,
     session_wall: float,
     duration_ns: int,
-) -> None:
-    """Write the JSON report atomically (a reader never sees half a file)."""
-    data = {
+    forecast: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON report's content (format ``REPORT_FORMAT``, described in the README)."""
+    return {
         "format": REPORT_FORMAT,
-        "policy": policy.to_json(),
+        "policy": policy_json(policy),
         "store": store,
         "session": {
             "started_at": _iso(session_wall),
             "duration": duration_ns / NANOS_PER_SECOND,
             "stop_reason": stop_reason,
+            "forecast": forecast,
         },
-        "summary": {
-            "run": tally.run,
-            "cancelled": tally.cancelled,
-            "not_run": tally.not_run,
-            "batches": tally.batches,
-            "waited": tally.waited_ns / NANOS_PER_SECOND,
-            "longest_wait": tally.longest_wait_ns / NANOS_PER_SECOND,
-            "sustained_per_minute": tally.sustained_per_minute(_burst(policy)),
-        },
+        "summary": summary_json(tally, _burst(policy)),
         "throttling": throttling_summary(events, tally),
         "events": sorted(events, key=lambda event: event.get("store_ns") or 0),
         "tests": [record.to_json(session_wall) for record in records],
     }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(
         "w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8"
@@ -289,6 +318,13 @@ def write_report(
         json.dump(data, handle, indent=1)
         handle.write("\n")
     os.replace(handle.name, path)
+
+
+def write_report(
+    path: Path, policy: ExecutionPolicy, records: Sequence[TestRecord], tally: Tally, **fields: Any
+) -> None:
+    """Build the JSON report and write it atomically."""
+    write_json(path, build_report(policy, records, tally, **fields))
 
 
 def throttling_summary(events: Sequence[dict[str, Any]], tally: Tally) -> dict[str, Any]:
@@ -370,23 +406,53 @@ def describe_summary(
     events: Sequence[dict[str, Any]] = (),
 ) -> list[str]:
     """The lines of the terminal summary section."""
-    lines = [f"policy: {policy.describe()}"]
-    tests = f"tests: {summary.run} run, {summary.cancelled} cancelled"
-    if summary.not_run:
-        tests += f", {summary.not_run} not run"
-    if policy.batch_size is not None:
-        tests += f", in {summary.batches} batches"
+    return describe_report(
+        policy_json(policy),
+        summary_json(summary, _burst(policy)),
+        throttling_summary(events, summary),
+        stop_reason,
+    )
+
+
+#: From this share of the configured rate on, the limit (not the tests) set the pace.
+LIMIT_SET_THE_PACE = 0.9
+
+
+def describe_pace(policy: dict[str, Any], summary: dict[str, Any]) -> str | None:
+    """Whether the rate limit or the tests themselves set the pace; ``None`` without a rate
+    or without enough starts to tell."""
+    rate = policy.get("rate_per_minute")
+    achieved = summary.get("achieved_per_minute")
+    if not isinstance(rate, (int, float)) or achieved is None:
+        return None
+    text = f"pace: {achieved:.4g}/min after the first burst, limit {rate:.4g}/min"
+    if achieved >= LIMIT_SET_THE_PACE * rate:
+        return f"{text}: the limit set the pace"
+    return f"{text}: the tests set the pace, not the limit"
+
+
+def describe_report(
+    policy: dict[str, Any],
+    summary: dict[str, Any],
+    throttling: dict[str, Any],
+    stop_reason: str,
+) -> list[str]:
+    """The summary lines, from the report's own fields (``python -m pytest_ratebatch summary``
+    reads them back from the file)."""
+    lines = [f"policy: {policy['description']}"]
+    tests = f"tests: {summary['run']} run, {summary['cancelled']} cancelled"
+    if summary["not_run"]:
+        tests += f", {summary['not_run']} not run"
+    if policy.get("batch_size") is not None:
+        tests += f", in {summary['batches']} batches"
     lines.append(tests)
     lines.append(
-        f"waited: {format_duration(round(summary.waited_ns / NANOS_PER_SECOND, 3))} in total, "
-        f"longest {format_duration(round(summary.longest_wait_ns / NANOS_PER_SECOND, 3))}"
+        f"waited: {format_duration(round(summary['waited'], 3))} in total, "
+        f"longest {format_duration(round(summary['longest_wait'], 3))}"
     )
-    sustained = summary.sustained_per_minute(_burst(policy))
-    if sustained is not None:
-        lines.append(
-            f"sustained rate: {sustained:.1f}/min (cost started beyond the burst, "
-            "over the span of starts)"
-        )
-    lines += describe_throttling(throttling_summary(events, summary))
+    pace = describe_pace(policy, summary)
+    if pace is not None:
+        lines.append(pace)
+    lines += describe_throttling(throttling)
     lines.append(f"stop: {stop_reason or 'none, every test was started'}")
     return lines

@@ -22,13 +22,14 @@ from .report import (
     CANCELLED_PREFIX,
     Tally,
     TestRecord,
+    build_report,
     describe_summary,
     merge_outcome,
-    write_report,
+    write_json,
 )
 from .scheduler import Ticket
 from .stores import BucketStore
-from .views.forecast import Forecast, describe_forecast, forecast_policy
+from .views.forecast import Forecast, describe_forecast, forecast_json, forecast_policy
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
@@ -133,10 +134,12 @@ class Reporter:
         store: BucketStore,
         ledger: Ledger,
         start_ns: int,
+        timeline_path: Path | None = None,
     ) -> None:
         self.config = config
         self.policy = policy
         self.report_path = report_path
+        self.timeline_path = timeline_path
         self.store = store
         self.ledger = ledger
         self.start_ns = start_ns
@@ -144,8 +147,9 @@ class Reporter:
         self.tally = Tally()
         #: Throttles and pauses (``retrying``), for the summary and the JSON report.
         self.events: list[dict[str, Any]] = []
-        #: Per-test records, kept only for the JSON report.
-        self.records: dict[str, TestRecord] | None = {} if report_path is not None else None
+        #: Per-test records, kept only for the JSON report (or the timeline drawn from it).
+        drawn = report_path is not None or timeline_path is not None
+        self.records: dict[str, TestRecord] | None = {} if drawn else None
         self.interrupted = False
         self._terminal: TerminalReporter | None = None
         #: The least time the policy imposes on the collected tests (``None``: no rate, no
@@ -266,18 +270,26 @@ class Reporter:
         if self.tally.cancelled and session.exitstatus == pytest.ExitCode.OK:
             # Tests that never ran are not a success, even if nothing failed.
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        if self.report_path is not None and self.records is not None:
-            write_report(
-                self.report_path,
-                self.policy,
-                list(self.records.values()),
-                self.tally,
-                events=self.events,
-                stop_reason=self.stop_reason,
-                store=self.store.describe(),
-                session_wall=self.start_wall,
-                duration_ns=MONOTONIC.now_ns() - self.start_ns,
-            )
+        if self.records is None:
+            return
+        forecast = self.forecast
+        data = build_report(
+            self.policy,
+            list(self.records.values()),
+            self.tally,
+            events=self.events,
+            stop_reason=self.stop_reason,
+            store=self.store.describe(),
+            session_wall=self.start_wall,
+            duration_ns=MONOTONIC.now_ns() - self.start_ns,
+            forecast=None if forecast is None else forecast_json(forecast),
+        )
+        if self.report_path is not None:
+            write_json(self.report_path, data)
+        if self.timeline_path is not None:
+            from .views.timeline import write_timeline
+
+            write_timeline(self.timeline_path, [data])
 
     def summary_lines(self) -> list[str]:
         return describe_summary(self.policy, self.tally, self.stop_reason, self.events)
@@ -288,6 +300,8 @@ class Reporter:
             terminalreporter.line(line)
         if self.report_path is not None:
             terminalreporter.line(f"report: {self.report_path}")
+        if self.timeline_path is not None:
+            terminalreporter.line(f"timeline: {self.timeline_path}")
 
 
 class OutcomeRecorder:

@@ -25,6 +25,7 @@ from .options import (
     REPORT_OPTION,
     STORE_OPTION,
     THROTTLE_EXCEPTIONS_OPTION,
+    TIMELINE_OPTION,
     RawValue,
 )
 from .pacing import Pacer, RecordingWorkerPacer, WorkerPacer
@@ -48,11 +49,13 @@ __all__ = ["Settings", "configure", "is_distributing", "load_settings", "open_st
 
 
 class Settings(Value):
-    """The validated options: the policy, and where the report and the bucket go."""
+    """The validated options: the policy, and where the report, the timeline and the bucket
+    go."""
 
-    __slots__ = ("key", "policy", "raw", "report_path", "store")
+    __slots__ = ("key", "policy", "raw", "report_path", "store", "timeline_path")
     policy: ExecutionPolicy
     report_path: Path | None
+    timeline_path: Path | None
     store: RawValue | None  # as written; None: the default for this kind of session
     key: str | None  # the Redis key; None: the default
     raw: dict[str, RawValue]  # every option as written, for messages
@@ -64,8 +67,16 @@ class Settings(Value):
         store: RawValue | None,
         key: str | None,
         raw: dict[str, RawValue],
+        timeline_path: Path | None = None,
     ) -> None:
-        self._set(policy=policy, report_path=report_path, store=store, key=key, raw=raw)
+        self._set(
+            policy=policy,
+            report_path=report_path,
+            store=store,
+            key=key,
+            raw=raw,
+            timeline_path=timeline_path,
+        )
 
 
 def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
@@ -73,19 +84,29 @@ def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
     written = raw
     raw = dict(raw)
     extra = {
-        name: raw.pop(name) for name in (REPORT_OPTION, STORE_OPTION, KEY_OPTION) if name in raw
+        name: raw.pop(name)
+        for name in (REPORT_OPTION, TIMELINE_OPTION, STORE_OPTION, KEY_OPTION)
+        if name in raw
     }
     try:
         policy = build_policy(raw)
         values = {name: parse_value(name, value) for name, value in extra.items()}
     except PolicyError as error:
         raise pytest.UsageError(str(error)) from None
-    report_path = None
-    if REPORT_OPTION in values:
-        from_cli = extra[REPORT_OPTION].source == COMMAND_LINE
-        base = config.invocation_params.dir if from_cli else config.rootpath
-        report_path = base / Path(values[REPORT_OPTION]).expanduser()
-    return Settings(policy, report_path, extra.get(STORE_OPTION), values.get(KEY_OPTION), written)
+    paths: dict[str, Path] = {}
+    for name in (REPORT_OPTION, TIMELINE_OPTION):
+        if name in values:
+            from_cli = extra[name].source == COMMAND_LINE
+            base = config.invocation_params.dir if from_cli else config.rootpath
+            paths[name] = base / Path(values[name]).expanduser()
+    return Settings(
+        policy,
+        paths.get(REPORT_OPTION),
+        extra.get(STORE_OPTION),
+        values.get(KEY_OPTION),
+        written,
+        paths.get(TIMELINE_OPTION),
+    )
 
 
 def is_distributing(config: pytest.Config) -> bool:
@@ -136,7 +157,8 @@ def configure(
     throttling_set = any(name.startswith("throttle_") for name in raw) or (
         THROTTLE_EXCEPTIONS_OPTION in raw
     )
-    if not (policy.is_active or throttling_set or settings.report_path is not None):
+    drawn = settings.report_path is not None or settings.timeline_path is not None
+    if not (policy.is_active or throttling_set or drawn):
         return
     if hasattr(config, "workerinput"):
         from .distributed import worker_session
@@ -158,7 +180,9 @@ def configure(
     store = open_store(config, settings, None)
     ledger = MemoryLedger()
     start_ns = MONOTONIC.now_ns()
-    reporter = Reporter(config, policy, settings.report_path, store, ledger, start_ns)
+    reporter = Reporter(
+        config, policy, settings.report_path, store, ledger, start_ns, settings.timeline_path
+    )
     config.pluginmanager.register(reporter, "ratebatch-reporter")
     if reporter.records is not None:
         config.pluginmanager.register(OutcomeRecorder(reporter), "ratebatch-outcomes")
@@ -202,7 +226,7 @@ def _configure_controller(config: pytest.Config, settings: Settings) -> None:
     store = open_store(config, settings, shared)
     reporter = ControllerReporter(
         shared, config, settings.policy, settings.report_path, store, shared.ledger(),
-        shared.start_ns,
+        shared.start_ns, settings.timeline_path,
     )  # fmt: skip
     config.pluginmanager.register(reporter, "ratebatch-reporter")
     if reporter.records is not None:

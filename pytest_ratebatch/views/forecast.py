@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from ..policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
 from ..values import Value
@@ -17,6 +18,7 @@ from ..values import Value
 __all__ = [
     "Forecast",
     "describe_forecast",
+    "forecast_json",
     "forecast_policy",
     "format_span",
     "policy_windows",
@@ -185,6 +187,16 @@ def forecast_policy(policy: ExecutionPolicy, costs: Sequence[int]) -> Forecast |
         backoff_ns=round(policy.batch_backoff * NANOS_PER_SECOND),
         deadline_ns=None if timeout is None else round(timeout * NANOS_PER_SECOND),
     )
+
+
+def forecast_json(forecast: Forecast) -> dict[str, Any]:
+    """The forecast as the JSON report states it."""
+    return {
+        "least": forecast.span_ns / NANOS_PER_SECOND,
+        "tests": forecast.tests,
+        "cost": forecast.cost,
+        "cancelled": forecast.cancelled,
+    }
 
 
 def format_span(seconds: float) -> str:
