@@ -71,6 +71,20 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "Default: the batch size, else 1. Needs a rate.",
     ),
     OptionSpec(
+        "rate_limit",
+        "LIMITS",
+        "Limits as the API states them: N/DURATION, at most N cost started in every sliding "
+        "window of that length, across all processes sharing the limiter; several separated "
+        'by commas, all held at once (10/s, 100/15min, "10/2s, 500/h, 10000/day"). '
+        "Combines with --rate-per-minute. Default: none.",
+    ),
+    OptionSpec(
+        "max_concurrency",
+        "N",
+        "At most N tests in flight at once (from their start to the end of their teardown), "
+        "across all processes sharing the limiter. Default: no limit.",
+    ),
+    OptionSpec(
         "batch_size",
         "K",
         "Release tests in batches of at most K; a batch starts only after the previous one "

@@ -29,9 +29,11 @@ MARKER = "ratebatch"
 
 
 def read_costs(
-    items: Sequence[pytest.Item], burst: int | None
+    items: Sequence[pytest.Item], largest: tuple[int, str] | None
 ) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Each test's cost from its closest ``ratebatch`` marker, as pytest resolves it.
+
+    ``largest`` is the most one start may cost and the limit that says so (``None``: any).
 
     Returns the costs that are not 1, by node id, and ``(nodeid, problem)`` for each bad
     marker. Read from the final items, so markers that conftest hooks add and those of any
@@ -41,6 +43,7 @@ def read_costs(
     costs: dict[str, int] = {}
     errors: list[tuple[str, str]] = []
     closest_above: dict[pytest.Collector | None, Any] = {None: None}
+    most, bound = largest if largest is not None else (None, "")
     for item in items:
         mark = None
         for own in item.own_markers:
@@ -57,7 +60,7 @@ def read_costs(
             if mark is None:
                 continue
         try:
-            cost = parse_cost(mark.args, mark.kwargs, burst)
+            cost = parse_cost(mark.args, mark.kwargs, most, bound)
         except ValueError as error:
             errors.append((item.nodeid, f"@pytest.mark.ratebatch: {error}"))
             continue
@@ -99,8 +102,9 @@ class Pacer:
         self.scheduler = scheduler
         self.start_ns = start_ns
         self.reporter = reporter  # in the same process (no xdist), else None
-        rate = scheduler.policy.rate_limit
-        self._burst = rate.burst if rate is not None else None
+        self._largest = scheduler.policy.largest_cost
+        #: The most one start may cost: larger in-test acquisitions are taken in parts.
+        self._burst = self._largest[0] if self._largest is not None else None
         self._costs: dict[str, int] = {}  # tests whose cost is not 1
         self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
         self._tally = tally
@@ -115,7 +119,7 @@ class Pacer:
         self, session: pytest.Session, items: list[pytest.Item]
     ) -> Generator[None, None, None]:
         yield  # every other plugin's and conftest's hook first: the items are final after
-        self._costs, errors = read_costs(items, self._burst)
+        self._costs, errors = read_costs(items, self._largest)
         self._by_nodeid = bool(self._costs) or self._keeps_records
         if errors:
             self._refuse(session, errors)

@@ -23,12 +23,14 @@ __all__ = [
     "PolicyError",
     "RateLimit",
     "ThrottlePolicy",
+    "WindowLimit",
     "build_policy",
     "format_duration",
     "mask_url",
     "parse_cost",
     "parse_duration",
     "parse_value",
+    "parse_windows",
 ]
 
 NANOS_PER_SECOND = 1_000_000_000
@@ -70,6 +72,32 @@ class RateLimit(Value):
         return self.per_minute / 60
 
 
+class WindowLimit(Value):
+    """At most ``count`` cost starts in every (sliding) window of ``window_ns`` nanoseconds."""
+
+    __slots__ = ("count", "window_ns")
+    count: int
+    window_ns: int
+
+    def __init__(self, count: int, window_ns: int) -> None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an integer >= 1, not {count!r}")
+        if isinstance(window_ns, bool) or not isinstance(window_ns, int) or window_ns < 1:
+            raise ValueError(f"window_ns must be an integer >= 1, not {window_ns!r}")
+        self._set(count=count, window_ns=window_ns)
+
+    @property
+    def seconds(self) -> float:
+        return self.window_ns / NANOS_PER_SECOND
+
+    def describe(self) -> str:
+        """``10/2s``, ``5000/1h``, ``10000/1d``: as written in the option, normalised."""
+        seconds = self.seconds
+        if seconds >= 86400 and seconds % 86400 == 0:
+            return f"{self.count}/{int(seconds // 86400)}d"
+        return f"{self.count}/{format_duration(seconds)}"
+
+
 class ThrottlePolicy(Value):
     """What happens when the server throttles a test (HTTP 429, or 503 with Retry-After).
 
@@ -108,10 +136,12 @@ class ExecutionPolicy(Value):
     __slots__ = (
         "batch_backoff",
         "batch_size",
+        "max_concurrency",
         "max_failures",
         "rate_limit",
         "throttling",
         "total_timeout",
+        "windows",
     )
     rate_limit: RateLimit | None
     batch_size: int | None
@@ -119,6 +149,8 @@ class ExecutionPolicy(Value):
     max_failures: int | None
     total_timeout: float | None
     throttling: ThrottlePolicy
+    windows: tuple[WindowLimit, ...]
+    max_concurrency: int | None
 
     def __init__(
         self,
@@ -128,6 +160,8 @@ class ExecutionPolicy(Value):
         max_failures: int | None = None,
         total_timeout: float | None = None,
         throttling: ThrottlePolicy = DEFAULT_THROTTLING,
+        windows: tuple[WindowLimit, ...] = (),
+        max_concurrency: int | None = None,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size!r}")
@@ -141,6 +175,13 @@ class ExecutionPolicy(Value):
             raise ValueError(
                 f"burst ({rate_limit.burst}) is smaller than batch_size ({batch_size})"
             )
+        for window in windows:
+            if batch_size is not None and window.count < batch_size:
+                raise ValueError(
+                    f"window {window.describe()} is smaller than batch_size ({batch_size})"
+                )
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, not {max_concurrency!r}")
         self._set(
             rate_limit=rate_limit,
             batch_size=batch_size,
@@ -148,6 +189,8 @@ class ExecutionPolicy(Value):
             max_failures=max_failures,
             total_timeout=total_timeout,
             throttling=throttling,
+            windows=tuple(windows),
+            max_concurrency=max_concurrency,
         )
 
     @property
@@ -160,7 +203,17 @@ class ExecutionPolicy(Value):
             or self.max_failures is not None
             or self.total_timeout is not None
             or self.throttling != DEFAULT_THROTTLING
+            or bool(self.windows)
+            or self.max_concurrency is not None
         )
+
+    @property
+    def largest_cost(self) -> tuple[int, str] | None:
+        """The most one start may cost, and the limit that says so (``None``: no bound)."""
+        bounds = [(window.count, window.describe()) for window in self.windows]
+        if self.rate_limit is not None:
+            bounds.append((self.rate_limit.burst, "the burst"))
+        return min(bounds) if bounds else None
 
     def describe(self) -> str:
         """One line for the session header, e.g. ``rate 60/min, burst 5, batch size 5``."""
@@ -170,6 +223,10 @@ class ExecutionPolicy(Value):
             per_minute = "auto" if rate.learned else f"{_format_number(rate.per_minute)}/min"
             parts.append(f"rate {per_minute}")
             parts.append(f"burst {rate.burst}")
+        if self.windows:
+            parts.append("limits " + ", ".join(window.describe() for window in self.windows))
+        if self.max_concurrency is not None:
+            parts.append(f"max concurrency {self.max_concurrency}")
         if self.batch_size is not None:
             parts.append(f"batch size {self.batch_size}")
             parts.append(f"backoff {format_duration(self.batch_backoff)}")
@@ -191,6 +248,11 @@ class ExecutionPolicy(Value):
             "rate_per_minute": ("auto" if rate.learned else rate.per_minute) if rate else None,
             "burst": rate.burst if rate else None,
             "interval_ns": rate.interval_ns if rate else None,
+            "rate_limit": [
+                {"count": window.count, "window": window.seconds, "text": window.describe()}
+                for window in self.windows
+            ],
+            "max_concurrency": self.max_concurrency,
             "batch_size": self.batch_size,
             "batch_backoff": self.batch_backoff,
             "max_failures": self.max_failures,
@@ -349,19 +411,84 @@ def _key(text: str) -> str:
     return value
 
 
-def parse_cost(args: tuple[Any, ...], kwargs: Mapping[str, Any], burst: int | None) -> int:
-    """Tokens from ``@pytest.mark.ratebatch(cost=N)`` (or ``ratebatch(N)``); 1 by default."""
+def parse_cost(
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    burst: int | None,
+    bound: str = "the burst",
+) -> int:
+    """Tokens from ``@pytest.mark.ratebatch(cost=N)`` (or ``ratebatch(N)``); 1 by default.
+
+    ``burst`` is the most one start may cost, ``bound`` the limit that says so.
+    """
     if len(args) + len(kwargs) > 1 or set(kwargs) - {"cost"}:
         raise ValueError("takes one argument: cost=N")
     cost = kwargs.get("cost", args[0] if args else 1)
     if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
         raise ValueError(f"cost must be a whole number >= 0, not {cost!r}")
     if burst is not None and cost > burst:
+        remedy = "raise --burst" if bound == "the burst" else f"raise {bound}"
         raise ValueError(
-            f"cost {cost} exceeds the burst ({burst}): such a test could never start within "
-            "the rate bound; raise --burst or lower the cost"
+            f"cost {cost} exceeds {bound} ({burst}): such a test could never start within "
+            f"the limits; {remedy} or lower the cost"
         )
     return cost
+
+
+_WINDOW_UNITS = {
+    "ms": 0.001,
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+}
+_WINDOW = r"(\d+(?:\.\d*)?|\.\d+)?([a-z]+)"
+
+
+def parse_windows(text: str) -> tuple[WindowLimit, ...]:
+    """``N/DURATION`` limits, separated by commas or semicolons: ``10/s``, ``100/15min``,
+    ``10/2s; 5000/h``, ``10000/day``. A window without a number is one unit long."""
+    entries = [entry.strip() for entry in re.split(r"[,;]", text) if entry.strip()]
+    if not entries:
+        raise ValueError("no limit given (use N/DURATION, e.g. 10/s, 100/15min, 5000/h)")
+    windows = []
+    for entry in entries:
+        count_text, slash, window_text = entry.partition("/")
+        if not slash:
+            raise ValueError(f"{entry!r} is not N/DURATION (e.g. 10/2s, 5000/h, 10000/day)")
+        try:
+            count = int(count_text.strip())
+        except ValueError:
+            raise ValueError(f"{entry!r}: {count_text.strip()!r} is not a whole number") from None
+        if count < 1:
+            raise ValueError(f"{entry!r}: the number of starts must be >= 1")
+        seconds = _window_seconds(entry, window_text.strip().lower().replace(" ", ""))
+        window_ns = round(seconds * NANOS_PER_SECOND)
+        if window_ns < 1:
+            raise ValueError(f"{entry!r}: the window must be longer than 0")
+        windows.append(WindowLimit(count, window_ns))
+    return tuple(windows)
+
+
+def _window_seconds(entry: str, text: str) -> float:
+    match = re.fullmatch(_WINDOW, text)
+    if match and match.group(2) in _WINDOW_UNITS:
+        number, unit = match.groups()
+        return (float(number) if number else 1.0) * _WINDOW_UNITS[unit]
+    if re.fullmatch(_PLAIN_NUMBER, text):
+        raise ValueError(f"{entry!r}: the window needs a unit (e.g. {text}s)")
+    try:
+        return parse_duration(text)  # compound spellings: 1h30m
+    except ValueError:
+        raise ValueError(
+            f"{entry!r}: {text!r} is not a duration (ms, s, min, h, day: 10/s, 100/15min)"
+        ) from None
 
 
 def mask_url(url: str) -> str:
@@ -380,6 +507,8 @@ def mask_url(url: str) -> str:
 #: Each option's parser: raw text in, value out, or ``ValueError`` with a short reason.
 PARSERS: dict[str, Callable[[str], Any]] = {
     "rate_per_minute": _rate,
+    "rate_limit": parse_windows,
+    "max_concurrency": _positive_int,
     "burst": _positive_int,
     "batch_size": _positive_int,
     "batch_backoff": _non_negative_duration,
@@ -416,6 +545,14 @@ def build_policy(raw: Mapping[str, RawValue]) -> ExecutionPolicy:
     burst: int | None = values.get("burst")
     if burst is not None and rate is None:
         raise conflict("burst", "a burst needs a rate (--rate-per-minute)")
+    windows: tuple[WindowLimit, ...] = values.get("rate_limit", ())
+    for window in windows:
+        if batch_size is not None and window.count < batch_size:
+            raise conflict(
+                "rate_limit",
+                f"{window.describe()} allows fewer starts than the batch size ({batch_size}); "
+                "a batch takes its tokens in every window at once",
+            )
     if "batch_backoff" in values and batch_size is None:
         raise conflict("batch_backoff", "a batch backoff needs a batch size (--batch-size)")
     if burst is not None and batch_size is not None and burst < batch_size:
@@ -440,4 +577,6 @@ def build_policy(raw: Mapping[str, RawValue]) -> ExecutionPolicy:
         max_failures=values.get("max_failures"),
         total_timeout=values.get("total_timeout"),
         throttling=throttling,
+        windows=windows,
+        max_concurrency=values.get("max_concurrency"),
     )

@@ -186,3 +186,76 @@ def test_rate_limit_validates_its_fields(kwargs: dict[str, float]) -> None:
 def test_execution_policy_validates_its_fields(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=r"must be|smaller"):
         ExecutionPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "limits"),
+    [
+        ("10/s", [(10, 1.0)]),
+        ("100/15min", [(100, 900.0)]),
+        ("5000/h", [(5000, 3600.0)]),
+        ("10/2s", [(10, 2.0)]),
+        ("10000/day", [(10000, 86400.0)]),
+        ("10000/d", [(10000, 86400.0)]),
+        ("3/250ms", [(3, 0.25)]),
+        ("10/1h30m", [(10, 5400.0)]),
+        (" 10 / 2 s ; 25/10s,500/hour ", [(10, 2.0), (25, 10.0), (500, 3600.0)]),
+    ],
+)
+def test_window_limits_read_as_apis_state_them(text: str, limits: list[tuple[int, float]]) -> None:
+    policy = build_policy(cli(rate_limit=text))
+    assert [(window.count, window.seconds) for window in policy.windows] == limits
+    assert policy.is_active
+    assert policy.rate_limit is None
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("", "no limit given"),
+        ("10", "is not N/DURATION"),
+        ("0/s", "must be >= 1"),
+        ("ten/s", "'ten' is not a whole number"),
+        ("10/2", "the window needs a unit (e.g. 2s)"),
+        ("10/0s", "must be longer than 0"),
+        ("10/fortnight", "'fortnight' is not a duration"),
+        ("10/s, 5/", "'' is not a duration"),
+    ],
+)
+def test_bad_window_limits_name_the_entry(text: str, problem: str) -> None:
+    with pytest.raises(PolicyError) as error:
+        build_policy({"rate_limit": RawValue(text, "ini file /repo/pytest.ini")})
+    message = str(error.value)
+    assert message.startswith(f"ratebatch: rate_limit={text!r} (ini file /repo/pytest.ini): ")
+    assert problem in message
+
+
+def test_a_window_must_hold_a_whole_batch() -> None:
+    with pytest.raises(
+        PolicyError,
+        match=r"--rate-limit='10/s, 3/2s' \(command line\): 3/2s allows fewer starts than the "
+        r"batch size \(5\)",
+    ):
+        build_policy(cli(rate_limit="10/s, 3/2s", batch_size="5"))
+
+
+def test_windows_and_concurrency_are_described_and_reported() -> None:
+    policy = build_policy(
+        cli(rate_per_minute="600", rate_limit="10/2s,10000/day", max_concurrency="2")
+    )
+    assert policy.max_concurrency == 2
+    assert policy.describe() == ("rate 600/min, burst 1, limits 10/2s, 10000/1d, max concurrency 2")
+    data = policy.to_json()
+    assert data["max_concurrency"] == 2
+    assert data["rate_limit"] == [
+        {"count": 10, "window": 2.0, "text": "10/2s"},
+        {"count": 10000, "window": 86400.0, "text": "10000/1d"},
+    ]
+    assert policy.largest_cost == (1, "the burst")
+    assert build_policy(cli(rate_limit="10/2s, 4/s")).largest_cost == (4, "4/1s")
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "1.5", "many"])
+def test_bad_max_concurrency_is_refused(text: str) -> None:
+    with pytest.raises(PolicyError, match=rf"--max-concurrency='{text}' \(command line\)"):
+        build_policy(cli(max_concurrency=text))
