@@ -92,7 +92,14 @@ def test_no_rate_and_no_windows_means_no_forecast() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0.0004, "0s"), (0.04, "0.04s"), (2.46, "2.5s"), (12.4, "12s"), (295, "4m55s"), (3601.2, "1h1s")],
+    [
+        (0.0004, "0s"),
+        (0.04, "0.04s"),
+        (2.46, "2.5s"),
+        (12.4, "12s"),
+        (295, "4m55s"),
+        (3601.2, "1h1s"),
+    ],
 )
 def test_format_span(seconds: float, text: str) -> None:
     assert format_span(seconds) == text
@@ -129,3 +136,16 @@ def test_the_forecast_is_what_the_scheduler_does_with_instant_tests(
     forecast = forecast_policy(policy, costs)
     assert forecast is not None
     assert list(forecast.starts_ns) == starts
+
+
+def test_the_policy_windows_count() -> None:
+    from pytest_ratebatch.policy import WindowLimit
+
+    policy = ExecutionPolicy(RateLimit(60, 5), windows=(WindowLimit(10, 60 * SECOND),))
+    forecast = forecast_policy(policy, [1] * 25)
+    assert forecast is not None
+    assert forecast.span_ns == 120 * SECOND
+    windows_only = ExecutionPolicy(windows=(WindowLimit(2, SECOND),))
+    forecast = forecast_policy(windows_only, [1] * 5)
+    assert forecast is not None
+    assert forecast.span_ns == 2 * SECOND

@@ -166,7 +166,7 @@ def simulate(
 
 def policy_windows(policy: ExecutionPolicy) -> tuple[tuple[int, int], ...]:
     """The policy's sliding-window limits as ``(count, window_ns)`` pairs."""
-    return tuple((window.count, window.window_ns) for window in getattr(policy, "windows", ()))
+    return tuple((window.count, window.window_ns) for window in policy.windows)
 
 
 def forecast_policy(policy: ExecutionPolicy, costs: Sequence[int]) -> Forecast | None:
