@@ -406,11 +406,13 @@ def _legend(canvas: _Canvas, timeline: Timeline, policy: dict[str, Any]) -> None
     for cls, label in entries:
         if cls in ("cost", "bound", "window-bound", "batch"):
             canvas.add(
-                f'<line class="{cls}" x1="{_n(position)}" y1="34" '
+                f'<line class="legend {cls}" x1="{_n(position)}" y1="34" '
                 f'x2="{_n(position + 14)}" y2="34"/>'
             )
         else:
-            canvas.add(f'<rect class="{cls}" x="{_n(position)}" y="29" width="14" height="10"/>')
+            canvas.add(
+                f'<rect class="legend {cls}" x="{_n(position)}" y="29" width="14" height="10"/>'
+            )
         canvas.text(position + 18, 38, label)
         position += 26 + 6.2 * len(label)
 
