@@ -10,14 +10,15 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .clock import MONOTONIC
+from .clock import MONOTONIC, Clock
 from .ledger import Ledger
-from .policy import ExecutionPolicy, format_duration
+from .policy import NANOS_PER_SECOND, ExecutionPolicy
 from .report import (
     CANCELLED_PREFIX,
     Tally,
@@ -29,7 +30,14 @@ from .report import (
 )
 from .scheduler import Ticket
 from .stores import BucketStore
-from .views.forecast import Forecast, describe_forecast, forecast_json, forecast_policy
+from .views.forecast import (
+    Forecast,
+    describe_forecast,
+    forecast_json,
+    forecast_policy,
+    format_span,
+)
+from .views.progress import LinePace, Progress
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
@@ -43,12 +51,14 @@ __all__ = [
     "WORKEROUTPUT_KEY",
     "ControllerReporter",
     "OutcomeRecorder",
+    "ProgressLine",
     "Reporter",
     "TerminalGuard",
     "WorkerRecords",
     "read_worker_costs",
     "ticket_start",
     "wants_forecast",
+    "write_between_progress",
     "write_worker_costs",
 ]
 
@@ -104,19 +114,134 @@ class TerminalGuard:
     passes: cheaper than wrapping the hooks that print, which run several times per test.
     """
 
-    def __init__(self, lock: threading.RLock) -> None:
+    def __init__(self, lock: threading.RLock, before: Callable[[], None] | None = None) -> None:
         self.lock = lock
+        self.before = before  # called under the lock before each write (clears a status line)
 
     def install(self, terminal: TerminalReporter) -> None:
         writer = terminal._tw
         write = writer.write
         lock = self.lock
+        before = self.before
 
         def locked_write(msg: str, *, flush: bool = False, **markup: bool) -> None:
             with lock:
+                if before is not None:
+                    before()
                 write(msg, flush=flush, **markup)
 
         writer.write = locked_write  # type: ignore[method-assign]
+
+
+#: Seconds between updates of the status line on a terminal, and between lines in a log.
+TERMINAL_REFRESH = 1.0
+LOG_EVERY = 30.0
+
+
+class ProgressLine:
+    """While tests wait for the limiter: what for, and where the run stands.
+
+    On a terminal, one line updated in place (every second while a wait lasts) under
+    pytest's progress, written past pytest's line bookkeeping and erased before pytest
+    writes again, so its output stays as it would be. In a log (no TTY), a plain line,
+    at most one every ``LOG_EVERY`` seconds. ``tick`` is what the refresher thread calls;
+    ``status(now_ns)`` says where the run stands.
+    """
+
+    def __init__(
+        self,
+        terminal: TerminalReporter,
+        lock: threading.RLock,
+        status: Callable[[int], str],
+        tty: bool,
+        clock: Clock = MONOTONIC,
+    ) -> None:
+        self.terminal = terminal
+        self.lock = lock
+        self.status = status
+        self.tty = tty
+        self.clock = clock
+        self._pace = LinePace(int(LOG_EVERY * NANOS_PER_SECOND))
+        self._wait: tuple[str, str, int] | None = None  # (worker, what, until_ns)
+        self._showing = False
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def waiting(self, what: str, seconds: float, worker: str = "") -> None:
+        """A wait of ``seconds`` begins (in this process or, under xdist, in ``worker``)."""
+        now = self.clock.now_ns()
+        with self.lock:
+            self._wait = (worker, what, now + int(seconds * NANOS_PER_SECOND))
+            self._show(now)
+
+    def tick(self) -> None:
+        """Refresh the line while a wait lasts."""
+        now = self.clock.now_ns()
+        with self.lock:
+            if self._wait is not None and now < self._wait[2]:
+                self._show(now)
+
+    def text(self, now: int) -> str:
+        assert self._wait is not None
+        worker, what, until = self._wait
+        who = f"[{worker}] " if worker else ""
+        left = format_span(max(0, until - now) / NANOS_PER_SECOND)
+        return f"ratebatch: {who}waiting {left} for {what}; {self.status(now)}"
+
+    def _show(self, now: int) -> None:
+        terminal = self.terminal
+        if not self.tty:
+            if self._pace.due(now):
+                write_between_progress(terminal, self.text(now))
+            return
+        writer = terminal._tw
+        if not self._showing:
+            terminal.ensure_newline()
+            if writer.width_of_current_line:
+                terminal.write("\n")
+        text = self.text(now)[: max(20, writer.fullwidth - 1)]
+        file = writer._file
+        file.write(f"\r\x1b[K{text}")  # past the writer: its idea of the line stays empty
+        file.flush()
+        self._showing = True
+
+    def clear(self) -> None:
+        """Erase the status line before anything else is written (under the lock)."""
+        if self._showing:
+            self._showing = False
+            file = self.terminal._tw._file
+            file.write("\r\x1b[K")
+
+    def start(self) -> None:
+        """Refresh in a thread while waits last (on a terminal, or for long waits in a log)."""
+        if self._thread is not None:
+            return
+        period = TERMINAL_REFRESH if self.tty else LOG_EVERY / 6
+
+        def refresh() -> None:
+            while not self._stop.wait(period):
+                self.tick()
+
+        self._thread = threading.Thread(target=refresh, name="ratebatch-progress", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self.lock:
+            self._wait = None
+            self.clear()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+def write_between_progress(terminal: TerminalReporter, text: str) -> None:
+    """A line of ours between pytest's progress lines."""
+    terminal.ensure_newline()
+    writer = getattr(terminal, "_tw", None)
+    if getattr(writer, "width_of_current_line", 0):
+        terminal.write("\n")  # xdist prints progress letters without tracking the line
+    terminal.write_line(text)
 
 
 class Reporter:
@@ -157,6 +282,8 @@ class Reporter:
         self.forecast: Forecast | None = None
         self.wants_forecast = wants_forecast(policy)
         self._forecast_line = ""
+        self.progress: ProgressLine | None = None
+        self.output_lock = threading.RLock()
 
     def _record(self, nodeid: str) -> TestRecord:
         assert self.records is not None
@@ -241,19 +368,63 @@ class Reporter:
             hasattr(report, "wasxfail"),
         )
 
-    def announce_wait(self, what: str, seconds: float) -> None:
-        if seconds >= ANNOUNCE_WAITS_FROM:
-            self._write_announcement(f"waiting {format_duration(round(seconds, 1))} for {what}")
+    def announce_wait(self, what: str, seconds: float, worker: str = "") -> None:
+        """A wait for the limiter begins: show it with the run's progress (long ones only)."""
+        if seconds < ANNOUNCE_WAITS_FROM:
+            return
+        progress = self.progress
+        if progress is None:
+            terminal = self._terminal
+            if terminal is None or self.config.get_verbosity() < -1:
+                return
+            progress = self.progress = self._progress_line(terminal)
+        progress.waiting(what, seconds, worker)
+        progress.start()
+
+    def _progress_line(self, terminal: TerminalReporter) -> ProgressLine:
+        tty = bool(getattr(terminal, "isatty", False))
+        line = ProgressLine(terminal, self.output_lock, self._status, tty)
+        TerminalGuard(self.output_lock, line.clear if tty else None).install(terminal)
+        return line
+
+    def _status(self, now_ns: int) -> str:
+        """Where the run stands: tests started of all, rate, time left."""
+        total = self.tally.collected
+        forecast = self.forecast
+        if forecast is not None and forecast.tests != total:
+            forecast = None
+        progress = Progress(total, forecast, self.start_ns)
+        return progress.describe(self.started_count, now_ns, self._paused_ns(now_ns))
+
+    @property
+    def started_count(self) -> int:
+        """Tests started (or cancelled) so far."""
+        return self.tally.run + self.tally.cancelled
+
+    def _paused_ns(self, now_ns: int) -> int:
+        """The time the server's pauses took from the run so far (their union)."""
+        paused = 0
+        reach = 0
+        for start, end in sorted(
+            (event["at_ns"], event["paused_until_ns"])
+            for event in self.events
+            if event.get("paused_until_ns") is not None and event.get("at_ns") is not None
+        ):
+            until = min(end, now_ns - self.start_ns)
+            since = max(start, reach)
+            if until > since:
+                paused += until - since
+                reach = until
+        return paused
 
     def _write_announcement(self, text: str) -> None:
         terminal = self._terminal
         if terminal is None:
             return
-        terminal.ensure_newline()
-        writer = getattr(terminal, "_tw", None)
-        if getattr(writer, "width_of_current_line", 0):
-            terminal.write("\n")  # xdist prints progress letters without tracking the line
-        terminal.write_line(f"ratebatch: {text}")
+        with self.output_lock:
+            if self.progress is not None:
+                self.progress.clear()
+            write_between_progress(terminal, f"ratebatch: {text}")
 
     # --- the end -----------------------------------------------------------------------
 
@@ -267,6 +438,8 @@ class Reporter:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.progress is not None:
+            self.progress.close()
         if self.tally.cancelled and session.exitstatus == pytest.ExitCode.OK:
             # Tests that never ran are not a success, even if nothing failed.
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -324,13 +497,30 @@ class ControllerReporter(Reporter):
         self.shared = shared
         self._collected: dict[str, int] = {}  # worker -> tests it collected
         self._lost: list[str] = []  # workers that died before sending their totals
+        self._started = 0  # tests the workers started (for the progress line)
+        self.output_lock = shared.output_lock
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         super().pytest_sessionstart(session)
-        if self._terminal is not None:
-            TerminalGuard(self.shared.output_lock).install(self._terminal)
-        self.shared.start_announcer(self._write_announcement)
+        terminal = self._terminal
+        if terminal is not None and self.config.get_verbosity() >= -1:
+            # The announcer thread writes too: the lock is installed from the start.
+            self.progress = self._progress_line(terminal)
+        self.shared.start_announcer(self._announced)
+
+    def _announced(self, message: str) -> None:
+        """A worker's announcement: ``worker<TAB>seconds<TAB>what``, a wait it begins."""
+        worker, seconds, what = message.split("\t", 2)
+        self.announce_wait(what, float(seconds), worker)
+
+    @property
+    def started_count(self) -> int:
+        return self._started
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_runtest_logstart(self, nodeid: str, location: object) -> None:
+        self._started += 1
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:

@@ -305,7 +305,11 @@ def test_long_waits_are_announced_between_progress_lines(pytester: pytest.Pytest
     result = pytester.runpytest("--rate-per-minute=40")  # 1.5 s between starts
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
-        ["test_many.py .*", "ratebatch: waiting 1.5s for rate tokens", "test_many.py .*"]
+        [
+            "test_many.py .*",
+            "ratebatch: waiting 1.5s for rate tokens; 1/2 started, *, about 1.5s left",
+            "test_many.py .*",
+        ]
     )
 
 
