@@ -37,7 +37,7 @@ from .views.forecast import (
     forecast_policy,
     format_span,
 )
-from .views.progress import LinePace, Progress
+from .views.progress import LinePace, Progress, with_time_left
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
@@ -141,9 +141,10 @@ LOG_EVERY = 30.0
 class ProgressLine:
     """While tests wait for the limiter: what for, and where the run stands.
 
-    On a terminal, one line updated in place (every second while a wait lasts) under
-    pytest's progress, written past pytest's line bookkeeping and erased before pytest
-    writes again, so its output stays as it would be. In a log (no TTY), a plain line,
+    On a terminal, one line updated in place (every second while a wait lasts) below
+    pytest's progress line, written past pytest's line bookkeeping and erased before pytest
+    writes again (the cursor back at the end of pytest's line), so pytest's own output
+    stays exactly as it would be. In a log (no TTY), a plain line,
     at most one every ``LOG_EVERY`` seconds. ``tick`` is what the refresher thread calls;
     ``status(now_ns)`` says where the run stands.
     """
@@ -152,7 +153,7 @@ class ProgressLine:
         self,
         terminal: TerminalReporter,
         lock: threading.RLock,
-        status: Callable[[int], str],
+        status: Callable[[int], tuple[str, int | None]],
         tty: bool,
         clock: Clock = MONOTONIC,
     ) -> None:
@@ -163,6 +164,9 @@ class ProgressLine:
         self.clock = clock
         self._pace = LinePace(int(LOG_EVERY * NANOS_PER_SECOND))
         self._wait: tuple[str, str, int] | None = None  # (worker, what, until_ns)
+        # Where the run stood when the wait began: (then, text, ns left); the time left
+        # then counts down, rather than the schedule being judged in the middle of a wait.
+        self._status: tuple[int, str, int | None] = (0, "", None)
         self._showing = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -172,6 +176,7 @@ class ProgressLine:
         now = self.clock.now_ns()
         with self.lock:
             self._wait = (worker, what, now + int(seconds * NANOS_PER_SECOND))
+            self._status = (now, *self.status(now))
             self._show(now)
 
     def tick(self) -> None:
@@ -186,7 +191,10 @@ class ProgressLine:
         worker, what, until = self._wait
         who = f"[{worker}] " if worker else ""
         left = format_span(max(0, until - now) / NANOS_PER_SECOND)
-        return f"ratebatch: {who}waiting {left} for {what}; {self.status(now)}"
+        then, status, run_left = self._status
+        if run_left is not None:  # the run ends no sooner than this wait
+            run_left = max(run_left - (now - then), until - now)
+        return f"ratebatch: {who}waiting {left} for {what}; {with_time_left(status, run_left)}"
 
     def _show(self, now: int) -> None:
         terminal = self.terminal
@@ -195,22 +203,21 @@ class ProgressLine:
                 write_between_progress(terminal, self.text(now))
             return
         writer = terminal._tw
-        if not self._showing:
-            terminal.ensure_newline()
-            if writer.width_of_current_line:
-                terminal.write("\n")
         text = self.text(now)[: max(20, writer.fullwidth - 1)]
+        # On the line below pytest's, past the writer (its idea of its line stays true).
+        move = "\r" if self._showing else "\n"
         file = writer._file
-        file.write(f"\r\x1b[K{text}")  # past the writer: its idea of the line stays empty
+        file.write(f"{move}\x1b[K{text}")
         file.flush()
         self._showing = True
 
     def clear(self) -> None:
-        """Erase the status line before anything else is written (under the lock)."""
+        """Erase the status line and return to the end of pytest's line (under the lock)."""
         if self._showing:
             self._showing = False
-            file = self.terminal._tw._file
-            file.write("\r\x1b[K")
+            writer = self.terminal._tw
+            column = writer.width_of_current_line + 1
+            writer._file.write(f"\r\x1b[K\x1b[A\x1b[{column}G")
 
     def start(self) -> None:
         """Refresh in a thread while waits last (on a terminal, or for long waits in a log)."""
@@ -387,14 +394,16 @@ class Reporter:
         TerminalGuard(self.output_lock, line.clear if tty else None).install(terminal)
         return line
 
-    def _status(self, now_ns: int) -> str:
-        """Where the run stands: tests started of all, rate, time left."""
+    def _status(self, now_ns: int) -> tuple[str, int | None]:
+        """Where the run stands: tests started of all, rate; and the time left."""
         total = self.tally.collected
         forecast = self.forecast
         if forecast is not None and forecast.tests != total:
             forecast = None
-        progress = Progress(total, forecast, self.start_ns)
-        return progress.describe(self.started_count, now_ns, self._paused_ns(now_ns))
+        rate = self.policy.rate_limit
+        burst = rate.burst if rate is not None else 0
+        progress = Progress(total, forecast, self.start_ns, burst)
+        return progress.describe_parts(self.started_count, now_ns, self._paused_ns(now_ns))
 
     @property
     def started_count(self) -> int:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from ..policy import NANOS_PER_SECOND
 from .forecast import Forecast, format_span
 
-__all__ = ["LinePace", "Progress"]
+__all__ = ["LinePace", "Progress", "with_time_left"]
 
 
 class Progress:
-    """A run's progress: ``describe`` says ``40/300 started, 59.8/min, about 4m20s left``.
+    """A run's progress: ``describe`` says ``40/300 started, 59.8/min, 4m20s left``.
 
     Time left is the forecast's time from the current start to its last one, stretched by
     how much slower than its schedule the run went so far (slow tests, a lowered rate);
@@ -22,10 +22,13 @@ class Progress:
     left at the rate achieved so far.
     """
 
-    def __init__(self, total: int, forecast: Forecast | None, start_ns: int) -> None:
+    def __init__(
+        self, total: int, forecast: Forecast | None, start_ns: int, burst: int = 0
+    ) -> None:
         self.total = total
         self.forecast = forecast
         self.start_ns = start_ns
+        self.burst = burst  # started at once: not part of the rate achieved
 
     def left_ns(self, started: int, now_ns: int, paused_ns: int = 0) -> int | None:
         """Nanoseconds left by the forecast corrected with what happened; ``None``: unknown."""
@@ -44,20 +47,33 @@ class Progress:
         return round((self.total - started) * elapsed / started)
 
     def per_minute(self, started: int, now_ns: int) -> float | None:
+        """Tests started per minute beyond the first burst (``None`` within it)."""
         elapsed = now_ns - self.start_ns
-        if started <= 0 or elapsed <= 0:
+        beyond = started - self.burst
+        if beyond <= 0 or elapsed <= 0:
             return None
-        return started * 60 * NANOS_PER_SECOND / elapsed
+        return beyond * 60 * NANOS_PER_SECOND / elapsed
 
     def describe(self, started: int, now_ns: int, paused_ns: int = 0) -> str:
+        text, left = self.describe_parts(started, now_ns, paused_ns)
+        return with_time_left(text, left)
+
+    def describe_parts(
+        self, started: int, now_ns: int, paused_ns: int = 0
+    ) -> tuple[str, int | None]:
+        """``40/300 started, 59.8/min`` and the nanoseconds left (``None``: unknown)."""
         parts = [f"{started}/{self.total} started"]
         rate = self.per_minute(started, now_ns)
         if rate is not None:
             parts.append(f"{rate:.4g}/min")
-        left = self.left_ns(started, now_ns, paused_ns)
-        if left is not None:
-            parts.append(f"about {format_span(left / NANOS_PER_SECOND)} left")
-        return ", ".join(parts)
+        return ", ".join(parts), self.left_ns(started, now_ns, paused_ns)
+
+
+def with_time_left(text: str, left_ns: int | None) -> str:
+    """``text`` and the time left, if known: ``40/300 started, 60/min, 4m20s left``."""
+    if left_ns is None:
+        return text
+    return f"{text}, {format_span(max(0, left_ns) / NANOS_PER_SECOND)} left"
 
 
 class LinePace:
