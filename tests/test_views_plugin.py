@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from xml.etree import ElementTree
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -82,3 +86,51 @@ def test_under_xdist_the_controller_prints_the_forecast_once_with_the_costs(
         "ratebatch: forecast: 7 tests, cost 8, take at least 0.004s by the policy "
         "(test durations add to it)"
     ]
+
+
+# --- the timeline and the report -------------------------------------------------------
+
+
+def svg_lanes(path: Path) -> list[str]:
+    root = ElementTree.parse(path).getroot()
+    return [
+        group.get("data-lane", "")
+        for group in root.iter("{http://www.w3.org/2000/svg}g")
+        if group.get("class") == "lane"
+    ]
+
+
+def test_the_timeline_option_draws_the_session(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 3)
+    result = pytester.runpytest("--rate-per-minute=60000", "--ratebatch-timeline=out/t.svg")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines([f"timeline: {pytester.path / 'out' / 't.svg'}"])
+    assert svg_lanes(pytester.path / "out" / "t.svg") == ["session"]
+
+
+def test_the_timeline_ini_key_under_xdist_draws_a_lane_per_worker(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeini("[pytest]\nratebatch_timeline = t.svg\nratebatch_report = r.json\n")
+    write_tests(pytester, 7)
+    result = pytester.runpytest_subprocess("-n", "2", "--rate-per-minute=60000", "--burst=2")
+    result.assert_outcomes(passed=8)
+    assert svg_lanes(pytester.path / "t.svg") == ["gw0", "gw1"]
+    report = json.loads((pytester.path / "r.json").read_text())
+    assert report["format"] == 2
+    assert report["policy"]["description"] == "rate 60000/min, burst 2"
+    assert report["policy"]["windows"] == []
+    assert report["session"]["forecast"] == {"least": 0.006, "tests": 8, "cost": 8, "cancelled": 0}
+    assert report["summary"]["cost"] == 8
+    assert set(report["summary"]) == {
+        "run", "cancelled", "not_run", "batches", "waited", "longest_wait", "cost",
+        "achieved_per_minute",
+    }  # fmt: skip
+
+
+def test_a_timeline_alone_needs_no_policy(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 2)
+    result = pytester.runpytest("--ratebatch-timeline=t.svg")
+    result.assert_outcomes(passed=3)
+    assert forecast_lines(result) == []
+    assert svg_lanes(pytester.path / "t.svg") == ["session"]
