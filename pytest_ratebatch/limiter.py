@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from .clock import MONOTONIC, Clock
-from .gcra import ADMITTED, OVERTAKEN, REFUSED
-from .policy import NANOS_PER_SECOND, RateLimit
+from .gcra import ADMITTED, OVERTAKEN, REFUSED, Outcome
+from .policy import NANOS_PER_SECOND, RateLimit, WindowLimit
 from .stores import BucketStore, MemoryBucketStore
 from .values import Value
+from .windows import RATE, Windows
 
-__all__ = ["Admission", "RateLimiter"]
+__all__ = ["UNLIMITED", "Admission", "RateLimiter"]
 
 OnWait = Callable[[float], None]
+
+
+#: The bucket of a session without a rate: no rate of its own, there to carry a throttle's
+#: pause to everyone and to order the starts that window limits hold (any burst: without a
+#: rate it only bounds a single request).
+UNLIMITED = RateLimit(math.inf, 2**31)
 
 
 class Admission(Value):
@@ -43,12 +51,45 @@ class RateLimiter:
         rate_limit: RateLimit,
         store: BucketStore | None = None,
         clock: Clock = MONOTONIC,
+        windows: tuple[WindowLimit, ...] = (),
     ) -> None:
         self.rate_limit = rate_limit
         self.store: BucketStore = store if store is not None else MemoryBucketStore(clock)
         self._clock = clock
         self._interval = rate_limit.interval_ns
         self._burst = rate_limit.burst
+        self.windows = windows
+        self._windows: Windows = tuple((window.count, window.window_ns) for window in windows)
+        #: The most one request may take: the burst, or the smallest window.
+        self.largest = min([rate_limit.burst] + [window.count for window in windows])
+        #: Each limit's name: the bucket's (``windows.RATE``), then each window's.
+        self.limit_names = ("rate", *(window.describe() for window in windows))
+        #: The limit that set the latest sleep (an index into ``limit_names``).
+        self.last_bound = RATE
+        if windows:  # the stores' windowed operations; without windows the lean ones
+            self._store_take = self._take_windowed
+            self._store_commit = self._commit_windowed
+        else:
+            self._store_take = self._take_plain
+            self._store_commit = self._commit_plain
+
+    def _take_plain(self, tokens: int, max_wait: int | None, admit: bool) -> Outcome:
+        return self.store.take(tokens, self._interval, self._burst, max_wait, admit)
+
+    def _commit_plain(self, tokens: int, slot: int | None) -> Outcome:
+        return self.store.commit(tokens, self._interval, self._burst, slot)
+
+    def _take_windowed(self, tokens: int, max_wait: int | None, admit: bool) -> Outcome:
+        status, now, wait, self.last_bound = self.store.take_windowed(
+            tokens, self._interval, self._burst, max_wait, admit, self._windows
+        )
+        return status, now, wait
+
+    def _commit_windowed(self, tokens: int, slot: int | None) -> Outcome:
+        status, now, wait, self.last_bound = self.store.commit_windowed(
+            tokens, self._interval, self._burst, slot, self._windows
+        )
+        return status, now, wait
 
     def admit(
         self,
@@ -63,13 +104,11 @@ class RateLimiter:
         ``on_wait(seconds)`` is called before each sleep. With ``reserve_only`` the tokens
         hold a place in line but are not admitted: the caller ``commit``s them later.
         """
-        if type(tokens) is not int or not 0 < tokens <= self._burst:
+        if type(tokens) is not int or not 0 < tokens <= self.largest:
             self._check(tokens)
             return Admission(0, self._clock.now_ns(), 0)
         max_wait = None if timeout is None else max(0, int(timeout * NANOS_PER_SECOND))
-        status, now, wait = self.store.take(
-            tokens, self._interval, self._burst, max_wait, not reserve_only
-        )
+        status, now, wait = self._store_take(tokens, max_wait, not reserve_only)
         if status == ADMITTED:
             return Admission(tokens, now, 0)
         if status == REFUSED:
@@ -85,10 +124,15 @@ class RateLimiter:
         ``admit`` without the ``Admission`` record: the scheduler's path for every test, whose
         cost was checked once, when its marker was read.
         """
-        if not 0 < tokens <= self._burst:
+        if not 0 < tokens <= self.largest:
             self._check(tokens)
             raise ValueError(f"tokens must be at least 1, not {tokens!r}")
-        status, now, wait = self.store.take(tokens, self._interval, self._burst, max_wait_ns, True)
+        if self._windows:
+            status, now, wait = self._take_windowed(tokens, max_wait_ns, True)
+        else:  # the hot path of every test: the store directly
+            status, now, wait = self.store.take(
+                tokens, self._interval, self._burst, max_wait_ns, True
+            )
         if status == ADMITTED:
             return now
         if status == REFUSED:
@@ -111,13 +155,13 @@ class RateLimiter:
         if reserve_only:
             return Admission(tokens, slot, self._clock.now_ns() - started)
         while True:
-            status, now, wait = self.store.commit(tokens, self._interval, self._burst, slot)
+            status, now, wait = self._store_commit(tokens, slot)
             if status == ADMITTED:
                 return Admission(tokens, now, self._clock.now_ns() - started)
             left = None if max_wait is None else max(0, max_wait - (self._clock.now_ns() - started))
             if status == OVERTAKEN:
                 # Woken too late: a later waiter took this admission. Queue again.
-                status, now, wait = self.store.take(tokens, self._interval, self._burst, left, True)
+                status, now, wait = self._store_take(tokens, left, True)
                 if status == ADMITTED:
                     return Admission(tokens, now, self._clock.now_ns() - started)
                 if status == REFUSED:
@@ -131,19 +175,24 @@ class RateLimiter:
         """Raise for anything but a whole number of tokens within the burst (0 is allowed)."""
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"tokens must be a whole number >= 0, not {tokens!r}")
-        if tokens > self._burst:
+        if tokens > self.largest:
+            bound = "the burst" if self.largest == self._burst else "the smallest window"
             raise ValueError(
-                f"{tokens} tokens exceed the burst ({self._burst}): a request larger than the "
-                "bucket could never start within the rate bound"
+                f"{tokens} tokens exceed {bound} ({self.largest}): a request that large "
+                "could never start within the limits"
             )
 
     def commit(self, tokens: int, *, on_wait: OnWait | None = None) -> int:
         """Admit tokens reserved with ``reserve_only``; returns the admission time."""
-        if type(tokens) is not int or not 0 < tokens <= self._burst:
+        if type(tokens) is not int or not 0 < tokens <= self.largest:
             self._check(tokens)
             return self._clock.now_ns()
+        windowed = bool(self._windows)
         while True:
-            status, now, wait = self.store.commit(tokens, self._interval, self._burst)
+            if windowed:
+                status, now, wait = self._commit_windowed(tokens, None)
+            else:  # every batch member's path: the store directly
+                status, now, wait = self.store.commit(tokens, self._interval, self._burst)
             if status == ADMITTED:
                 return now
             self._sleep(wait, on_wait)
@@ -159,9 +208,9 @@ class RateLimiter:
     def acquire(self, tokens: int = 1, timeout: float | None = None) -> bool:
         """Block until ``tokens`` are taken; ``False``, taking nothing, if that would exceed
         ``timeout`` seconds."""
-        if timeout is None and type(tokens) is int and 0 < tokens <= self._burst:
+        if timeout is None and type(tokens) is int and 0 < tokens <= self.largest:
             # The common case, kept lean: one store call, no allocation when admitted.
-            status, now, wait = self.store.take(tokens, self._interval, self._burst, None, True)
+            status, now, wait = self._store_take(tokens, None, True)
             if status != ADMITTED:
                 self._wait_for_slot(tokens, now, wait, False, None)
             return True
@@ -181,4 +230,4 @@ class RateLimiter:
     @property
     def available_tokens(self) -> float:
         """Tokens that could be taken right now without waiting."""
-        return self.store.level(self._interval, self._burst)
+        return self.store.level(self._interval, self._burst, self._windows)

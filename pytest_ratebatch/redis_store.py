@@ -22,6 +22,7 @@ from .policy import mask_url
 from .stores import StoreError
 from .throttle.adapt import BucketState
 from .throttle.adapt import throttle as adapt_throttle
+from .windows import WindowedOutcome, Windows
 
 __all__ = ["DEFAULT_KEY", "RedisBucketStore"]
 
@@ -114,6 +115,115 @@ return {math.max(reserved, admitted) - now, interval}
 """
 )
 
+# Window limits (``windows``): KEYS[2k] and KEYS[2k+1] are window k's reserved and admitted
+# logs, lists of their last ``count`` starts (oldest first); ARGV[5+2k], ARGV[6+2k] its count
+# and length. Each check reads one entry near a list's head, each start appends and trims:
+# O(cost), whatever the count.
+_WINDOWS = """
+local windows = (#ARGV - 6) / 2
+local function count_of(k) return tonumber(ARGV[5 + 2 * k]) end
+local function length_of(k) return tonumber(ARGV[6 + 2 * k]) end
+-- the c-th oldest of a window's last ``count`` starts; nil while fewer were logged
+local function entry(list, count, c)
+  local missing = count - redis.call('LLEN', list)
+  if c <= missing then return nil end
+  return tonumber(redis.call('LINDEX', list, c - missing - 1))
+end
+local function log(list, k, at, c)
+  local text, values = string.format('%.0f', at), {}
+  for i = 1, c do values[i] = text end
+  if redis.call('RPUSH', list, unpack(values)) > count_of(k) then
+    redis.call('LTRIM', list, -count_of(k), -1)
+  end
+  redis.call('PEXPIRE', list, math.ceil(length_of(k) / 1000) + tonumber(ARGV[6]))
+end
+"""
+
+# windows.take: ARGV[4] = max wait (-1: none), ARGV[5] = 1 to admit when no wait is needed.
+TAKE_WINDOWS_SCRIPT = (
+    _READ
+    + _WINDOWS
+    + """
+local base = math.max(reserved, admitted, now)
+local start, bound = base + (cost - burst) * interval, 0
+local last = redis.call('LINDEX', KEYS[2], -1)
+if last then start = math.max(start, tonumber(last)) end
+for k = 1, windows do
+  local r = entry(KEYS[2 * k], count_of(k), cost)
+  local a = entry(KEYS[2 * k + 1], count_of(k), cost)
+  local first = r
+  if a and (not first or a > first) then first = a end
+  if first and first + length_of(k) > start then start, bound = first + length_of(k), k end
+end
+local wait = start - now
+local max_wait = tonumber(ARGV[4])
+if wait > 0 and max_wait >= 0 and wait > max_wait then return {3, now, wait, bound} end
+local status = 1
+if wait > 0 then
+  reserved = math.max(base, start) + cost * interval
+else
+  wait = 0
+  reserved = base + cost * interval
+  if ARGV[5] == '1' then
+    admitted = math.max(admitted, now) + cost * interval
+    st[4] = st[4] + cost
+    status = 0
+  end
+end
+for k = 1, windows do
+  log(KEYS[2 * k], k, now + wait, cost)
+  if status == 0 then log(KEYS[2 * k + 1], k, now, cost) end
+end
+save()
+return {status, now, wait, bound}
+"""
+)
+
+# windows.commit: ARGV[4] = the waiter's slot (-1: none), for gcra.overtaken.
+COMMIT_WINDOWS_SCRIPT = (
+    _READ
+    + _WINDOWS
+    + """
+local rate_wait = admitted + (cost - burst) * interval - now
+local wait, bound = rate_wait, 0
+for k = 1, windows do
+  local a = entry(KEYS[2 * k + 1], count_of(k), cost)
+  if a and a + length_of(k) - now > wait then wait, bound = a + length_of(k) - now, k end
+end
+if wait > 0 then
+  local slot = tonumber(ARGV[4])
+  if slot >= 0 and rate_wait > 0 and now - slot >= interval then return {4, now, wait, bound} end
+  return {2, now, wait, bound}
+end
+admitted = math.max(admitted, now) + cost * interval
+st[4] = st[4] + cost
+for k = 1, windows do log(KEYS[2 * k + 1], k, now, cost) end
+save()
+return {0, now, 0, bound}
+"""
+)
+
+# What could start now by each window: its count less the starts logged within it.
+FREE_WINDOWS_SCRIPT = (
+    _READ
+    + _WINDOWS
+    + """
+local result = {math.max(reserved, admitted) - now, interval}
+for k = 1, windows do
+  local used = 0
+  for side = 0, 1 do
+    local n = 0
+    for _, at in ipairs(redis.call('LRANGE', KEYS[2 * k + side], 0, -1)) do
+      if tonumber(at) > now - length_of(k) then n = n + 1 end
+    end
+    used = math.max(used, n)
+  end
+  result[k + 2] = count_of(k) - used
+end
+return result
+"""
+)
+
 #: The fields of ``BucketState`` kept in microseconds in Redis (the others are counts).
 _TIME_FIELDS = frozenset({"reserved", "admitted", "interval", "mark_ns", "recover_at"})
 
@@ -160,21 +270,46 @@ class RedisBucketStore:
         self._take = Script(TAKE_SCRIPT)
         self._commit = Script(COMMIT_SCRIPT)
         self._debt = Script(DEBT_SCRIPT)
+        self._take_windows = Script(TAKE_WINDOWS_SCRIPT)
+        self._commit_windows = Script(COMMIT_WINDOWS_SCRIPT)
+        self._free_windows = Script(FREE_WINDOWS_SCRIPT)
+        self._window_keys: dict[Windows, tuple[list[str], list[int]]] = {}
 
     def _clean(self, message: str) -> str:
         """No output, report or error ever contains the password."""
         return message.replace(self._secret, "***") if self._secret else message
 
-    def _call(self, script: Script, *args: int) -> Any:
+    def _call(self, script: Script, *args: int, windows: Windows = ()) -> Any:
         """One EVALSHA (the script is sent once per server, on its first NOSCRIPT)."""
         execute: Callable[..., Any] = self._client.execute_command
+        keys: list[str] = [self.key]
+        extra: list[int] = []
+        if windows:
+            keys, extra = self._windows_arguments(windows)
         try:
             try:
-                return execute("EVALSHA", script.sha, 1, self.key, *args, IDLE_EXPIRY_MS)
+                return execute(
+                    "EVALSHA", script.sha, len(keys), *keys, *args, IDLE_EXPIRY_MS, *extra
+                )
             except self._noscript:
-                return execute("EVAL", script.source, 1, self.key, *args, IDLE_EXPIRY_MS)
+                return execute(
+                    "EVAL", script.source, len(keys), *keys, *args, IDLE_EXPIRY_MS, *extra
+                )
         except self._errors as error:
             raise StoreError(self._clean(f"{self.describe()}: {error}")) from None
+
+    def _windows_arguments(self, windows: Windows) -> tuple[list[str], list[int]]:
+        """The keys of each window's two logs (named by the limit: sessions that state
+        different limits keep their own), and each window's count and length (µs)."""
+        known = self._window_keys.get(windows)
+        if known is None:
+            keys, extra = [self.key], []
+            for count, window_ns in windows:
+                name = f"{self.key}:window:{count}/{_micros(window_ns)}us"
+                keys += [f"{name}:reserved", f"{name}:admitted"]
+                extra += [count, _micros(window_ns)]
+            known = self._window_keys[windows] = (keys, extra)
+        return known
 
     def check(self) -> None:
         """Fail now, with a clear message, if the server is unreachable or refuses us."""
@@ -196,9 +331,40 @@ class RedisBucketStore:
         status, now, wait = self._call(self._commit, cost, _micros(interval_ns), burst, slot, 0)
         return int(status), int(now) * 1000, int(wait) * 1000
 
-    def level(self, interval_ns: int, burst: int) -> float:
-        debt, interval = self._call(self._debt, 0, _micros(interval_ns), burst, -1, 0)
-        return gcra.level(int(debt) * 1000, 0, 0, int(interval) * 1000, burst)
+    def take_windowed(
+        self,
+        cost: int,
+        interval_ns: int,
+        burst: int,
+        max_wait_ns: int | None,
+        admit: bool,
+        windows: Windows,
+    ) -> WindowedOutcome:
+        max_wait = -1 if max_wait_ns is None else max_wait_ns // 1000
+        status, now, wait, bound = self._call(
+            self._take_windows, cost, _micros(interval_ns), burst, max_wait, int(admit),
+            windows=windows,
+        )  # fmt: skip
+        return int(status), int(now) * 1000, int(wait) * 1000, int(bound)
+
+    def commit_windowed(
+        self, cost: int, interval_ns: int, burst: int, slot_ns: int | None, windows: Windows
+    ) -> WindowedOutcome:
+        slot = -1 if slot_ns is None else slot_ns // 1000
+        status, now, wait, bound = self._call(
+            self._commit_windows, cost, _micros(interval_ns), burst, slot, 0, windows=windows
+        )
+        return int(status), int(now) * 1000, int(wait) * 1000, int(bound)
+
+    def level(self, interval_ns: int, burst: int, windows: Windows = ()) -> float:
+        if not windows:
+            debt, interval = self._call(self._debt, 0, _micros(interval_ns), burst, -1, 0)
+            return gcra.level(int(debt) * 1000, 0, 0, int(interval) * 1000, burst)
+        debt, interval, *free = self._call(
+            self._free_windows, 0, _micros(interval_ns), burst, -1, 0, windows=windows
+        )
+        tokens = gcra.level(int(debt) * 1000, 0, 0, int(interval) * 1000, burst)
+        return min([tokens] + [float(max(0, int(room))) for room in free])
 
     def throttle(
         self, wait_ns: int, interval_ns: int, burst: int, adapt: bool

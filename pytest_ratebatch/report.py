@@ -21,10 +21,14 @@ __all__ = [
     "Tally",
     "TestRecord",
     "build_report",
+    "describe_limits",
     "describe_pace",
     "describe_report",
     "describe_summary",
     "describe_throttling",
+    "describe_waits",
+    "json_limit_names",
+    "limit_names",
     "merge_outcome",
     "policy_json",
     "summary_json",
@@ -80,6 +84,7 @@ class TestRecord:
         "store_ns",
         "acquired",
         "retries",
+        "limit",
     )
     __slots__ = FIELDS
 
@@ -99,6 +104,8 @@ class TestRecord:
         self.acquired: list[list[int | None]] = []
         #: The admissions of retries after throttles, in the same form.
         self.retries: list[list[int | None]] = []
+        #: The limit it waited for longest before it started (``rate``, ``10/2s``, ...), if any.
+        self.limit = ""
 
     @property
     def failed(self) -> bool:
@@ -135,6 +142,7 @@ class Tally:
         "retries",
         "run",
         "started_cost",
+        "waited_by_limit",
         "waited_ns",
     )
 
@@ -151,6 +159,8 @@ class Tally:
         self.retries = 0  # admissions of throttled tests run again
         self.retried = 0  # tests run again after a throttle
         self.retried_failed = 0  # of those, the ones that failed in the end
+        #: Seconds slept for each limit, by its name (``rate``, ``10/2s``, ``concurrency``).
+        self.waited_by_limit: dict[str, float] = {}
 
     def admitted(
         self, batch: int, tokens: int, start_ns: int, waited_ns: int, retry: bool = False
@@ -173,7 +183,7 @@ class Tally:
         self.waited_ns += waited_ns
         self.longest_wait_ns = max(self.longest_wait_ns, waited_ns)
 
-    def to_list(self) -> list[int | None]:
+    def to_list(self) -> list[Any]:
         """The counts a pytest-xdist worker sends its controller at the end."""
         return [
             self.run,
@@ -187,6 +197,7 @@ class Tally:
             self.retries,
             self.retried,
             self.retried_failed,
+            self.waited_by_limit,
         ]
 
     def merge(self, counts: list[Any]) -> None:
@@ -195,6 +206,8 @@ class Tally:
         self.retries += retries[0]
         self.retried += retries[1]
         self.retried_failed += retries[2]
+        for limit, seconds in retries[3].items():
+            self.waited_by_limit[limit] = self.waited_by_limit.get(limit, 0.0) + seconds
         self.run += run
         self.cancelled += cancelled
         self.started_cost += cost
@@ -273,6 +286,7 @@ def summary_json(tally: Tally, burst: int) -> dict[str, Any]:
         "longest_wait": tally.longest_wait_ns / NANOS_PER_SECOND,
         "cost": tally.started_cost,
         "achieved_per_minute": tally.achieved_per_minute(burst),
+        "waited_by_limit": dict(tally.waited_by_limit),
     }
 
 
@@ -396,6 +410,39 @@ def describe_throttling(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def limit_names(policy: ExecutionPolicy) -> list[str]:
+    """The limits in force, by the names waits are accounted under."""
+    names = ["rate"] if policy.rate_limit is not None else []
+    names += [window.describe() for window in policy.windows]
+    if policy.max_concurrency is not None:
+        names.append("concurrency")
+    return names
+
+
+def json_limit_names(policy: dict[str, Any]) -> list[str]:
+    """``limit_names`` from the policy as the report states it."""
+    names = ["rate"] if policy.get("rate_per_minute") is not None else []
+    names += [window["text"] for window in policy.get("rate_limit") or ()]
+    if policy.get("max_concurrency") is not None:
+        names.append("concurrency")
+    return names
+
+
+def describe_limits(policy: ExecutionPolicy, waited: dict[str, float]) -> str:
+    """Which limit bound the run: ``waited on 25/10s for 38s, on 10/2s for 4s, ...``."""
+    return describe_waits(limit_names(policy), waited)
+
+
+def describe_waits(names: list[str], waited: dict[str, float]) -> str:
+    """``waited on 25/10s for 38s, on 10/2s for 4s, ...``: the limits, longest wait first."""
+    names = list(names)
+    names += [name for name in waited if name not in names]  # a pause without a rate
+    names.sort(key=lambda name: -waited.get(name, 0.0))
+    return "waited on " + ", on ".join(
+        f"{name} for {format_duration(round(waited.get(name, 0.0), 1))}" for name in names
+    )
+
+
 def describe_summary(
     policy: ExecutionPolicy,
     summary: Tally,
@@ -447,6 +494,8 @@ def describe_report(
         f"waited: {format_duration(round(summary['waited'], 3))} in total, "
         f"longest {format_duration(round(summary['longest_wait'], 3))}"
     )
+    if policy.get("rate_limit") or policy.get("max_concurrency") is not None:
+        lines.append(describe_waits(json_limit_names(policy), summary.get("waited_by_limit", {})))
     pace = describe_pace(policy, summary)
     if pace is not None:
         lines.append(pace)

@@ -78,7 +78,10 @@ def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
     """
     if ticket.cancelled:
         return [ticket.waited_ns, ticket.cancelled]
-    return [ticket.waited_ns, "", ticket.batch, ticket.tokens, start_offset, ticket.store_ns]
+    admission = [ticket.waited_ns, "", ticket.batch, ticket.tokens, start_offset, ticket.store_ns]
+    if ticket.limit:
+        admission.append(ticket.limit)
+    return admission
 
 
 #: The file in which a worker leaves its collection's costs other than 1 for the controller.
@@ -353,6 +356,7 @@ class Reporter:
             record.tokens = ticket.tokens
             record.start_ns = start_offset
             record.store_ns = ticket.store_ns
+            record.limit = ticket.limit
 
     def finished(self, nodeid: str, finish_offset: int) -> None:
         self._record(nodeid).finish_ns = finish_offset
@@ -605,7 +609,8 @@ class WorkerRecords:
                 if cancelled:
                     record.reason = f"{CANCELLED_PREFIX} ({cancelled})"
                 else:
-                    record.batch, record.tokens, record.start_ns, record.store_ns = admission
+                    record.batch, record.tokens, record.start_ns, record.store_ns = admission[:4]
+                    record.limit = admission[4] if len(admission) > 4 else ""
             elif report.when == "teardown":
                 record.finish_ns, record.acquired, record.retries = data
         worker = getattr(report, "node", None)

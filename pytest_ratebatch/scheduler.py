@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from .clock import MONOTONIC, Clock
 from .ledger import Ledger, MemoryLedger, StopRule
-from .limiter import RateLimiter
+from .limiter import UNLIMITED, RateLimiter
 from .policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
 from .stores import StoreError
 
@@ -28,7 +28,7 @@ OnWait = Callable[[str, float], None]
 class Ticket:
     """The scheduler's answer for one test: admitted (``cancelled`` empty) or cancelled."""
 
-    __slots__ = ("batch", "cancelled", "start_ns", "store_ns", "tokens", "waited_ns")
+    __slots__ = ("batch", "cancelled", "limit", "start_ns", "store_ns", "tokens", "waited_ns")
 
     def __init__(
         self,
@@ -45,6 +45,7 @@ class Ticket:
         self.waited_ns = waited_ns
         self.cancelled = cancelled  # the stop reason, e.g. "max failures (3) reached"
         self.store_ns = store_ns  # the admission on the store's own clock, if it has one
+        self.limit = ""  # the limit it waited for longest, if it waited for one (e.g. 10/2s)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
@@ -67,12 +68,18 @@ class TaskScheduler:
         self.policy = policy
         self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
         self._clock = clock
-        if limiter is None and policy.rate_limit is not None:
-            limiter = RateLimiter(policy.rate_limit, clock=clock)
+        if limiter is None and (policy.rate_limit is not None or policy.windows):
+            limiter = RateLimiter(
+                policy.rate_limit or UNLIMITED, clock=clock, windows=policy.windows
+            )
         self.limiter = limiter
+        #: Seconds slept for each limit (by its name: ``rate``, ``10/2s``, ...), in this process.
+        self.waited_by_limit: dict[str, float] = {}
+        self._waited_on = ""  # the limit the test being admitted waited for longest
+        self._longest_wait = 0.0
         self._local_clock = limiter is None or limiter.store.local_clock
         self._on_wait = on_wait
-        self._on_tokens = self._waiter("rate tokens")
+        self._on_tokens = self._waiter("rate tokens") if limiter is not None else None
         start = clock.now_ns() if session_start_ns is None else session_start_ns
         timeout = policy.total_timeout
         self._stop_rule = StopRule(
@@ -147,8 +154,14 @@ class TaskScheduler:
     def _admitted(self, batch: int, cost: int, store_ns: int | None, arrived: int) -> Ticket:
         now = self._clock.now_ns()
         if store_ns is not None and self._local_clock:
-            return Ticket(batch, cost, store_ns, now - arrived)  # the exact admission time
-        return Ticket(batch, cost, now, now - arrived, store_ns=store_ns)
+            ticket = Ticket(batch, cost, store_ns, now - arrived)  # the exact admission time
+        else:
+            ticket = Ticket(batch, cost, now, now - arrived, store_ns=store_ns)
+        if self._waited_on:
+            ticket.limit = self._waited_on
+            self._waited_on = ""
+            self._longest_wait = 0.0
+        return ticket
 
     def acquire(self, cost: int) -> Ticket:
         """Tokens outside any batch, for an unbatched test's start or a running test: a
@@ -197,7 +210,7 @@ class TaskScheduler:
         if limiter is not None:
             # The batch's cost, or the burst if it costs more: then its tests beyond the
             # burst are paced one by one as they start (each takes its own tokens).
-            tokens = min(expected_cost, limiter.rate_limit.burst)
+            tokens = min(expected_cost, limiter.largest)
             admission = limiter.admit(
                 tokens,
                 timeout=self._time_left(),
@@ -229,11 +242,21 @@ class TaskScheduler:
     def _timeout_ahead(self) -> str:
         return f"total timeout ({self._stop_rule.timeout_text}) would pass before the next start"
 
-    def _waiter(self, what: str) -> Callable[[float], None] | None:
+    def _waiter(self, what: str) -> Callable[[float], None]:
+        """Before each sleep for tokens: account it to the limit that set it, announce it."""
         on_wait = self._on_wait
-        if on_wait is None:
-            return None
-        return lambda seconds: on_wait(what, seconds)
+        limiter = self.limiter
+        assert limiter is not None
+
+        def waiting(seconds: float) -> None:
+            limit = limiter.limit_names[limiter.last_bound]
+            self.waited_by_limit[limit] = self.waited_by_limit.get(limit, 0.0) + seconds
+            if seconds > self._longest_wait:
+                self._waited_on, self._longest_wait = limit, seconds
+            if on_wait is not None:
+                on_wait(what, seconds)
+
+        return waiting
 
     def _wait(self, what: str, wait_ns: int) -> None:
         seconds = wait_ns / NANOS_PER_SECOND

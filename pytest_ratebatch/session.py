@@ -9,7 +9,6 @@ a plain session never loads the xdist or Redis parts.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +17,7 @@ import pytest
 
 from .clock import MONOTONIC
 from .ledger import Ledger, MemoryLedger
-from .limiter import RateLimiter
+from .limiter import UNLIMITED, RateLimiter
 from .options import (
     COMMAND_LINE,
     KEY_OPTION,
@@ -29,7 +28,7 @@ from .options import (
     RawValue,
 )
 from .pacing import Pacer, RecordingWorkerPacer, WorkerPacer
-from .policy import ExecutionPolicy, PolicyError, RateLimit, build_policy, parse_value
+from .policy import ExecutionPolicy, PolicyError, build_policy, parse_value
 from .reporting import (
     ControllerReporter,
     OutcomeRecorder,
@@ -233,11 +232,6 @@ def _configure_controller(config: pytest.Config, settings: Settings) -> None:
         config.pluginmanager.register(WorkerRecords(reporter), "ratebatch-records")
 
 
-#: The bucket of a session without a rate: no rate of its own, there to carry a throttle's
-#: pause to everyone (any burst: without a rate it only bounds a single request).
-UNLIMITED = RateLimit(math.inf, 2**31)
-
-
 def _scheduler(
     policy: ExecutionPolicy,
     store: BucketStore,
@@ -245,7 +239,7 @@ def _scheduler(
     start_ns: int,
     on_wait: Callable[[str, float], None],
 ) -> TaskScheduler:
-    limiter = RateLimiter(policy.rate_limit or UNLIMITED, store)
+    limiter = RateLimiter(policy.rate_limit or UNLIMITED, store, windows=policy.windows)
     return TaskScheduler(
         policy, limiter=limiter, ledger=ledger, session_start_ns=start_ns, on_wait=on_wait
     )

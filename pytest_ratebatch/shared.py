@@ -28,6 +28,7 @@ from .clock import MONOTONIC, Clock
 from .gcra import Outcome
 from .ledger import Entry, SessionState, StopRule, check_stop, enter, finish, leave, release, stop
 from .throttle.adapt import UNSET, BucketState, current_interval, throttle
+from .windows import EMPTY, WindowedOutcome, Windows, commit_state, take_state
 
 __all__ = ["FileBucketStore", "FileLedger", "SharedFile"]
 
@@ -58,6 +59,11 @@ class SharedFile:
         """Only between ``__enter__`` and ``__exit__``."""
         os.pwrite(self._fd, self._layout.pack(*values), 0)
 
+    @property
+    def fd(self) -> int:
+        """For records beyond the first (``FileWindowLog``), under the same lock."""
+        return self._fd
+
     def __exit__(self, *exc_info: object) -> None:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -66,6 +72,83 @@ class SharedFile:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+_INT = struct.Struct("<q")
+_HEADS = struct.Struct("<qq")
+
+
+class FileWindowLog:
+    """A window limit's two rings in the bucket file, from ``offset``: the heads of the
+    reserved and admitted rings, then each ring's ``count`` entries (0: empty). Only the
+    entries a check needs are read, so a 10,000/day limit costs what a 10/s one does."""
+
+    __slots__ = ("_admitted_head", "_fd", "_reserved_head", "count", "offset", "window")
+
+    def __init__(self, fd: int, offset: int, count: int, window: int) -> None:
+        self._fd = fd
+        self.offset = offset
+        self.count = count
+        self.window = window
+        self._reserved_head = self._admitted_head = 0
+
+    @property
+    def size(self) -> int:
+        return _HEADS.size + 2 * self.count * _INT.size
+
+    def load(self) -> None:
+        """Read the heads: first, in every locked operation."""
+        data = os.pread(self._fd, _HEADS.size, self.offset)
+        heads = _HEADS.unpack(data) if len(data) == _HEADS.size else (0, 0)
+        self._reserved_head, self._admitted_head = heads
+
+    def _entry(self, ring: int, index: int) -> int:
+        at = self.offset + _HEADS.size + (ring * self.count + index % self.count) * _INT.size
+        data = os.pread(self._fd, _INT.size, at)
+        value = _INT.unpack(data)[0] if len(data) == _INT.size else 0
+        return EMPTY if value == 0 else value
+
+    def earliest_start(self, cost: int) -> int:
+        reserved = self._entry(0, self._reserved_head + cost - 1)
+        admitted = self._entry(1, self._admitted_head + cost - 1)
+        return max(reserved, admitted) + self.window
+
+    def earliest_admission(self, cost: int) -> int:
+        return self._entry(1, self._admitted_head + cost - 1) + self.window
+
+    def last_reserved(self) -> int:
+        return self._entry(0, self._reserved_head - 1)
+
+    def _push(self, ring: int, head: int, at: int, cost: int) -> int:
+        value = _INT.pack(max(at, 1))  # 0 marks an empty entry
+        base = self.offset + _HEADS.size + ring * self.count * _INT.size
+        cost = min(cost, self.count)
+        first = min(cost, self.count - head)  # up to the ring's end, then from its start
+        os.pwrite(self._fd, value * first, base + head * _INT.size)
+        if cost > first:
+            os.pwrite(self._fd, value * (cost - first), base)
+        return (head + cost) % self.count
+
+    def reserve(self, at: int, cost: int) -> None:
+        self._reserved_head = self._push(0, self._reserved_head, at, cost)
+        self._save()
+
+    def admit(self, at: int, cost: int) -> None:
+        self._admitted_head = self._push(1, self._admitted_head, at, cost)
+        self._save()
+
+    def _save(self) -> None:
+        os.pwrite(self._fd, _HEADS.pack(self._reserved_head, self._admitted_head), self.offset)
+
+    def free(self, now: int) -> int:
+        since = now - self.window
+        used = 0
+        for ring in (0, 1):
+            at = self.offset + _HEADS.size + ring * self.count * _INT.size
+            data = os.pread(self._fd, self.count * _INT.size, at).ljust(self.count * 8, b"\0")
+            entries = struct.unpack(f"<{self.count}q", data)
+            used = max(used, sum(entry > 0 and entry > since for entry in entries))
+        return max(0, self.count - used)
 
 
 class FileBucketStore:
@@ -78,6 +161,7 @@ class FileBucketStore:
     def __init__(self, directory: Path, clock: Clock = MONOTONIC) -> None:
         self._file = SharedFile(directory / BUCKET_FILE, self._LAYOUT)
         self._now = clock.now_ns
+        self._windows: dict[Windows, list[FileWindowLog]] = {}
 
     def take(
         self, cost: int, interval_ns: int, burst: int, max_wait_ns: int | None, admit: bool
@@ -112,12 +196,61 @@ class FileBucketStore:
                 self._file.write(*state.values())
         return status, now, wait
 
-    def level(self, interval_ns: int, burst: int) -> float:
+    def _logs(self, windows: Windows) -> list[FileWindowLog]:
+        """The limits' logs, laid out one after the other behind the bucket; loaded (under
+        the file's lock)."""
+        logs = self._windows.get(windows)
+        if logs is None:
+            logs = []
+            offset = self._LAYOUT.size
+            for count, window in windows:
+                logs.append(FileWindowLog(self._file.fd, offset, count, window))
+                offset += logs[-1].size
+            self._windows[windows] = logs
+        for log in logs:
+            log.load()
+        return logs
+
+    def take_windowed(
+        self,
+        cost: int,
+        interval_ns: int,
+        burst: int,
+        max_wait_ns: int | None,
+        admit: bool,
+        windows: Windows,
+    ) -> WindowedOutcome:
+        with self._file as stored:
+            state = BucketState(*stored) if stored else BucketState()
+            outcome = take_state(
+                state, self._logs(windows), self._now(), cost, interval_ns, burst, max_wait_ns,
+                admit,
+            )  # fmt: skip
+            if outcome[0] != gcra.REFUSED:
+                self._file.write(*state.values())
+        return outcome
+
+    def commit_windowed(
+        self, cost: int, interval_ns: int, burst: int, slot_ns: int | None, windows: Windows
+    ) -> WindowedOutcome:
+        with self._file as stored:
+            state = BucketState(*stored) if stored else BucketState()
+            outcome = commit_state(
+                state, self._logs(windows), self._now(), cost, interval_ns, burst, slot_ns
+            )
+            if outcome[0] == gcra.ADMITTED:
+                self._file.write(*state.values())
+        return outcome
+
+    def level(self, interval_ns: int, burst: int, windows: Windows = ()) -> float:
         with self._file as stored:
             state = BucketState(*stored) if stored else BucketState()
             now = self._now()
             interval_ns = current_interval(state, now, interval_ns)
-            return gcra.level(state.reserved, state.admitted, now, interval_ns, burst)
+            tokens = gcra.level(state.reserved, state.admitted, now, interval_ns, burst)
+            for log in self._logs(windows) if windows else ():
+                tokens = min(tokens, log.free(now))
+            return tokens
 
     def throttle(
         self, wait_ns: int, interval_ns: int, burst: int, adapt: bool

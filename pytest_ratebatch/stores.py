@@ -14,6 +14,7 @@ from . import gcra
 from .clock import MONOTONIC, Clock
 from .gcra import ADMITTED, Outcome
 from .throttle.adapt import UNSET, BucketState, current_interval, throttle
+from .windows import WindowedOutcome, WindowLog, Windows, commit_state, take_state
 
 __all__ = ["BucketStore", "MemoryBucketStore", "StoreError"]
 
@@ -43,7 +44,26 @@ class BucketStore(Protocol):
         with the interval in force, which only the store knows once it has adapted)."""
         ...
 
-    def level(self, interval_ns: int, burst: int) -> float: ...
+    def take_windowed(
+        self,
+        cost: int,
+        interval_ns: int,
+        burst: int,
+        max_wait_ns: int | None,
+        admit: bool,
+        windows: Windows,
+    ) -> WindowedOutcome:
+        """``take`` under window limits too (``windows``): the outcome says which limit set
+        the wait (``windows.RATE`` for the bucket, else the window's index + 1)."""
+        ...
+
+    def commit_windowed(
+        self, cost: int, interval_ns: int, burst: int, slot_ns: int | None, windows: Windows
+    ) -> WindowedOutcome:
+        """``commit`` under window limits too."""
+        ...
+
+    def level(self, interval_ns: int, burst: int, windows: Windows = ()) -> float: ...
 
     def throttle(
         self, wait_ns: int, interval_ns: int, burst: int, adapt: bool
@@ -67,6 +87,7 @@ class MemoryBucketStore:
         self._now = clock.now_ns
         self._lock = threading.Lock()
         self._state = BucketState()
+        self._windows: dict[Windows, list[WindowLog]] = {}
 
     def take(
         self, cost: int, interval_ns: int, burst: int, max_wait_ns: int | None, admit: bool
@@ -98,12 +119,44 @@ class MemoryBucketStore:
                 state.count += cost
         return status, now, wait
 
-    def level(self, interval_ns: int, burst: int) -> float:
+    def _logs(self, windows: Windows) -> list[WindowLog]:
+        logs = self._windows.get(windows)
+        if logs is None:
+            logs = self._windows[windows] = [WindowLog(*window) for window in windows]
+        return logs
+
+    def take_windowed(
+        self,
+        cost: int,
+        interval_ns: int,
+        burst: int,
+        max_wait_ns: int | None,
+        admit: bool,
+        windows: Windows,
+    ) -> WindowedOutcome:
+        with self._lock:
+            return take_state(
+                self._state, self._logs(windows), self._now(), cost, interval_ns, burst,
+                max_wait_ns, admit,
+            )  # fmt: skip
+
+    def commit_windowed(
+        self, cost: int, interval_ns: int, burst: int, slot_ns: int | None, windows: Windows
+    ) -> WindowedOutcome:
+        with self._lock:
+            return commit_state(
+                self._state, self._logs(windows), self._now(), cost, interval_ns, burst, slot_ns
+            )
+
+    def level(self, interval_ns: int, burst: int, windows: Windows = ()) -> float:
         with self._lock:
             state = self._state
             now = self._now()
             interval_ns = current_interval(state, now, interval_ns)
-            return gcra.level(state.reserved, state.admitted, now, interval_ns, burst)
+            tokens = gcra.level(state.reserved, state.admitted, now, interval_ns, burst)
+            for log in self._logs(windows) if windows else ():
+                tokens = min(tokens, log.free(now))
+            return tokens
 
     def throttle(
         self, wait_ns: int, interval_ns: int, burst: int, adapt: bool

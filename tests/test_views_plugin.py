@@ -124,7 +124,7 @@ def test_the_timeline_ini_key_under_xdist_draws_a_lane_per_worker(
     assert report["summary"]["cost"] == 8
     assert set(report["summary"]) == {
         "run", "cancelled", "not_run", "batches", "waited", "longest_wait", "cost",
-        "achieved_per_minute",
+        "achieved_per_minute", "waited_by_limit",
     }  # fmt: skip
 
 
