@@ -462,15 +462,27 @@ def describe_summary(
 LIMIT_SET_THE_PACE = 0.9
 
 
-def describe_pace(policy: dict[str, Any], summary: dict[str, Any]) -> str | None:
+def describe_pace(
+    policy: dict[str, Any], summary: dict[str, Any], throttling: dict[str, Any] | None = None
+) -> str | None:
     """Whether the rate limit or the tests themselves set the pace; ``None`` without a rate
-    or without enough starts to tell."""
+    or without enough starts to tell. After throttles, the server set it."""
     rate = policy.get("rate_per_minute")
     achieved = summary.get("achieved_per_minute")
-    if not isinstance(rate, (int, float)) or achieved is None:
+    if achieved is None or not (isinstance(rate, (int, float)) or rate == "auto"):
         return None
-    text = f"pace: {achieved:.4g}/min after the first burst, limit {rate:.4g}/min"
-    if achieved >= LIMIT_SET_THE_PACE * rate:
+    limit = f"limit {rate:.4g}/min" if isinstance(rate, (int, float)) else "rate auto"
+    lowered = (throttling or {}).get("rate_after")
+    if lowered is not None:
+        limit += f", {lowered:.4g}/min after throttles"
+    limits = [value for value in (rate, lowered) if isinstance(value, (int, float))]
+    if not limits:
+        return None  # auto, never throttled: no limit known
+    allowed = min(limits)
+    text = f"pace: {achieved:.4g}/min after the first burst ({limit})"
+    if lowered is not None:
+        return f"{text}: the server's throttles set the pace"
+    if achieved >= LIMIT_SET_THE_PACE * allowed:
         return f"{text}: the limit set the pace"
     return f"{text}: the tests set the pace, not the limit"
 
@@ -496,7 +508,7 @@ def describe_report(
     )
     if policy.get("rate_limit") or policy.get("max_concurrency") is not None:
         lines.append(describe_waits(json_limit_names(policy), summary.get("waited_by_limit", {})))
-    pace = describe_pace(policy, summary)
+    pace = describe_pace(policy, summary, throttling)
     if pace is not None:
         lines.append(pace)
     lines += describe_throttling(throttling)

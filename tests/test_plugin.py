@@ -328,7 +328,7 @@ def test_summary_section(pytester: pytest.Pytester) -> None:
             "policy: rate 1200/min, burst 2",
             "tests: 4 run, 0 cancelled",
             "waited: * in total, longest *",
-            "pace: */min after the first burst, limit 1200/min: the limit set the pace",
+            "pace: */min after the first burst (limit 1200/min): the limit set the pace",
             "stop: none, every test was started",
         ]
     )

@@ -195,7 +195,7 @@ def test_summary_prints_the_summary_again(
         "policy: rate 60/min, burst 2, batch size 2, backoff 0s",
         "tests: 5 run, 1 cancelled, in 3 batches",
         "waited: 2s in total, longest 0.5s",
-        "pace: 45/min after the first burst, limit 60/min: the tests set the pace, not the limit",
+        "pace: 45/min after the first burst (limit 60/min): the tests set the pace, not the limit",
         "stop: none, every test was started",
     ]
 
@@ -272,3 +272,32 @@ def test_the_module_runs_without_a_traceback(tmp_path: Path) -> None:
 def test_load_report_reads_what_the_plugin_writes(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="a directory"):
         load_report(tmp_path)
+
+
+SET_BY_LIMIT = "the limit set the pace"
+SET_BY_TESTS = "the tests set the pace, not the limit"
+SET_BY_SERVER = "the server's throttles set the pace"
+
+
+@pytest.mark.parametrize(
+    ("rate", "achieved", "rate_after", "line"),
+    [
+        (120.0, 119.8, None, "pace: 119.8/min after the first burst (limit 120/min): "
+                             f"{SET_BY_LIMIT}"),
+        (120.0, 50.0, 60.0, "pace: 50/min after the first burst (limit 120/min, 60/min after "
+                            f"throttles): {SET_BY_SERVER}"),
+        (120.0, 50.0, None, f"pace: 50/min after the first burst (limit 120/min): {SET_BY_TESTS}"),
+        ("auto", 40.0, 45.0, "pace: 40/min after the first burst (rate auto, 45/min after "
+                             f"throttles): {SET_BY_SERVER}"),
+        ("auto", 40.0, None, None),
+        (None, 40.0, None, None),
+        (120.0, None, None, None),
+    ],
+)  # fmt: skip
+def test_the_pace_line_says_who_set_the_pace(
+    rate: object, achieved: float | None, rate_after: float | None, line: str | None
+) -> None:
+    from pytest_ratebatch.report import describe_pace
+
+    summary = {"achieved_per_minute": achieved}
+    assert describe_pace({"rate_per_minute": rate}, summary, {"rate_after": rate_after}) == line
