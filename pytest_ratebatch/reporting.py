@@ -524,8 +524,11 @@ class ControllerReporter(Reporter):
 
     def _announced(self, message: str) -> None:
         """A worker's announcement: ``worker<TAB>seconds<TAB>what``, a wait it begins."""
-        worker, seconds, what = message.split("\t", 2)
-        self.announce_wait(what, float(seconds), worker)
+        try:
+            worker, seconds, what = message.split("\t", 2)
+            self.announce_wait(what, float(seconds), worker)
+        except ValueError:  # not from this version's workers: show it as it came
+            self._write_announcement(message)
 
     @property
     def started_count(self) -> int:
