@@ -5,9 +5,9 @@ from __future__ import annotations
 import io
 import threading
 
-from pytest_ratebatch.reporting import ProgressLine
 from pytest_ratebatch.views.forecast import simulate
 from pytest_ratebatch.views.progress import LinePace, Progress
+from pytest_ratebatch.views.terminal import ProgressLine
 from tests.fakes import FakeClock
 
 SECOND = 1_000_000_000
