@@ -149,3 +149,23 @@ def test_the_policy_windows_count() -> None:
     forecast = forecast_policy(windows_only, [1] * 5)
     assert forecast is not None
     assert forecast.span_ns == 2 * SECOND
+
+
+@pytest.mark.parametrize("count", [0, 1, 4, 5, 6, 37])
+@pytest.mark.parametrize("burst", [1, 5])
+@pytest.mark.parametrize("deadline", [None, 0, 1, SECOND - 1, SECOND, 3 * SECOND, 3 * SECOND + 1])
+def test_even_starts_need_no_list_and_agree_with_the_simulation(
+    count: int, burst: int, deadline: int | None
+) -> None:
+    even = simulate([1] * count, interval_ns=SECOND, burst=burst, deadline_ns=deadline)
+    assert even.even is not None
+    # A cost of 0 at the end changes nothing but forces the general path.
+    general = simulate([1] * count + [0], interval_ns=SECOND, burst=burst, deadline_ns=deadline)
+    assert general.even is None
+    assert even.starts_ns == general.starts_ns[:count]
+    assert even.span_ns == general.span_ns
+    expected_cancelled = general.cancelled - (1 if general.cancelled else 0)
+    assert even.cancelled == expected_cancelled
+    assert [even.left_after(n) for n in range(count + 1)] == [
+        general.left_after(n) for n in range(count + 1)
+    ]

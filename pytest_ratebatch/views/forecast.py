@@ -29,26 +29,54 @@ __all__ = [
 class Forecast(Value):
     """The greedy schedule of a run.
 
-    ``starts_ns``: each test's earliest start, in run order, in nanoseconds from the
-    session's start (the bucket full); ``span_ns``: the last of them; ``cancelled``: the tests
-    the total timeout would cancel (0 without one); ``costs``: each test's cost.
+    ``start_ns(i)``: the ``i``-th test's earliest start, in run order, in nanoseconds from
+    the session's start (the bucket full); ``span_ns``: the last of them; ``cancelled``: the
+    tests the total timeout would cancel (0 without one); ``costs``: each test's cost.
+    ``schedule`` holds every start, or is empty when ``even`` says how they fall: unit costs
+    on the bucket alone start ``burst`` at once, then one per ``interval``
+    (``(burst, interval_ns)``), which needs no list at all.
     """
 
-    __slots__ = ("cancelled", "costs", "span_ns", "starts_ns")
-    starts_ns: tuple[int, ...]
+    __slots__ = ("cancelled", "costs", "even", "schedule", "span_ns")
+    schedule: tuple[int, ...]
+    even: tuple[int, int] | None
     costs: tuple[int, ...]
     span_ns: int
     cancelled: int
 
     def __init__(
-        self, starts_ns: tuple[int, ...], costs: tuple[int, ...], cancelled: int = 0
+        self,
+        schedule: tuple[int, ...],
+        costs: tuple[int, ...],
+        cancelled: int = 0,
+        even: tuple[int, int] | None = None,
     ) -> None:
-        span = max(starts_ns) if starts_ns else 0
-        self._set(starts_ns=starts_ns, costs=costs, span_ns=span, cancelled=cancelled)
+        if even is not None:
+            span = self._even_start(len(costs) - 1, even) if costs else 0
+        else:
+            span = max(schedule) if schedule else 0
+        self._set(schedule=schedule, even=even, costs=costs, span_ns=span, cancelled=cancelled)
+
+    @staticmethod
+    def _even_start(index: int, even: tuple[int, int]) -> int:
+        burst, interval = even
+        return max(0, index + 1 - burst) * interval
+
+    def start_ns(self, index: int) -> int:
+        if self.even is not None:
+            return self._even_start(index, self.even)
+        return self.schedule[index]
+
+    @property
+    def starts_ns(self) -> tuple[int, ...]:
+        """Every start, in run order."""
+        if self.even is not None:
+            return tuple(self.start_ns(index) for index in range(len(self.costs)))
+        return self.schedule
 
     @property
     def tests(self) -> int:
-        return len(self.starts_ns)
+        return len(self.costs)
 
     @property
     def cost(self) -> int:
@@ -56,15 +84,15 @@ class Forecast(Value):
 
     @property
     def exempt(self) -> int:
-        return sum(1 for cost in self.costs if not cost)
+        return self.costs.count(0)
 
     def left_after(self, started: int) -> int:
         """Nanoseconds the schedule needs after its ``started``-th start, to its last one."""
         if started <= 0:
             return self.span_ns
-        if started >= len(self.starts_ns):
+        if started >= len(self.costs):
             return 0
-        return max(0, self.span_ns - self.starts_ns[started - 1])
+        return max(0, self.span_ns - self.start_ns(started - 1))
 
 
 class _Window:
@@ -115,8 +143,17 @@ def simulate(
     once the bucket holds the batch's cost (at most the burst); ``deadline_ns``: the total
     timeout, from which on nothing starts.
     """
-    limits = [_Window(count, window_ns) for count, window_ns in windows]
     interval = interval_ns or 0
+    if interval and not windows and batch_size is None and all(cost == 1 for cost in costs):
+        # Unit costs on the bucket alone: the burst at once, then one per interval.
+        count = len(costs)
+        cancelled = 0
+        if deadline_ns is not None:
+            # The first start at or past the deadline, and every one after it.
+            first_late = 0 if deadline_ns <= 0 else burst - 1 + -(-deadline_ns // interval)
+            cancelled = max(0, count - first_late)
+        return Forecast((), tuple(costs), cancelled, even=(burst, interval))
+    limits = [_Window(count, window_ns) for count, window_ns in windows]
     tat = 0  # GCRA's theoretical arrival time: the bucket is full at 0
     now = 0  # one process: a test starts no earlier than the one before it
     starts: list[int] = []

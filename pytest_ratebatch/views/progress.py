@@ -38,7 +38,7 @@ class Progress:
         forecast = self.forecast
         if forecast is not None and forecast.tests == self.total:
             ahead = forecast.left_after(started)
-            planned = forecast.starts_ns[started - 1] if started > 0 else 0
+            planned = forecast.start_ns(started - 1) if started > 0 else 0
             if planned > 0 and elapsed > planned:
                 return round(ahead * elapsed / planned)
             return ahead
