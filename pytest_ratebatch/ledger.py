@@ -246,6 +246,9 @@ class MemoryLedger:
             return result
 
     def check_stop(self, now: int, rule: StopRule) -> str:
+        if rule.max_failures is None and rule.deadline_ns is None:
+            # Nothing to decide here, only a stop to read (before every test: no lock).
+            return self._state.stop_reason
         with self._lock:
             return check_stop(self._state, now, rule)
 

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .clock import MONOTONIC, Clock
 from .gcra import ADMITTED, OVERTAKEN, REFUSED, Outcome
 from .policy import NANOS_PER_SECOND, RateLimit, WindowLimit
 from .stores import BucketStore, MemoryBucketStore
 from .values import Value
-from .windows import RATE, Windows
 
-__all__ = ["UNLIMITED", "Admission", "RateLimiter"]
+if TYPE_CHECKING:
+    from .windows import Windows
+
+__all__ = ["UNLIMITED", "WINDOW_MARGIN_NS", "Admission", "RateLimiter"]
 
 OnWait = Callable[[float], None]
 
+
+#: How much longer than stated each window is kept: a request reaches the server a little
+#: after its test was admitted, and by a varying delay (set-up, connecting). Without it, two
+#: requests admitted a window apart could arrive closer together than that.
+WINDOW_MARGIN_NS = 10_000_000
 
 #: The bucket of a session without a rate: no rate of its own, there to carry a throttle's
 #: pause to everyone and to order the starts that window limits hold (any burst: without a
@@ -52,6 +60,7 @@ class RateLimiter:
         store: BucketStore | None = None,
         clock: Clock = MONOTONIC,
         windows: tuple[WindowLimit, ...] = (),
+        window_margin_ns: int = WINDOW_MARGIN_NS,
     ) -> None:
         self.rate_limit = rate_limit
         self.store: BucketStore = store if store is not None else MemoryBucketStore(clock)
@@ -59,13 +68,17 @@ class RateLimiter:
         self._interval = rate_limit.interval_ns
         self._burst = rate_limit.burst
         self.windows = windows
-        self._windows: Windows = tuple((window.count, window.window_ns) for window in windows)
+        self._windows: Windows = tuple(
+            (window.count, window.window_ns + window_margin_ns) for window in windows
+        )
         #: The most one request may take: the burst, or the smallest window.
         self.largest = min([rate_limit.burst] + [window.count for window in windows])
         #: Each limit's name: the bucket's (``windows.RATE``), then each window's.
-        self.limit_names = ("rate", *(window.describe() for window in windows))
+        # Without a rate of its own the bucket only carries the pauses after throttles.
+        bucket = "pauses" if rate_limit is UNLIMITED else "rate"
+        self.limit_names = (bucket, *(window.describe() for window in windows))
         #: The limit that set the latest sleep (an index into ``limit_names``).
-        self.last_bound = RATE
+        self.last_bound = 0  # windows.RATE
         if windows:  # the stores' windowed operations; without windows the lean ones
             self._store_take = self._take_windowed
             self._store_commit = self._commit_windowed

@@ -87,6 +87,9 @@ class Throttles:
         self._seen: Throttle | None = None  # a throttle seen in the running attempt
         self._running: pytest.Item | None = None
         self._attempts: dict[str, int] = {}  # throttled attempts so far, per test
+        # Read once, not for every test as pytest's own protocol does: they never change.
+        self._setup_only = bool(config.getoption("setuponly", False))
+        self._setup_show = bool(config.getoption("setupshow", False))
         self._rerunfailures = config.pluginmanager.has_plugin("rerunfailures")
         self._defer_reruns = self._rerunfailures and bool(config.getoption("reruns", None))
 
@@ -133,33 +136,35 @@ class Throttles:
         (Logging as it goes keeps a test's start on its set-up report, which reaches the
         xdist controller even if the worker dies in the test.)"""
         held: list[pytest.TestReport] = []
-
-        def run(when: str, **kwargs: Any) -> pytest.TestReport:
-            report = call_and_report(item, when, log=False, **kwargs)  # type: ignore[arg-type]
-            if held or self._seen is not None:
-                held.append(report)
-            else:
-                ihook.pytest_runtest_logreport(report=report)
-            return report
-
         hasrequest = hasattr(item, "_request")
         if hasrequest and not item._request:  # type: ignore[attr-defined]
             item._initrequest()  # type: ignore[attr-defined]  # run again, as rerunfailures does
         try:
-            if run("setup").passed:
-                setup_only = item.config.getoption("setuponly", False)
-                if item.config.getoption("setupshow", False):
-                    _show_test_item(item, add_space=not setup_only)
-                if not setup_only:
-                    run("call")
+            setup = call_and_report(item, "setup", log=False)
+            self._log_or_hold(setup, held, ihook)
+            if setup.passed:
+                if self._setup_show:
+                    _show_test_item(item, add_space=not self._setup_only)
+                if not self._setup_only:
+                    self._log_or_hold(call_and_report(item, "call", log=False), held, ihook)
             if item.session.shouldfail or item.session.shouldstop:
                 nextitem = None  # tear everything down (pytest #11706)
-            run("teardown", nextitem=nextitem)
+            teardown = call_and_report(item, "teardown", log=False, nextitem=nextitem)
+            self._log_or_hold(teardown, held, ihook)
         finally:
             if hasrequest:
                 item._request = False  # type: ignore[attr-defined]
                 item.funcargs = None  # type: ignore[attr-defined]
         return held
+
+    def _log_or_hold(
+        self, report: pytest.TestReport, held: list[pytest.TestReport], ihook: Any
+    ) -> None:
+        """Log a phase's report now, unless this attempt was throttled: then hold it back."""
+        if held or self._seen is not None:
+            held.append(report)
+        else:
+            ihook.pytest_runtest_logreport(report=report)
 
     def pytest_exception_interact(self, node: pytest.Item, call: pytest.CallInfo[Any]) -> None:
         # Called for each failed phase (set-up, call, teardown), before anything is logged.

@@ -152,10 +152,11 @@ class TaskScheduler:
             return self._admitted(entry.batch, cost, store_ns, arrived)
 
     def _admitted(self, batch: int, cost: int, store_ns: int | None, arrived: int) -> Ticket:
-        now = self._clock.now_ns()
         if store_ns is not None and self._local_clock:
-            ticket = Ticket(batch, cost, store_ns, now - arrived)  # the exact admission time
+            # The exact admission time, on this clock: no need to read it again.
+            ticket = Ticket(batch, cost, store_ns, store_ns - arrived)
         else:
+            now = self._clock.now_ns()
             ticket = Ticket(batch, cost, now, now - arrived, store_ns=store_ns)
         if self._waited_on:
             ticket.limit = self._waited_on

@@ -8,13 +8,15 @@ Each store reads its own clock, so a shared store can use a clock all its client
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import gcra
 from .clock import MONOTONIC, Clock
 from .gcra import ADMITTED, Outcome
 from .throttle.adapt import UNSET, BucketState, current_interval, throttle
-from .windows import WindowedOutcome, WindowLog, Windows, commit_state, take_state
+
+if TYPE_CHECKING:  # loaded with the first window limit: a session without one never needs it
+    from .windows import WindowedOutcome, WindowLog, Windows
 
 __all__ = ["BucketStore", "MemoryBucketStore", "StoreError"]
 
@@ -122,6 +124,8 @@ class MemoryBucketStore:
     def _logs(self, windows: Windows) -> list[WindowLog]:
         logs = self._windows.get(windows)
         if logs is None:
+            from .windows import WindowLog
+
             logs = self._windows[windows] = [WindowLog(*window) for window in windows]
         return logs
 
@@ -134,6 +138,8 @@ class MemoryBucketStore:
         admit: bool,
         windows: Windows,
     ) -> WindowedOutcome:
+        from .windows import take_state
+
         with self._lock:
             return take_state(
                 self._state, self._logs(windows), self._now(), cost, interval_ns, burst,
@@ -143,6 +149,8 @@ class MemoryBucketStore:
     def commit_windowed(
         self, cost: int, interval_ns: int, burst: int, slot_ns: int | None, windows: Windows
     ) -> WindowedOutcome:
+        from .windows import commit_state
+
         with self._lock:
             return commit_state(
                 self._state, self._logs(windows), self._now(), cost, interval_ns, burst, slot_ns

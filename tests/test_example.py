@@ -111,3 +111,13 @@ def test_suite_learns_an_unknown_limit_on_two_workers() -> None:
     code, output = run_suite("-o", "rate_per_minute=auto", "-n", "2")
     assert "ratebatch: rate auto, burst 5, batch size 5" in output, output
     assert_throttles_absorbed(code, output)
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "4"]])
+def test_suite_passes_with_the_apis_limit_stated_as_a_window(workers: list[str]) -> None:
+    window = ["-o", "rate_per_minute=", "-o", "batch_size=", "-o", "rate_limit=10/2s"]
+    code, output = run_suite(*window, *workers)
+    assert code == pytest.ExitCode.OK, output
+    assert "ratebatch: limits 10/2s; store:" in output, output
+    assert "waited on 10/2s for " in output, output
+    assert api_stats(output) == (25, 0), output

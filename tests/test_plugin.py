@@ -336,13 +336,14 @@ def test_summary_section(pytester: pytest.Pytester) -> None:
 
 def test_ctrl_c_during_a_wait_interrupts_at_once(pytester: pytest.Pytester) -> None:
     write_tests(pytester, 2)
+    # This plugin alone: others installed here may take their time on an interrupt.
     process = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "--rate-per-minute=2"],
+        [sys.executable, "-m", "pytest", "-p", "pytest_ratebatch.plugin", "--rate-per-minute=2"],
         cwd=pytester.path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
     )
     assert process.stdout is not None
     seen = []

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from pytest_ratebatch import gcra, windows
-from pytest_ratebatch.limiter import UNLIMITED, RateLimiter
+from pytest_ratebatch.limiter import UNLIMITED, WINDOW_MARGIN_NS, RateLimiter
 from pytest_ratebatch.policy import RateLimit, WindowLimit, parse_windows
 from pytest_ratebatch.shared import FileBucketStore
 from pytest_ratebatch.stores import BucketStore, MemoryBucketStore
@@ -114,7 +114,9 @@ def test_one_process_runs_the_greedy_schedule(
     make_store: StoreFactory, clock: FakeClock, text: str, costs: list[int]
 ) -> None:
     limits = parse_windows(text)
-    limiter = RateLimiter(UNLIMITED, make_store(clock), clock=clock, windows=limits)
+    limiter = RateLimiter(
+        UNLIMITED, make_store(clock), clock=clock, windows=limits, window_margin_ns=0
+    )
     start = clock.now
     admitted = []
     for cost in costs:
@@ -127,7 +129,9 @@ def test_one_process_runs_the_greedy_schedule(
 def test_the_example_policy_takes_the_time_the_windows_allow(clock: FakeClock) -> None:
     # 60 one-call tests under "10/2s, 25/10s": 25 per 10 s leaves 10 for the last window.
     limits = parse_windows("10/2s, 25/10s")
-    limiter = RateLimiter(UNLIMITED, MemoryBucketStore(clock), clock=clock, windows=limits)
+    limiter = RateLimiter(
+        UNLIMITED, MemoryBucketStore(clock), clock=clock, windows=limits, window_margin_ns=0
+    )
     times = [limiter.take(1) for _ in range(60)]
     assert times[-1] is not None
     assert times[0] is not None
@@ -137,7 +141,7 @@ def test_the_example_policy_takes_the_time_the_windows_allow(clock: FakeClock) -
 def test_windows_and_a_rate_hold_together(make_store: StoreFactory, clock: FakeClock) -> None:
     limits = parse_windows("4/s")
     rate = RateLimit(600, 3)  # 10/s, 3 at once
-    limiter = RateLimiter(rate, make_store(clock), clock=clock, windows=limits)
+    limiter = RateLimiter(rate, make_store(clock), clock=clock, windows=limits, window_margin_ns=0)
     admitted = [(limiter.take(1), 1) for _ in range(40)]
     starts = [(at, cost) for at, cost in admitted if at is not None]
     assert worst_window(starts, limits[0]) <= 4
@@ -160,7 +164,9 @@ def test_a_batch_takes_its_whole_cost_in_every_window(
     make_store: StoreFactory, clock: FakeClock
 ) -> None:
     limits = parse_windows("6/s")
-    limiter = RateLimiter(UNLIMITED, make_store(clock), clock=clock, windows=limits)
+    limiter = RateLimiter(
+        UNLIMITED, make_store(clock), clock=clock, windows=limits, window_margin_ns=0
+    )
     starts = []
     for _ in range(3):  # batches of 4: reserve, then each member commits
         admission = limiter.admit(4, reserve_only=True)
@@ -174,7 +180,9 @@ def test_a_batch_takes_its_whole_cost_in_every_window(
 
 def test_the_outcome_names_the_limit_that_set_the_wait(clock: FakeClock) -> None:
     limits = parse_windows("100/h, 2/s")
-    limiter = RateLimiter(UNLIMITED, MemoryBucketStore(clock), clock=clock, windows=limits)
+    limiter = RateLimiter(
+        UNLIMITED, MemoryBucketStore(clock), clock=clock, windows=limits, window_margin_ns=0
+    )
     waits: list[tuple[float, str]] = []
 
     def note(seconds: float) -> None:
@@ -195,7 +203,9 @@ def test_a_cost_above_the_smallest_window_is_an_error(clock: FakeClock) -> None:
 
 def test_available_tokens_count_every_window(make_store: StoreFactory, clock: FakeClock) -> None:
     limits = parse_windows("3/s, 5/10s")
-    limiter = RateLimiter(UNLIMITED, make_store(clock), clock=clock, windows=limits)
+    limiter = RateLimiter(
+        UNLIMITED, make_store(clock), clock=clock, windows=limits, window_margin_ns=0
+    )
     assert limiter.available_tokens == 3
     limiter.take(2)
     assert limiter.available_tokens == 1
@@ -460,3 +470,14 @@ def test_a_bad_limit_is_a_usage_error(pytester: pytest.Pytester) -> None:
         ["ERROR: ratebatch: rate_limit='10/2' (ini file *): '10/2': the window needs a unit*"]
     )
     assert result.ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_windows_keep_a_margin_for_the_way_to_the_server(clock: FakeClock) -> None:
+    limiter = RateLimiter(
+        UNLIMITED, MemoryBucketStore(clock), clock=clock, windows=parse_windows("2/s")
+    )
+    times = [limiter.take(1) for _ in range(3)]
+    assert times[2] is not None
+    assert times[0] is not None
+    assert times[2] - times[0] == SECOND + WINDOW_MARGIN_NS
+    assert WINDOW_MARGIN_NS == 10_000_000  # as the README states
