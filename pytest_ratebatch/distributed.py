@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from .clock import MONOTONIC
-from .policy import format_duration
 from .reporting import ANNOUNCE_WAITS_FROM
 from .shared import FileBucketStore, FileLedger
 
@@ -146,7 +145,7 @@ class WorkerSession(SessionDirectory):
         """Ask the controller to print a long wait; never blocks, never fails the test."""
         if seconds < ANNOUNCE_WAITS_FROM:
             return
-        text = f"[{self.worker_id}] waiting {format_duration(round(seconds, 1))} for {what}"
+        text = f"{self.worker_id}\t{seconds!r}\t{what}"
         with contextlib.suppress(OSError):
             self._sender.sendto(text.encode(), str(self.directory / ANNOUNCE_SOCKET))
 

@@ -16,6 +16,7 @@ __all__ = [
     "REPORT_OPTION",
     "STORE_OPTION",
     "THROTTLE_EXCEPTIONS_OPTION",
+    "TIMELINE_OPTION",
     "OptionSpec",
     "RawValue",
     "add_options",
@@ -25,6 +26,7 @@ __all__ = [
 
 COMMAND_LINE = "command line"
 REPORT_OPTION = "ratebatch_report"
+TIMELINE_OPTION = "ratebatch_timeline"
 STORE_OPTION = "ratebatch_store"
 KEY_OPTION = "ratebatch_key"
 THROTTLE_EXCEPTIONS_OPTION = "ratebatch_throttle_exceptions"
@@ -148,6 +150,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "PATH",
         "Write a JSON report (policy, each test's start, finish, batch, tokens, wait and "
         "outcome, stop reason) to PATH. Default: no report.",
+    ),
+    OptionSpec(
+        TIMELINE_OPTION,
+        "PATH",
+        "Draw the session as an SVG timeline at PATH at the end: a lane per process, each "
+        "test's run, waits, batches, pauses and throttles, and the cost started against the "
+        "policy's bound. Default: no timeline.",
     ),
 )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -10,7 +11,13 @@ import pytest
 from .clock import MONOTONIC
 from .policy import parse_cost
 from .report import CANCELLED_PREFIX, Tally
-from .reporting import REPORT_ATTRIBUTE, WORKEROUTPUT_KEY, Reporter, ticket_start
+from .reporting import (
+    REPORT_ATTRIBUTE,
+    WORKEROUTPUT_KEY,
+    Reporter,
+    ticket_start,
+    write_worker_costs,
+)
 from .scheduler import TaskScheduler, Ticket
 
 if TYPE_CHECKING:
@@ -119,9 +126,19 @@ class Pacer:
         self._by_nodeid = bool(self._costs) or self._keeps_records
         if errors:
             self._refuse(session, errors)
+        else:
+            self.plan(items)
         batch_size = self.scheduler.policy.batch_size
         if batch_size is not None and self._costs and self.reporter is not None:
             self._batch_costs = batch_costs(items, self._costs, batch_size)
+
+    def plan(self, items: list[pytest.Item]) -> None:
+        """Hand the run's costs to the forecast (where outcomes are reported)."""
+        if self.reporter is not None and self.reporter.wants_forecast:
+            costs = self._costs
+            self.reporter.plan(
+                [costs.get(item.nodeid, 1) for item in items] if costs else [1] * len(items)
+            )
 
     def _refuse(self, session: pytest.Session, errors: list[tuple[str, str]]) -> None:
         """A bad marker stops the session before any test runs: a collection error naming
@@ -244,6 +261,13 @@ class WorkerPacer(Pacer):
 
     def __init__(self, scheduler: TaskScheduler, start_ns: int) -> None:
         super().__init__(scheduler, start_ns, Tally())
+        #: Where to leave the costs for the controller's forecast (``None``: no forecast).
+        self.costs_to: tuple[Path, str] | None = None
+
+    def plan(self, items: list[pytest.Item]) -> None:
+        if self.costs_to is not None:
+            directory, worker = self.costs_to
+            write_worker_costs(directory, worker, self._costs)
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
         pass  # only a JSON report lists them

@@ -521,6 +521,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "ratebatch_store": _store,
     "ratebatch_key": _key,
     "ratebatch_report": _any_text,
+    "ratebatch_timeline": _any_text,
 }
 
 

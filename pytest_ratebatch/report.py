@@ -17,20 +17,29 @@ from .policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
 
 __all__ = [
     "CANCELLED_PREFIX",
+    "REPORT_FORMAT",
     "Tally",
     "TestRecord",
+    "build_report",
     "describe_limits",
+    "describe_pace",
+    "describe_report",
     "describe_summary",
     "describe_throttling",
+    "describe_waits",
+    "json_limit_names",
     "limit_names",
     "merge_outcome",
+    "policy_json",
+    "summary_json",
     "throttling_summary",
     "worst_excess",
+    "write_json",
     "write_report",
 ]
 
 CANCELLED_PREFIX = "ratebatch: cancelled"
-REPORT_FORMAT = 1
+REPORT_FORMAT = 2
 
 # How bad an outcome is, to merge the reports of a test's phases into one outcome.
 _SEVERITY = {
@@ -218,7 +227,7 @@ class Tally:
         """Collected tests never admitted nor cancelled (pytest stopped first: -x, a crash)."""
         return max(0, self.collected - self.run - self.cancelled)
 
-    def sustained_per_minute(self, burst: int) -> float | None:
+    def achieved_per_minute(self, burst: int) -> float | None:
         """``(cost started - burst) / span of starts``, per minute; ``None`` if undefined.
 
         G1 bounds the cost started in the span by ``burst + rate * span``, so this figure
@@ -261,8 +270,30 @@ def worst_excess(starts: Sequence[tuple[int, int]], interval_ns: int, burst: int
     return worst / interval_ns
 
 
-def write_report(
-    path: Path,
+def policy_json(policy: ExecutionPolicy) -> dict[str, Any]:
+    """The policy as the report states it: its settings, its header line, its windows."""
+    data = policy.to_json()
+    data["windows"] = [[window.count, window.window_ns] for window in policy.windows]
+    data["description"] = policy.describe()
+    return data
+
+
+def summary_json(tally: Tally, burst: int) -> dict[str, Any]:
+    """The session's totals as the report states them (and the summary section reads them)."""
+    return {
+        "run": tally.run,
+        "cancelled": tally.cancelled,
+        "not_run": tally.not_run,
+        "batches": tally.batches,
+        "waited": tally.waited_ns / NANOS_PER_SECOND,
+        "longest_wait": tally.longest_wait_ns / NANOS_PER_SECOND,
+        "cost": tally.started_cost,
+        "achieved_per_minute": tally.achieved_per_minute(burst),
+        "waited_by_limit": dict(tally.waited_by_limit),
+    }
+
+
+def build_report(
     policy: ExecutionPolicy,
     records: Sequence[TestRecord],
     tally: Tally,
@@ -272,30 +303,28 @@ def write_report(
     store: str,
     session_wall: float,
     duration_ns: int,
-) -> None:
-    """Write the JSON report atomically (a reader never sees half a file)."""
-    data = {
+    forecast: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON report's content (format ``REPORT_FORMAT``, described in the README)."""
+    return {
         "format": REPORT_FORMAT,
-        "policy": policy.to_json(),
+        "policy": policy_json(policy),
         "store": store,
         "session": {
             "started_at": _iso(session_wall),
             "duration": duration_ns / NANOS_PER_SECOND,
             "stop_reason": stop_reason,
+            "forecast": forecast,
         },
-        "summary": {
-            "run": tally.run,
-            "cancelled": tally.cancelled,
-            "not_run": tally.not_run,
-            "batches": tally.batches,
-            "waited": tally.waited_ns / NANOS_PER_SECOND,
-            "longest_wait": tally.longest_wait_ns / NANOS_PER_SECOND,
-            "sustained_per_minute": tally.sustained_per_minute(_burst(policy)),
-        },
+        "summary": summary_json(tally, _burst(policy)),
         "throttling": throttling_summary(events, tally),
         "events": sorted(events, key=lambda event: event.get("store_ns") or 0),
         "tests": [record.to_json(session_wall) for record in records],
     }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON atomically (a reader never sees half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(
         "w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8"
@@ -303,6 +332,13 @@ def write_report(
         json.dump(data, handle, indent=1)
         handle.write("\n")
     os.replace(handle.name, path)
+
+
+def write_report(
+    path: Path, policy: ExecutionPolicy, records: Sequence[TestRecord], tally: Tally, **fields: Any
+) -> None:
+    """Build the JSON report and write it atomically."""
+    write_json(path, build_report(policy, records, tally, **fields))
 
 
 def throttling_summary(events: Sequence[dict[str, Any]], tally: Tally) -> dict[str, Any]:
@@ -386,9 +422,23 @@ def limit_names(policy: ExecutionPolicy) -> list[str]:
     return names
 
 
+def json_limit_names(policy: dict[str, Any]) -> list[str]:
+    """``limit_names`` from the policy as the report states it."""
+    names = ["rate"] if policy.get("rate_per_minute") is not None else []
+    names += [window["text"] for window in policy.get("rate_limit") or ()]
+    if policy.get("max_concurrency") is not None:
+        names.append("concurrency")
+    return names
+
+
 def describe_limits(policy: ExecutionPolicy, waited: dict[str, float]) -> str:
     """Which limit bound the run: ``waited on 25/10s for 38s, on 10/2s for 4s, ...``."""
-    names = limit_names(policy)
+    return describe_waits(limit_names(policy), waited)
+
+
+def describe_waits(names: list[str], waited: dict[str, float]) -> str:
+    """``waited on 25/10s for 38s, on 10/2s for 4s, ...``: the limits, longest wait first."""
+    names = list(names)
     names += [name for name in waited if name not in names]  # a pause without a rate
     names.sort(key=lambda name: -waited.get(name, 0.0))
     return "waited on " + ", on ".join(
@@ -403,25 +453,67 @@ def describe_summary(
     events: Sequence[dict[str, Any]] = (),
 ) -> list[str]:
     """The lines of the terminal summary section."""
-    lines = [f"policy: {policy.describe()}"]
-    tests = f"tests: {summary.run} run, {summary.cancelled} cancelled"
-    if summary.not_run:
-        tests += f", {summary.not_run} not run"
-    if policy.batch_size is not None:
-        tests += f", in {summary.batches} batches"
+    return describe_report(
+        policy_json(policy),
+        summary_json(summary, _burst(policy)),
+        throttling_summary(events, summary),
+        stop_reason,
+    )
+
+
+#: From this share of the configured rate on, the limit (not the tests) set the pace.
+LIMIT_SET_THE_PACE = 0.9
+
+
+def describe_pace(
+    policy: dict[str, Any], summary: dict[str, Any], throttling: dict[str, Any] | None = None
+) -> str | None:
+    """Whether the rate limit or the tests themselves set the pace; ``None`` without a rate
+    or without enough starts to tell. After throttles, the server set it."""
+    rate = policy.get("rate_per_minute")
+    achieved = summary.get("achieved_per_minute")
+    if achieved is None or not (isinstance(rate, (int, float)) or rate == "auto"):
+        return None
+    limit = f"limit {rate:.4g}/min" if isinstance(rate, (int, float)) else "rate auto"
+    lowered = (throttling or {}).get("rate_after")
+    if lowered is not None:
+        limit += f", {lowered:.4g}/min after throttles"
+    limits = [value for value in (rate, lowered) if isinstance(value, (int, float))]
+    if not limits:
+        return None  # auto, never throttled: no limit known
+    allowed = min(limits)
+    text = f"pace: {achieved:.4g}/min after the first burst ({limit})"
+    if lowered is not None:
+        return f"{text}: the server's throttles set the pace"
+    if achieved >= LIMIT_SET_THE_PACE * allowed:
+        return f"{text}: the limit set the pace"
+    return f"{text}: the tests set the pace, not the limit"
+
+
+def describe_report(
+    policy: dict[str, Any],
+    summary: dict[str, Any],
+    throttling: dict[str, Any],
+    stop_reason: str,
+) -> list[str]:
+    """The summary lines, from the report's own fields (``python -m pytest_ratebatch summary``
+    reads them back from the file)."""
+    lines = [f"policy: {policy['description']}"]
+    tests = f"tests: {summary['run']} run, {summary['cancelled']} cancelled"
+    if summary["not_run"]:
+        tests += f", {summary['not_run']} not run"
+    if policy.get("batch_size") is not None:
+        tests += f", in {summary['batches']} batches"
     lines.append(tests)
     lines.append(
-        f"waited: {format_duration(round(summary.waited_ns / NANOS_PER_SECOND, 3))} in total, "
-        f"longest {format_duration(round(summary.longest_wait_ns / NANOS_PER_SECOND, 3))}"
+        f"waited: {format_duration(round(summary['waited'], 3))} in total, "
+        f"longest {format_duration(round(summary['longest_wait'], 3))}"
     )
-    if policy.windows or policy.max_concurrency is not None:
-        lines.append(describe_limits(policy, summary.waited_by_limit))
-    sustained = summary.sustained_per_minute(_burst(policy))
-    if sustained is not None:
-        lines.append(
-            f"sustained rate: {sustained:.1f}/min (cost started beyond the burst, "
-            "over the span of starts)"
-        )
-    lines += describe_throttling(throttling_summary(events, summary))
+    if policy.get("rate_limit") or policy.get("max_concurrency") is not None:
+        lines.append(describe_waits(json_limit_names(policy), summary.get("waited_by_limit", {})))
+    pace = describe_pace(policy, summary, throttling)
+    if pace is not None:
+        lines.append(pace)
+    lines += describe_throttling(throttling)
     lines.append(f"stop: {stop_reason or 'none, every test was started'}")
     return lines

@@ -6,8 +6,11 @@ The session's totals, the header, wait announcements, the summary section, the J
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,17 +18,21 @@ import pytest
 
 from .clock import MONOTONIC
 from .ledger import Ledger
-from .policy import ExecutionPolicy, format_duration
+from .policy import ExecutionPolicy
 from .report import (
     CANCELLED_PREFIX,
     Tally,
     TestRecord,
+    build_report,
     describe_summary,
     merge_outcome,
-    write_report,
+    write_json,
 )
 from .scheduler import Ticket
 from .stores import BucketStore
+from .views.forecast import Forecast, describe_forecast, forecast_json, forecast_policy
+from .views.progress import Progress
+from .views.terminal import ProgressLine, write_between_progress
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
@@ -34,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ANNOUNCE_WAITS_FROM",
+    "COSTS_FILE",
     "REPORT_ATTRIBUTE",
     "WORKEROUTPUT_KEY",
     "ControllerReporter",
@@ -41,7 +49,10 @@ __all__ = [
     "Reporter",
     "TerminalGuard",
     "WorkerRecords",
+    "read_worker_costs",
     "ticket_start",
+    "wants_forecast",
+    "write_worker_costs",
 ]
 
 #: Waits shorter than this (seconds) are not announced on the terminal.
@@ -66,6 +77,32 @@ def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
     return admission
 
 
+#: The file in which a worker leaves its collection's costs other than 1 for the controller.
+COSTS_FILE = "costs-{worker}.json"
+
+
+def wants_forecast(policy: ExecutionPolicy) -> bool:
+    """Whether the policy bounds the pace (a rate, or windows), so a forecast says something."""
+    return forecast_policy(policy, []) is not None
+
+
+def write_worker_costs(directory: Path, worker: str, costs: dict[str, int]) -> None:
+    """A worker's costs other than 1, by node id, written whole before its collection ends."""
+    path = directory / COSTS_FILE.format(worker=worker)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(costs), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def read_worker_costs(directory: Path, worker: str) -> dict[str, int] | None:
+    """What ``write_worker_costs`` wrote; ``None`` if the worker wrote nothing (bad markers)."""
+    try:
+        data = json.loads((directory / COSTS_FILE.format(worker=worker)).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 class TerminalGuard:
     """xdist controller: the terminal's writes and the announcer thread's lines take turns.
 
@@ -73,16 +110,20 @@ class TerminalGuard:
     passes: cheaper than wrapping the hooks that print, which run several times per test.
     """
 
-    def __init__(self, lock: threading.RLock) -> None:
+    def __init__(self, lock: threading.RLock, before: Callable[[], None] | None = None) -> None:
         self.lock = lock
+        self.before = before  # called under the lock before each write (clears a status line)
 
     def install(self, terminal: TerminalReporter) -> None:
         writer = terminal._tw
         write = writer.write
         lock = self.lock
+        before = self.before
 
         def locked_write(msg: str, *, flush: bool = False, **markup: bool) -> None:
             with lock:
+                if before is not None:
+                    before()
                 write(msg, flush=flush, **markup)
 
         writer.write = locked_write  # type: ignore[method-assign]
@@ -103,10 +144,12 @@ class Reporter:
         store: BucketStore,
         ledger: Ledger,
         start_ns: int,
+        timeline_path: Path | None = None,
     ) -> None:
         self.config = config
         self.policy = policy
         self.report_path = report_path
+        self.timeline_path = timeline_path
         self.store = store
         self.ledger = ledger
         self.start_ns = start_ns
@@ -114,10 +157,18 @@ class Reporter:
         self.tally = Tally()
         #: Throttles and pauses (``retrying``), for the summary and the JSON report.
         self.events: list[dict[str, Any]] = []
-        #: Per-test records, kept only for the JSON report.
-        self.records: dict[str, TestRecord] | None = {} if report_path is not None else None
+        #: Per-test records, kept only for the JSON report (or the timeline drawn from it).
+        drawn = report_path is not None or timeline_path is not None
+        self.records: dict[str, TestRecord] | None = {} if drawn else None
         self.interrupted = False
         self._terminal: TerminalReporter | None = None
+        #: The least time the policy imposes on the collected tests (``None``: no rate, no
+        #: windows, or not known yet).
+        self.forecast: Forecast | None = None
+        self.wants_forecast = wants_forecast(policy)
+        self._forecast_line = ""
+        self.progress: ProgressLine | None = None
+        self.output_lock = threading.RLock()
 
     def _record(self, nodeid: str) -> TestRecord:
         assert self.records is not None
@@ -142,6 +193,25 @@ class Reporter:
             # Every collected test gets a record, so the report accounts for tests never reached.
             for item in items:
                 self.records.setdefault(item.nodeid, TestRecord(item.nodeid, outcome="not run"))
+
+    def plan(self, costs: list[int], costs_known: bool = True) -> None:
+        """The collected tests' costs, in run order: forecast what the policy imposes."""
+        if self.forecast is not None:
+            return
+        forecast = forecast_policy(self.policy, costs)
+        if forecast is not None:
+            self.forecast = forecast
+            text = describe_forecast(forecast, self.policy.total_timeout, costs_known)
+            self._forecast_line = f"forecast: {text}"
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self._print_forecast()
+
+    def _print_forecast(self) -> None:
+        if self._forecast_line and self.config.get_verbosity() >= -1:
+            self._write_announcement(self._forecast_line)
+            self._forecast_line = ""
 
     # --- each test ---------------------------------------------------------------------
 
@@ -184,19 +254,65 @@ class Reporter:
             hasattr(report, "wasxfail"),
         )
 
-    def announce_wait(self, what: str, seconds: float) -> None:
-        if seconds >= ANNOUNCE_WAITS_FROM:
-            self._write_announcement(f"waiting {format_duration(round(seconds, 1))} for {what}")
+    def announce_wait(self, what: str, seconds: float, worker: str = "") -> None:
+        """A wait for the limiter begins: show it with the run's progress (long ones only)."""
+        if seconds < ANNOUNCE_WAITS_FROM:
+            return
+        progress = self.progress
+        if progress is None:
+            terminal = self._terminal
+            if terminal is None or self.config.get_verbosity() < -1:
+                return
+            progress = self.progress = self._progress_line(terminal)
+        progress.waiting(what, seconds, worker)
+        progress.start()
+
+    def _progress_line(self, terminal: TerminalReporter) -> ProgressLine:
+        tty = bool(getattr(terminal, "isatty", False))
+        line = ProgressLine(terminal, self.output_lock, self._status, tty)
+        TerminalGuard(self.output_lock, line.clear if tty else None).install(terminal)
+        return line
+
+    def _status(self, now_ns: int) -> tuple[str, int | None]:
+        """Where the run stands: tests started of all, rate; and the time left."""
+        total = self.tally.collected
+        forecast = self.forecast
+        if forecast is not None and forecast.tests != total:
+            forecast = None
+        rate = self.policy.rate_limit
+        burst = rate.burst if rate is not None else 0
+        progress = Progress(total, forecast, self.start_ns, burst)
+        return progress.describe_parts(self.started_count, now_ns, self._paused_ns(now_ns))
+
+    @property
+    def started_count(self) -> int:
+        """Tests started (or cancelled) so far."""
+        return self.tally.run + self.tally.cancelled
+
+    def _paused_ns(self, now_ns: int) -> int:
+        """The time the server's pauses took from the run so far (their union)."""
+        paused = 0
+        reach = 0
+        for start, end in sorted(
+            (event["at_ns"], event["paused_until_ns"])
+            for event in self.events
+            if event.get("paused_until_ns") is not None and event.get("at_ns") is not None
+        ):
+            until = min(end, now_ns - self.start_ns)
+            since = max(start, reach)
+            if until > since:
+                paused += until - since
+                reach = until
+        return paused
 
     def _write_announcement(self, text: str) -> None:
         terminal = self._terminal
         if terminal is None:
             return
-        terminal.ensure_newline()
-        writer = getattr(terminal, "_tw", None)
-        if getattr(writer, "width_of_current_line", 0):
-            terminal.write("\n")  # xdist prints progress letters without tracking the line
-        terminal.write_line(f"ratebatch: {text}")
+        with self.output_lock:
+            if self.progress is not None:
+                self.progress.clear()
+            write_between_progress(terminal, f"ratebatch: {text}")
 
     # --- the end -----------------------------------------------------------------------
 
@@ -210,21 +326,31 @@ class Reporter:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.progress is not None:
+            self.progress.close()
         if self.tally.cancelled and session.exitstatus == pytest.ExitCode.OK:
             # Tests that never ran are not a success, even if nothing failed.
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        if self.report_path is not None and self.records is not None:
-            write_report(
-                self.report_path,
-                self.policy,
-                list(self.records.values()),
-                self.tally,
-                events=self.events,
-                stop_reason=self.stop_reason,
-                store=self.store.describe(),
-                session_wall=self.start_wall,
-                duration_ns=MONOTONIC.now_ns() - self.start_ns,
-            )
+        if self.records is None:
+            return
+        forecast = self.forecast
+        data = build_report(
+            self.policy,
+            list(self.records.values()),
+            self.tally,
+            events=self.events,
+            stop_reason=self.stop_reason,
+            store=self.store.describe(),
+            session_wall=self.start_wall,
+            duration_ns=MONOTONIC.now_ns() - self.start_ns,
+            forecast=None if forecast is None else forecast_json(forecast),
+        )
+        if self.report_path is not None:
+            write_json(self.report_path, data)
+        if self.timeline_path is not None:
+            from .views.timeline import write_timeline
+
+            write_timeline(self.timeline_path, [data])
 
     def summary_lines(self) -> list[str]:
         return describe_summary(self.policy, self.tally, self.stop_reason, self.events)
@@ -235,6 +361,8 @@ class Reporter:
             terminalreporter.line(line)
         if self.report_path is not None:
             terminalreporter.line(f"report: {self.report_path}")
+        if self.timeline_path is not None:
+            terminalreporter.line(f"timeline: {self.timeline_path}")
 
 
 class OutcomeRecorder:
@@ -257,29 +385,62 @@ class ControllerReporter(Reporter):
         self.shared = shared
         self._collected: dict[str, int] = {}  # worker -> tests it collected
         self._lost: list[str] = []  # workers that died before sending their totals
+        self._started = 0  # tests the workers started (for the progress line)
+        self.output_lock = shared.output_lock
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         super().pytest_sessionstart(session)
-        if self._terminal is not None:
-            TerminalGuard(self.shared.output_lock).install(self._terminal)
-        self.shared.start_announcer(self._write_announcement)
+        terminal = self._terminal
+        if terminal is not None and self.config.get_verbosity() >= -1:
+            # The announcer thread writes too: the lock is installed from the start.
+            self.progress = self._progress_line(terminal)
+        self.shared.start_announcer(self._announced)
+
+    def _announced(self, message: str) -> None:
+        """A worker's announcement: ``worker<TAB>seconds<TAB>what``, a wait it begins."""
+        try:
+            worker, seconds, what = message.split("\t", 2)
+            self.announce_wait(what, float(seconds), worker)
+        except ValueError:  # not from this version's workers: show it as it came
+            self._write_announcement(message)
+
+    @property
+    def started_count(self) -> int:
+        return self._started
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_runtest_logstart(self, nodeid: str, location: object) -> None:
+        self._started += 1
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
         """xdist hook: hand the shared session to each worker."""
         node.workerinput.update(self.shared.workerinput(send_records=self.records is not None))
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        pass  # the controller collects nothing: the workers' collections tell
+
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
         # Every worker collects the whole suite; with --dist each, every worker runs it.
-        self._collected[str(node.gateway.id)] = len(ids)
+        worker = str(node.gateway.id)
+        self._collected[worker] = len(ids)
         each = self.config.getoption("dist", "load") == "each"
         counts = self._collected.values()
         self.tally.collected = sum(counts) if each else max(counts)
         if self.records is not None:
             for nodeid in ids:
                 self.records.setdefault(nodeid, TestRecord(nodeid, outcome="not run"))
+        if self.forecast is None and self.wants_forecast:
+            # The worker wrote the costs other than 1 before it reported its collection.
+            known = read_worker_costs(self.shared.directory, worker)
+            costs = [1] * len(ids) if known is None else [known.get(id, 1) for id in ids]
+            if each:
+                costs *= max(1, len(getattr(self.config.option, "tx", None) or ()))
+            self.plan(costs, costs_known=known is not None)
+            self._print_forecast()
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object | None) -> None:

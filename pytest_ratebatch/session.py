@@ -24,11 +24,18 @@ from .options import (
     REPORT_OPTION,
     STORE_OPTION,
     THROTTLE_EXCEPTIONS_OPTION,
+    TIMELINE_OPTION,
     RawValue,
 )
 from .pacing import Pacer, RecordingWorkerPacer, WorkerPacer
 from .policy import ExecutionPolicy, PolicyError, build_policy, parse_value
-from .reporting import ControllerReporter, OutcomeRecorder, Reporter, WorkerRecords
+from .reporting import (
+    ControllerReporter,
+    OutcomeRecorder,
+    Reporter,
+    WorkerRecords,
+    wants_forecast,
+)
 from .retrying import Throttles, load_exception_types
 from .scheduler import TaskScheduler
 from .stores import BucketStore, MemoryBucketStore, StoreError
@@ -41,11 +48,13 @@ __all__ = ["Settings", "configure", "is_distributing", "load_settings", "open_st
 
 
 class Settings(Value):
-    """The validated options: the policy, and where the report and the bucket go."""
+    """The validated options: the policy, and where the report, the timeline and the bucket
+    go."""
 
-    __slots__ = ("key", "policy", "raw", "report_path", "store")
+    __slots__ = ("key", "policy", "raw", "report_path", "store", "timeline_path")
     policy: ExecutionPolicy
     report_path: Path | None
+    timeline_path: Path | None
     store: RawValue | None  # as written; None: the default for this kind of session
     key: str | None  # the Redis key; None: the default
     raw: dict[str, RawValue]  # every option as written, for messages
@@ -57,8 +66,16 @@ class Settings(Value):
         store: RawValue | None,
         key: str | None,
         raw: dict[str, RawValue],
+        timeline_path: Path | None = None,
     ) -> None:
-        self._set(policy=policy, report_path=report_path, store=store, key=key, raw=raw)
+        self._set(
+            policy=policy,
+            report_path=report_path,
+            store=store,
+            key=key,
+            raw=raw,
+            timeline_path=timeline_path,
+        )
 
 
 def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
@@ -66,19 +83,29 @@ def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
     written = raw
     raw = dict(raw)
     extra = {
-        name: raw.pop(name) for name in (REPORT_OPTION, STORE_OPTION, KEY_OPTION) if name in raw
+        name: raw.pop(name)
+        for name in (REPORT_OPTION, TIMELINE_OPTION, STORE_OPTION, KEY_OPTION)
+        if name in raw
     }
     try:
         policy = build_policy(raw)
         values = {name: parse_value(name, value) for name, value in extra.items()}
     except PolicyError as error:
         raise pytest.UsageError(str(error)) from None
-    report_path = None
-    if REPORT_OPTION in values:
-        from_cli = extra[REPORT_OPTION].source == COMMAND_LINE
-        base = config.invocation_params.dir if from_cli else config.rootpath
-        report_path = base / Path(values[REPORT_OPTION]).expanduser()
-    return Settings(policy, report_path, extra.get(STORE_OPTION), values.get(KEY_OPTION), written)
+    paths: dict[str, Path] = {}
+    for name in (REPORT_OPTION, TIMELINE_OPTION):
+        if name in values:
+            from_cli = extra[name].source == COMMAND_LINE
+            base = config.invocation_params.dir if from_cli else config.rootpath
+            paths[name] = base / Path(values[name]).expanduser()
+    return Settings(
+        policy,
+        paths.get(REPORT_OPTION),
+        extra.get(STORE_OPTION),
+        values.get(KEY_OPTION),
+        written,
+        paths.get(TIMELINE_OPTION),
+    )
 
 
 def is_distributing(config: pytest.Config) -> bool:
@@ -129,7 +156,8 @@ def configure(
     throttling_set = any(name.startswith("throttle_") for name in raw) or (
         THROTTLE_EXCEPTIONS_OPTION in raw
     )
-    if not (policy.is_active or throttling_set or settings.report_path is not None):
+    drawn = settings.report_path is not None or settings.timeline_path is not None
+    if not (policy.is_active or throttling_set or drawn):
         return
     if hasattr(config, "workerinput"):
         from .distributed import worker_session
@@ -139,7 +167,10 @@ def configure(
             store = open_store(config, settings, worker)
             scheduler = _scheduler(policy, store, worker.ledger(), worker.start_ns, worker.announce)
             kind = RecordingWorkerPacer if worker.send_records else WorkerPacer
-            pacer: Pacer = kind(scheduler, worker.start_ns)
+            worker_pacer = kind(scheduler, worker.start_ns)
+            if wants_forecast(policy):
+                worker_pacer.costs_to = (worker.directory, worker.worker_id)
+            pacer: Pacer = worker_pacer
             _register_pacer(config, pacer, pacer_key, settings)
             return
     if is_distributing(config):
@@ -148,7 +179,9 @@ def configure(
     store = open_store(config, settings, None)
     ledger = MemoryLedger()
     start_ns = MONOTONIC.now_ns()
-    reporter = Reporter(config, policy, settings.report_path, store, ledger, start_ns)
+    reporter = Reporter(
+        config, policy, settings.report_path, store, ledger, start_ns, settings.timeline_path
+    )
     config.pluginmanager.register(reporter, "ratebatch-reporter")
     if reporter.records is not None:
         config.pluginmanager.register(OutcomeRecorder(reporter), "ratebatch-outcomes")
@@ -192,7 +225,7 @@ def _configure_controller(config: pytest.Config, settings: Settings) -> None:
     store = open_store(config, settings, shared)
     reporter = ControllerReporter(
         shared, config, settings.policy, settings.report_path, store, shared.ledger(),
-        shared.start_ns,
+        shared.start_ns, settings.timeline_path,
     )  # fmt: skip
     config.pluginmanager.register(reporter, "ratebatch-reporter")
     if reporter.records is not None:

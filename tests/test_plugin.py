@@ -305,7 +305,11 @@ def test_long_waits_are_announced_between_progress_lines(pytester: pytest.Pytest
     result = pytester.runpytest("--rate-per-minute=40")  # 1.5 s between starts
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
-        ["test_many.py .*", "ratebatch: waiting 1.5s for rate tokens", "test_many.py .*"]
+        [
+            "test_many.py .*",
+            "ratebatch: waiting 1.5s for rate tokens; 1/2 started, 1.5s left",
+            "test_many.py .*",
+        ]
     )
 
 
@@ -324,7 +328,7 @@ def test_summary_section(pytester: pytest.Pytester) -> None:
             "policy: rate 1200/min, burst 2",
             "tests: 4 run, 0 cancelled",
             "waited: * in total, longest *",
-            "sustained rate: *.*/min (cost started beyond the burst, over the span of starts)",
+            "pace: */min after the first burst (limit 1200/min): the limit set the pace",
             "stop: none, every test was started",
         ]
     )
