@@ -26,6 +26,7 @@ __all__ = [
     "WindowLimit",
     "build_policy",
     "format_duration",
+    "format_rate",
     "mask_url",
     "parse_cost",
     "parse_duration",
@@ -299,6 +300,15 @@ def format_duration(seconds: float) -> str:
         units = ((hours, "h"), (minutes, "m"), (secs, "s"))
         return "".join(f"{amount}{unit}" for amount, unit in units if amount)
     return f"{_format_number(seconds)}s"
+
+
+def format_rate(per_minute: float) -> str:
+    """A rate per minute to read at a glance: ``17050/min``, ``59.8/min``, ``0.25/min``."""
+    if per_minute >= 100:
+        return f"{per_minute:.0f}/min"
+    if per_minute >= 1:
+        return f"{_format_number(round(per_minute, 1))}/min"
+    return f"{per_minute:.2g}/min"
 
 
 def _format_number(value: float) -> str:

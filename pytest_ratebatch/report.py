@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
+from .policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration, format_rate
 
 __all__ = [
     "CANCELLED_PREFIX",
@@ -378,7 +378,7 @@ def throttling_summary(events: Sequence[dict[str, Any]], tally: Tally) -> dict[s
 
 
 def _rate_text(per_minute: float | None) -> str:
-    return "no rate" if per_minute is None else f"{per_minute:.4g}/min"
+    return "no rate" if per_minute is None else format_rate(per_minute)
 
 
 def _count(number: int, one: str, many: str) -> str:
@@ -474,15 +474,15 @@ def describe_pace(
     achieved = summary.get("achieved_per_minute")
     if achieved is None or not (isinstance(rate, (int, float)) or rate == "auto"):
         return None
-    limit = f"limit {rate:.4g}/min" if isinstance(rate, (int, float)) else "rate auto"
+    limit = f"limit {format_rate(rate)}" if isinstance(rate, (int, float)) else "rate auto"
     lowered = (throttling or {}).get("rate_after")
     if lowered is not None:
-        limit += f", {lowered:.4g}/min after throttles"
+        limit += f", {format_rate(lowered)} after throttles"
     limits = [value for value in (rate, lowered) if isinstance(value, (int, float))]
     if not limits:
         return None  # auto, never throttled: no limit known
     allowed = min(limits)
-    text = f"pace: {achieved:.4g}/min after the first burst ({limit})"
+    text = f"pace: {format_rate(achieved)} after the first burst ({limit})"
     if lowered is not None:
         return f"{text}: the server's throttles set the pace"
     if achieved >= LIMIT_SET_THE_PACE * allowed:

@@ -11,6 +11,7 @@ from pytest_ratebatch.policy import (
     RateLimit,
     build_policy,
     format_duration,
+    format_rate,
     parse_duration,
 )
 
@@ -259,3 +260,12 @@ def test_windows_and_concurrency_are_described_and_reported() -> None:
 def test_bad_max_concurrency_is_refused(text: str) -> None:
     with pytest.raises(PolicyError, match=rf"--max-concurrency='{text}' \(command line\)"):
         build_policy(cli(max_concurrency=text))
+
+
+@pytest.mark.parametrize(
+    ("per_minute", "text"),
+    [(17050.4, "17050/min"), (120.0, "120/min"), (59.84, "59.8/min"), (60, "60/min"),
+     (0.25, "0.25/min"), (1.04, "1/min")],
+)  # fmt: skip
+def test_rates_read_at_a_glance(per_minute: float, text: str) -> None:
+    assert format_rate(per_minute) == text

@@ -7,7 +7,7 @@ time left.
 
 from __future__ import annotations
 
-from ..policy import NANOS_PER_SECOND
+from ..policy import NANOS_PER_SECOND, format_rate
 from .forecast import Forecast, format_span
 
 __all__ = ["LinePace", "Progress", "with_time_left"]
@@ -65,7 +65,7 @@ class Progress:
         parts = [f"{started}/{self.total} started"]
         rate = self.per_minute(started, now_ns)
         if rate is not None:
-            parts.append(f"{rate:.4g}/min")
+            parts.append(format_rate(rate))
         return ", ".join(parts), self.left_ns(started, now_ns, paused_ns)
 
 
