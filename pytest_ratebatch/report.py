@@ -122,11 +122,13 @@ class Tally:
         "collected",
         "first_start_ns",
         "last_start_ns",
+        "longest_slot_wait_ns",
         "longest_wait_ns",
         "retried",
         "retried_failed",
         "retries",
         "run",
+        "slot_waited_ns",
         "started_cost",
         "waited_ns",
     )
@@ -144,6 +146,8 @@ class Tally:
         self.retries = 0  # admissions of throttled tests run again
         self.retried = 0  # tests run again after a throttle
         self.retried_failed = 0  # of those, the ones that failed in the end
+        self.slot_waited_ns = 0  # of ``waited_ns``, the waits for a concurrency slot
+        self.longest_slot_wait_ns = 0
 
     def admitted(
         self, batch: int, tokens: int, start_ns: int, waited_ns: int, retry: bool = False
@@ -160,6 +164,11 @@ class Tally:
             self.first_start_ns = start_ns
         if self.last_start_ns is None or start_ns > self.last_start_ns:
             self.last_start_ns = start_ns
+
+    def slot_waited(self, wait_ns: int) -> None:
+        """A wait for a concurrency slot (``--max-concurrency``) ended."""
+        self.slot_waited_ns += wait_ns
+        self.longest_slot_wait_ns = max(self.longest_slot_wait_ns, wait_ns)
 
     def cancel(self, waited_ns: int) -> None:
         self.cancelled += 1
@@ -180,14 +189,18 @@ class Tally:
             self.retries,
             self.retried,
             self.retried_failed,
+            self.slot_waited_ns,
+            self.longest_slot_wait_ns,
         ]
 
     def merge(self, counts: list[Any]) -> None:
         """Add a worker's counts (``to_list``) to these."""
-        run, cancelled, batches, waited, longest, first, last, cost, *retries = counts
-        self.retries += retries[0]
-        self.retried += retries[1]
-        self.retried_failed += retries[2]
+        run, cancelled, batches, waited, longest, first, last, cost, *rest = counts
+        self.retries += rest[0]
+        self.retried += rest[1]
+        self.retried_failed += rest[2]
+        self.slot_waited_ns += rest[3]
+        self.longest_slot_wait_ns = max(self.longest_slot_wait_ns, rest[4])
         self.run += run
         self.cancelled += cancelled
         self.started_cost += cost
