@@ -239,8 +239,10 @@ class RedisSlotPool:
                     wait = min(wait, left / NANOS_PER_SECOND)
                 self._wait_for_wake(token, wait)
                 granted, _ = self._call(self._acquire, token, self._lease_us, self._alive_us, 1)
+        except StoreError:
+            raise  # the server is gone: the line forgets this waiter by itself
         except BaseException:
-            # Ctrl-C or a lost server: out of the line, and a slot granted meanwhile back.
+            # Ctrl-C: out of the line, and a slot granted meanwhile back.
             with contextlib.suppress(StoreError):
                 self._call(self._release, token)
             raise
