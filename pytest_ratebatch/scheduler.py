@@ -170,7 +170,7 @@ class TaskScheduler:
                     self._clock.sleep(ORPHAN_RETRY_SECONDS)
                 continue
             reason = ""
-            slots, slot, slot_wait = self.slots, None, 0
+            slot = None
             try:
                 if entry.action == "open":
                     expected = batch_cost if batch_cost is not None else cost * (batch_size or 1)
@@ -181,22 +181,22 @@ class TaskScheduler:
                     state = self.ledger.snapshot()
                     if not reason and state.batch == entry.batch and not state.released:
                         reason = self._open(entry.batch, cost * (batch_size or 1))  # opener died
-                if not reason and slots is not None:
+                if not reason and self.slots is not None:
                     slot_wait, slot, reason = self._take_slot(check_after=True)
                 if not reason:
                     store_ns = self._commit_tokens(cost)
             except BaseException:
-                if slots is not None and slot is not None:
-                    slots.release(slot)
+                if slot is not None:
+                    self._give_back(slot)
                 self.ledger.leave(entry.batch)
                 raise
             if reason:
-                if slots is not None and slot is not None:
-                    slots.release(slot)
                 self.ledger.leave(entry.batch)
                 return self._cancelled(reason, arrived)
             ticket = self._admitted(entry.batch, cost, store_ns, arrived)
-            return ticket if slots is None else SlotTicket(ticket, slot, slot_wait)
+            if slot is None:
+                return ticket
+            return SlotTicket(ticket, slot, slot_wait)
 
     def _admit_unbatched(self, cost: int) -> Ticket:
         """An unbatched test under a concurrency cap: a slot first, then its tokens."""
@@ -292,6 +292,9 @@ class TaskScheduler:
         assert isinstance(ticket, SlotTicket)
         slot, ticket.slot = ticket.slot, None
         assert slot is not None
+        self._give_back(slot)
+
+    def _give_back(self, slot: Slot) -> None:
         assert self.slots is not None
         self.slots.release(slot)
 
