@@ -117,6 +117,9 @@ class TaskScheduler:
         self.on_slot_wait: Callable[[int], None] | None = None
         # One test of the common kind, unbatched and uncapped, costs one check to route.
         self._direct = policy.batch_size is None and slots is None
+        if slots is not None:
+            # Chosen once here, so that ``finish`` costs nothing more without a cap.
+            self.finish = self._finish_releasing  # type: ignore[method-assign]
         start = clock.now_ns() if session_start_ns is None else session_start_ns
         timeout = policy.total_timeout
         self._stop_rule = StopRule(
@@ -170,7 +173,6 @@ class TaskScheduler:
                     self._clock.sleep(ORPHAN_RETRY_SECONDS)
                 continue
             reason = ""
-            slot = None
             try:
                 if entry.action == "open":
                     expected = batch_cost if batch_cost is not None else cost * (batch_size or 1)
@@ -181,22 +183,32 @@ class TaskScheduler:
                     state = self.ledger.snapshot()
                     if not reason and state.batch == entry.batch and not state.released:
                         reason = self._open(entry.batch, cost * (batch_size or 1))  # opener died
-                if not reason and self.slots is not None:
-                    slot_wait, slot, reason = self._take_slot(check_after=True)
                 if not reason:
+                    if self.slots is not None:
+                        return self._start_member(entry.batch, cost, arrived)
                     store_ns = self._commit_tokens(cost)
             except BaseException:
-                if slot is not None:
-                    self._give_back(slot)
                 self.ledger.leave(entry.batch)
                 raise
             if reason:
                 self.ledger.leave(entry.batch)
                 return self._cancelled(reason, arrived)
-            ticket = self._admitted(entry.batch, cost, store_ns, arrived)
-            if slot is None:
-                return ticket
-            return SlotTicket(ticket, slot, slot_wait)
+            return self._admitted(entry.batch, cost, store_ns, arrived)
+
+    def _start_member(self, batch: int, cost: int, arrived: int) -> Ticket:
+        """A member of a released batch, under a cap: its slot, then its own tokens. Leaves
+        the batch if the session stopped meanwhile; the caller leaves it if this raises."""
+        slot_wait, slot, reason = self._take_slot(check_after=True)
+        if reason:
+            self.ledger.leave(batch)
+            return SlotTicket(self._cancelled(reason, arrived), None, slot_wait)
+        assert slot is not None
+        try:
+            store_ns = self._commit_tokens(cost)
+        except BaseException:
+            self._give_back(slot)
+            raise
+        return SlotTicket(self._admitted(batch, cost, store_ns, arrived), slot, slot_wait)
 
     def _admit_unbatched(self, cost: int) -> Ticket:
         """An unbatched test under a concurrency cap: a slot first, then its tokens."""
@@ -283,16 +295,16 @@ class TaskScheduler:
         # An unbatched test that passed changes nothing shared: spare the ledger a round trip.
         if not ticket.cancelled and (ticket.batch or failed):
             self.ledger.finish(ticket.batch, failed, self._clock.now_ns())
-        if ticket.slot is not None:
-            self._release_slot(ticket)
 
-    def _release_slot(self, ticket: Ticket) -> None:
-        """After the ledger heard of the finish: a waiter woken by the slot sees a stop the
-        finish caused."""
-        assert isinstance(ticket, SlotTicket)
-        slot, ticket.slot = ticket.slot, None
-        assert slot is not None
-        self._give_back(slot)
+    def _finish_releasing(self, ticket: Ticket, failed: bool) -> None:
+        """``finish`` under a concurrency cap: then give the test's slot back. After the
+        ledger heard of the finish, so that a waiter the slot wakes sees a stop it caused."""
+        TaskScheduler.finish(self, ticket, failed)
+        slot = ticket.slot
+        if slot is not None:
+            assert isinstance(ticket, SlotTicket)
+            ticket.slot = None
+            self._give_back(slot)
 
     def _give_back(self, slot: Slot) -> None:
         assert self.slots is not None
