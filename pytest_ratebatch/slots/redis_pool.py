@@ -134,6 +134,10 @@ return lost
 )
 
 
+# The leases held, expired ones dropped.
+COUNT_SCRIPT = _PREAMBLE + "return redis.call('ZCARD', leases)"
+
+
 class RedisSlotPool:
     """``capacity`` slots as renewed leases in Redis, shared by every session on ``key``.
 
@@ -194,6 +198,7 @@ class RedisSlotPool:
         self._acquire = Script(ACQUIRE_SCRIPT)
         self._release = Script(RELEASE_SCRIPT)
         self._renew = Script(RENEW_SCRIPT)
+        self._count = Script(COUNT_SCRIPT)
         self._lock = threading.Lock()
         self._held: dict[str, Slot] = {}  # leases this process holds, by token
         self._renewer: threading.Thread | None = None
@@ -293,12 +298,6 @@ class RedisSlotPool:
     def in_use(self) -> int:
         """Leases held right now (expired ones dropped), by every session on the key."""
         return int(self._call(self._count))
-
-    _count = Script(_PREAMBLE + "return redis.call('ZCARD', leases)")
-
-    def check(self) -> None:
-        """Fail now, with a clear message, if the server is unreachable or refuses us."""
-        self.in_use()
 
     def describe(self) -> str:
         return (
