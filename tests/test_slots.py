@@ -299,6 +299,55 @@ def test_a_waiter_that_dies_in_line_does_not_block_it(tmp_path: Path) -> None:
     assert log == ["waiter"]
 
 
+# A process that waits in line for a slot until it is interrupted.
+WAITS = """
+import sys
+from pathlib import Path
+
+kind, where, key = sys.argv[1:]
+if kind == "file":
+    from pytest_ratebatch.slots.files import FileSlotPool
+    pool = FileSlotPool(Path(where), 1)
+else:
+    from pytest_ratebatch.slots.redis_pool import RedisSlotPool
+    pool = RedisSlotPool(where, key, 1)
+print("waiting", flush=True)
+pool.acquire()
+print("got a slot", flush=True)
+"""
+
+
+def waits(kind: str, where: str, key: str = "") -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", WAITS, kind, where, key],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+    )  # fmt: skip
+
+
+def interrupt(process: subprocess.Popen[str]) -> None:
+    """Ctrl-C: the wait ends at once, with Python's KeyboardInterrupt."""
+    interrupted = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=30)
+    assert time.monotonic() - interrupted < 5
+    assert "KeyboardInterrupt" in errors
+
+
+def test_ctrl_c_ends_a_wait_in_a_file_pool_and_leaves_the_line(tmp_path: Path) -> None:
+    pool = FileSlotPool(tmp_path, 1)
+    held = pool.acquire()
+    assert held is not None
+    head = waits("file", str(tmp_path))  # waits for the bell
+    eventually(lambda: tickets(tmp_path) == 2)
+    behind = waits("file", str(tmp_path))  # blocks on the head's lock
+    eventually(lambda: tickets(tmp_path) == 3)
+    time.sleep(0.1)
+    for process in (behind, head):
+        interrupt(process)
+    pool.release(held)
+    assert FileSlotPool(tmp_path, 1).acquire(5 * SECOND) is not None
+
+
 # --- the Redis pool --------------------------------------------------------------------
 
 
@@ -446,6 +495,20 @@ def test_a_redis_waiter_gives_up_after_the_max_wait(
     assert redis_server.client().zcard(pool.keys[1]) == 0  # it left the line
     pool.release(held)
     assert pool.in_use() == 0
+
+
+def test_ctrl_c_ends_a_wait_in_a_redis_pool_and_leaves_the_line(
+    redis_server: RedisServer, redis_key: str, redis_pools: list[RedisSlotPool]
+) -> None:
+    pool = redis_pool(redis_pools, redis_server, redis_key, 1)
+    held = pool.acquire()
+    assert held is not None
+    waiter = waits("redis", redis_server.url, redis_key)
+    client = redis_server.client()
+    eventually(lambda: client.zcard(pool.keys[1]) == 1)
+    interrupt(waiter)
+    assert client.zcard(pool.keys[1]) == 0  # it left the line on its way out
+    assert pool.in_use() == 1
 
 
 def test_an_unreachable_redis_pool_is_a_store_error() -> None:
