@@ -20,6 +20,7 @@ from pytest_ratebatch.ledger import MemoryLedger
 from pytest_ratebatch.limiter import RateLimiter
 from pytest_ratebatch.policy import ExecutionPolicy, RateLimit
 from pytest_ratebatch.scheduler import SlotTicket, TaskScheduler, Ticket
+from pytest_ratebatch.slots.files import POLL_SECONDS as FILE_POLL_SECONDS
 from pytest_ratebatch.slots.files import FileSlotPool
 from pytest_ratebatch.slots.pool import MemorySlotPool, Slot, SlotPool
 from pytest_ratebatch.slots.redis_pool import LEASE_SECONDS, POLL_SECONDS, RedisSlotPool
@@ -214,10 +215,30 @@ def test_file_pool_polls_where_no_bell_can_be_bound(tmp_path: Path) -> None:
     assert log == ["waiter"]
 
 
+def test_file_pool_deadline_on_a_fake_clock(tmp_path: Path, clock: FakeClock) -> None:
+    # Without a bell the head polls on the pool's clock: on a fake one, exactly until the
+    # deadline, in steps of POLL_SECONDS, then gives up.
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    holder_pool = FileSlotPool(deep, 1)
+    held = holder_pool.acquire()
+    assert held is not None
+    pool = FileSlotPool(deep, 1, clock=clock)
+    began = clock.now
+    assert pool.acquire(SECOND // 10) is None
+    assert clock.now - began == SECOND // 10
+    assert len(clock.sleeps) == round(0.1 / FILE_POLL_SECONDS)
+    assert max(clock.sleeps) <= FILE_POLL_SECONDS
+    holder_pool.release(held)
+    assert pool.acquire(SECOND // 10) is not None
+    assert clock.now - began == SECOND // 10  # no wait for a free slot
+
+
 # Real processes: each holds a slot of a file pool, or waits in line for one.
 HOLDER = """
 import os, sys, time
 from pathlib import Path
+from pytest_ratebatch.slots.files import POLL_SECONDS as FILE_POLL_SECONDS
 from pytest_ratebatch.slots.files import FileSlotPool
 
 directory, capacity, rounds, hold, timeline = sys.argv[1:]
@@ -306,7 +327,8 @@ from pathlib import Path
 
 kind, where, key = sys.argv[1:]
 if kind == "file":
-    from pytest_ratebatch.slots.files import FileSlotPool
+    from pytest_ratebatch.slots.files import POLL_SECONDS as FILE_POLL_SECONDS
+from pytest_ratebatch.slots.files import FileSlotPool
     pool = FileSlotPool(Path(where), 1)
 else:
     from pytest_ratebatch.slots.redis_pool import RedisSlotPool
