@@ -299,12 +299,14 @@ class TaskScheduler:
     def _finish_releasing(self, ticket: Ticket, failed: bool) -> None:
         """``finish`` under a concurrency cap: then give the test's slot back. After the
         ledger heard of the finish, so that a waiter the slot wakes sees a stop it caused."""
-        TaskScheduler.finish(self, ticket, failed)
-        slot = ticket.slot
-        if slot is not None:
-            assert isinstance(ticket, SlotTicket)
-            ticket.slot = None
-            self._give_back(slot)
+        try:
+            TaskScheduler.finish(self, ticket, failed)
+        finally:
+            slot = ticket.slot
+            if slot is not None:
+                assert isinstance(ticket, SlotTicket)
+                ticket.slot = None
+                self._give_back(slot)
 
     def _give_back(self, slot: Slot) -> None:
         assert self.slots is not None
