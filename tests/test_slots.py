@@ -238,7 +238,6 @@ def test_file_pool_deadline_on_a_fake_clock(tmp_path: Path, clock: FakeClock) ->
 HOLDER = """
 import os, sys, time
 from pathlib import Path
-from pytest_ratebatch.slots.files import POLL_SECONDS as FILE_POLL_SECONDS
 from pytest_ratebatch.slots.files import FileSlotPool
 
 directory, capacity, rounds, hold, timeline = sys.argv[1:]
@@ -327,8 +326,7 @@ from pathlib import Path
 
 kind, where, key = sys.argv[1:]
 if kind == "file":
-    from pytest_ratebatch.slots.files import POLL_SECONDS as FILE_POLL_SECONDS
-from pytest_ratebatch.slots.files import FileSlotPool
+    from pytest_ratebatch.slots.files import FileSlotPool
     pool = FileSlotPool(Path(where), 1)
 else:
     from pytest_ratebatch.slots.redis_pool import RedisSlotPool
