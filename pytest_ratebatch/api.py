@@ -13,6 +13,9 @@ from .redis_store import RedisBucketStore
 from .report import worst_excess
 from .scheduler import TaskScheduler, Ticket
 from .shared import FileBucketStore, FileLedger
+from .slots.files import FileSlotPool
+from .slots.pool import MemorySlotPool, Slot, SlotPool
+from .slots.redis_pool import RedisSlotPool
 from .stores import BucketStore, MemoryBucketStore, StoreError
 
 __all__ = [
@@ -23,14 +26,19 @@ __all__ = [
     "ExecutionPolicy",
     "FileBucketStore",
     "FileLedger",
+    "FileSlotPool",
     "Ledger",
     "MemoryBucketStore",
     "MemoryLedger",
+    "MemorySlotPool",
     "MonotonicClock",
     "PolicyError",
     "RateLimit",
     "RateLimiter",
     "RedisBucketStore",
+    "RedisSlotPool",
+    "Slot",
+    "SlotPool",
     "StoreError",
     "TaskScheduler",
     "Ticket",

@@ -32,7 +32,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "ratebatch(cost=1): tokens this test takes at its start; cost=0 exempts it from the "
-        "rate and from batches (pytest-ratebatch).",
+        "rate, from batches and from the concurrency cap (pytest-ratebatch).",
     )
     if config.option.help or config.option.version:
         return

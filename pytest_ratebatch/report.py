@@ -136,11 +136,13 @@ class Tally:
         "collected",
         "first_start_ns",
         "last_start_ns",
+        "longest_slot_wait_ns",
         "longest_wait_ns",
         "retried",
         "retried_failed",
         "retries",
         "run",
+        "slot_waited_ns",
         "started_cost",
         "waited_by_limit",
         "waited_ns",
@@ -161,6 +163,8 @@ class Tally:
         self.retried_failed = 0  # of those, the ones that failed in the end
         #: Seconds slept for each limit, by its name (``rate``, ``10/2s``, ``concurrency``).
         self.waited_by_limit: dict[str, float] = {}
+        self.slot_waited_ns = 0  # of ``waited_ns``, the waits for a concurrency slot
+        self.longest_slot_wait_ns = 0
 
     def admitted(
         self, batch: int, tokens: int, start_ns: int, waited_ns: int, retry: bool = False
@@ -180,6 +184,13 @@ class Tally:
             self.first_start_ns = start_ns
         if self.last_start_ns is None or start_ns > self.last_start_ns:
             self.last_start_ns = start_ns
+
+    def slot_waited(self, wait_ns: int) -> None:
+        """A wait for a concurrency slot (``--max-concurrency``) ended."""
+        self.slot_waited_ns += wait_ns
+        self.longest_slot_wait_ns = max(self.longest_slot_wait_ns, wait_ns)
+        waited = self.waited_by_limit
+        waited["concurrency"] = waited.get("concurrency", 0.0) + wait_ns / NANOS_PER_SECOND
 
     def cancel(self, waited_ns: int) -> None:
         self.cancelled += 1
@@ -201,16 +212,20 @@ class Tally:
             self.retried,
             self.retried_failed,
             self.waited_by_limit,
+            self.slot_waited_ns,
+            self.longest_slot_wait_ns,
         ]
 
     def merge(self, counts: list[Any]) -> None:
         """Add a worker's counts (``to_list``) to these."""
-        run, cancelled, batches, waited, longest, first, last, cost, *retries = counts
-        self.retries += retries[0]
-        self.retried += retries[1]
-        self.retried_failed += retries[2]
-        for limit, seconds in retries[3].items():
+        run, cancelled, batches, waited, longest, first, last, cost, *rest = counts
+        self.retries += rest[0]
+        self.retried += rest[1]
+        self.retried_failed += rest[2]
+        for limit, seconds in rest[3].items():
             self.waited_by_limit[limit] = self.waited_by_limit.get(limit, 0.0) + seconds
+        self.slot_waited_ns += rest[4]
+        self.longest_slot_wait_ns = max(self.longest_slot_wait_ns, rest[5])
         self.run += run
         self.cancelled += cancelled
         self.started_cost += cost

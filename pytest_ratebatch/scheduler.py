@@ -2,13 +2,18 @@
 
 For every test, in the process that runs it: check the stop conditions, then (batched) join
 the current batch or open the next one, which means waiting for the previous batch to drain,
-for the backoff, and for the whole batch's tokens; finally take the test's own tokens.
-Which limiter store and which ledger it talks to is the caller's choice.
+for the backoff, and for the whole batch's tokens; then, with a concurrency cap, take a slot;
+finally take the test's own tokens. The slot comes before the tokens: tokens taken before a
+wait for a slot would let starts bunch up past the rate once slots free up. A batched test
+takes its slot only once its batch is released: holding one while waiting for the previous
+batch to drain could starve that batch's own members. Which limiter store, ledger and slot
+pool it talks to is the caller's choice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .clock import MONOTONIC, Clock
 from .ledger import Ledger, MemoryLedger, StopRule
@@ -16,10 +21,17 @@ from .limiter import UNLIMITED, RateLimiter
 from .policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
 from .stores import StoreError
 
-__all__ = ["OnWait", "TaskScheduler", "Ticket"]
+if TYPE_CHECKING:
+    from .slots.pool import Slot, SlotPool
+
+__all__ = ["OnWait", "SlotTicket", "TaskScheduler", "Ticket"]
 
 #: How often a test retries while the batch it waits for is being opened by a new opener.
 ORPHAN_RETRY_SECONDS = 0.01
+
+#: A wait for a slot at least this long (and most of the test's wait) names the cap as the
+#: limit the test waited for; shorter ones are only the time to take a free slot.
+SLOT_WAIT_NAMED_NS = 1_000_000
 
 #: Called before a wait of known length: ``on_wait(what, seconds)``.
 OnWait = Callable[[str, float], None]
@@ -29,6 +41,11 @@ class Ticket:
     """The scheduler's answer for one test: admitted (``cancelled`` empty) or cancelled."""
 
     __slots__ = ("batch", "cancelled", "limit", "start_ns", "store_ns", "tokens", "waited_ns")
+
+    #: The concurrency slot the test holds until ``finish`` (``SlotTicket``: with a cap).
+    slot: Slot | None = None
+    #: Of ``waited_ns``, the wait for that slot.
+    slot_wait_ns: int = 0
 
     def __init__(
         self,
@@ -42,14 +59,37 @@ class Ticket:
         self.batch = batch  # 0 when unbatched
         self.tokens = tokens
         self.start_ns = start_ns  # when admitted, on the scheduler's (monotonic) clock
-        self.waited_ns = waited_ns
+        self.waited_ns = waited_ns  # in all, from arrival to admission (or cancellation)
         self.cancelled = cancelled  # the stop reason, e.g. "max failures (3) reached"
         self.store_ns = store_ns  # the admission on the store's own clock, if it has one
         self.limit = ""  # the limit it waited for longest, if it waited for one (e.g. 10/2s)
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        names = (*Ticket.__slots__, "slot", "slot_wait_ns")
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
         return f"Ticket({fields})"
+
+
+class SlotTicket(Ticket):
+    """A ticket under a concurrency cap: it carries the slot and the wait for it (a subclass,
+    so that tickets without a cap cost nothing more)."""
+
+    __slots__ = ("slot", "slot_wait_ns")
+
+    def __init__(self, ticket: Ticket, slot: Slot | None, slot_wait_ns: int) -> None:
+        super().__init__(
+            ticket.batch,
+            ticket.tokens,
+            ticket.start_ns,
+            ticket.waited_ns,
+            ticket.cancelled,
+            ticket.store_ns,
+        )
+        self.slot = slot
+        self.slot_wait_ns = slot_wait_ns
+        self.limit = ticket.limit
+        if slot_wait_ns >= SLOT_WAIT_NAMED_NS and 2 * slot_wait_ns > ticket.waited_ns:
+            self.limit = "concurrency"  # the slot took most of the wait
 
 
 class TaskScheduler:
@@ -64,6 +104,7 @@ class TaskScheduler:
         clock: Clock = MONOTONIC,
         session_start_ns: int | None = None,
         on_wait: OnWait | None = None,
+        slots: SlotPool | None = None,
     ) -> None:
         self.policy = policy
         self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
@@ -80,6 +121,19 @@ class TaskScheduler:
         self._local_clock = limiter is None or limiter.store.local_clock
         self._on_wait = on_wait
         self._on_tokens = self._waiter("rate tokens") if limiter is not None else None
+        if slots is None and policy.max_concurrency is not None:
+            from .slots.pool import MemorySlotPool
+
+            slots = MemorySlotPool(policy.max_concurrency)
+        #: The concurrency cap's slots (``None``: no cap).
+        self.slots = slots
+        #: Called with each wait for a slot, in nanoseconds (the session's totals).
+        self.on_slot_wait: Callable[[int], None] | None = None
+        # One test of the common kind, unbatched and uncapped, costs one check to route.
+        self._direct = policy.batch_size is None and slots is None
+        if slots is not None:
+            # Chosen once here, so that ``finish`` costs nothing more without a cap.
+            self.finish = self._finish_releasing  # type: ignore[method-assign]
         start = clock.now_ns() if session_start_ns is None else session_start_ns
         timeout = policy.total_timeout
         self._stop_rule = StopRule(
@@ -104,8 +158,10 @@ class TaskScheduler:
         stop); ``batch_cost`` what the batch this test may open is expected to cost in all
         (default: the batch size times ``cost``).
         """
-        if self.policy.batch_size is None or not cost:
+        if self._direct or not cost:  # exempt tests (cost 0) take no batch, no slot
             return self.acquire(cost)  # no batch to join: the test takes its own tokens
+        if self.policy.batch_size is None:
+            return self._admit_unbatched(cost)
         arrived = self._clock.now_ns()
         try:
             return self._admit(cost, batch_cost, arrived)
@@ -144,6 +200,8 @@ class TaskScheduler:
                     if not reason and state.batch == entry.batch and not state.released:
                         reason = self._open(entry.batch, cost * (batch_size or 1))  # opener died
                 if not reason:
+                    if self.slots is not None:
+                        return self._start_member(entry.batch, cost, arrived)
                     store_ns = self._commit_tokens(cost)
             except BaseException:
                 self.ledger.leave(entry.batch)
@@ -152,6 +210,75 @@ class TaskScheduler:
                 self.ledger.leave(entry.batch)
                 return self._cancelled(reason, arrived)
             return self._admitted(entry.batch, cost, store_ns, arrived)
+
+    def _start_member(self, batch: int, cost: int, arrived: int) -> Ticket:
+        """A member of a released batch, under a cap: its slot, then its own tokens. Leaves
+        the batch if the session stopped meanwhile; the caller leaves it if this raises."""
+        slot_wait, slot, reason = self._take_slot(check_after=True)
+        if reason:
+            self.ledger.leave(batch)
+            return SlotTicket(self._cancelled(reason, arrived), None, slot_wait)
+        assert slot is not None
+        try:
+            store_ns = self._commit_tokens(cost)
+        except BaseException:
+            self._give_back(slot)
+            raise
+        return SlotTicket(self._admitted(batch, cost, store_ns, arrived), slot, slot_wait)
+
+    def _admit_unbatched(self, cost: int) -> Ticket:
+        """An unbatched test under a concurrency cap: a slot first, then its tokens."""
+        slots = self.slots
+        assert slots is not None
+        arrived = self._clock.now_ns()
+        slot_wait = 0
+        try:
+            reason = self.ledger.check_stop(arrived, self._stop_rule)
+            if not reason:
+                slot_wait, slot, reason = self._take_slot(check_after=False)
+        except StoreError as error:
+            reason = self.ledger.stop(f"store unavailable: {error}")
+        if reason:
+            return SlotTicket(self._cancelled(reason, arrived), None, slot_wait)
+        assert slot is not None
+        try:
+            ticket = self.acquire(cost)  # checks the stop conditions again: a wait may be long
+        except BaseException:
+            slots.release(slot)
+            raise
+        if ticket.cancelled:
+            slots.release(slot)
+            slot = None
+        ticket.waited_ns = self._clock.now_ns() - arrived  # the slot's wait included
+        return SlotTicket(ticket, slot, slot_wait)
+
+    def _take_slot(self, check_after: bool) -> tuple[int, Slot | None, str]:
+        """A slot, waiting at most until the total timeout: ``(wait, slot, "")``, or
+        ``(wait, None, stop reason)``. With ``check_after``, a stop while waiting (checked
+        once the slot is got) cancels the test too (else the caller checks)."""
+        slots = self.slots
+        assert slots is not None
+        began = self._clock.now_ns()
+        deadline = self._stop_rule.deadline_ns
+        slot = slots.acquire(None if deadline is None else max(0, deadline - began))
+        now = self._clock.now_ns()
+        wait = now - began
+        if self.on_slot_wait is not None:
+            self.on_slot_wait(wait)
+        if slot is None:
+            reason = self.ledger.check_stop(max(now, deadline or now), self._stop_rule)
+            return wait, None, reason or self.ledger.stop(self._timeout_ahead())
+        if not check_after:
+            return wait, slot, ""
+        try:
+            reason = self.ledger.check_stop(now, self._stop_rule)
+        except BaseException:
+            slots.release(slot)
+            raise
+        if reason:
+            slots.release(slot)
+            return wait, None, reason
+        return wait, slot, ""
 
     def _admitted(self, batch: int, cost: int, store_ns: int | None, arrived: int) -> Ticket:
         if store_ns is not None and self._local_clock:
@@ -191,6 +318,22 @@ class TaskScheduler:
         # An unbatched test that passed changes nothing shared: spare the ledger a round trip.
         if not ticket.cancelled and (ticket.batch or failed):
             self.ledger.finish(ticket.batch, failed, self._clock.now_ns())
+
+    def _finish_releasing(self, ticket: Ticket, failed: bool) -> None:
+        """``finish`` under a concurrency cap: then give the test's slot back. After the
+        ledger heard of the finish, so that a waiter the slot wakes sees a stop it caused."""
+        try:
+            TaskScheduler.finish(self, ticket, failed)
+        finally:
+            slot = ticket.slot
+            if slot is not None:
+                assert isinstance(ticket, SlotTicket)
+                ticket.slot = None
+                self._give_back(slot)
+
+    def _give_back(self, slot: Slot) -> None:
+        assert self.slots is not None
+        self.slots.release(slot)
 
     def _open(self, batch: int, expected_cost: int) -> str:
         """Pass the barrier, the backoff and the batch's tokens, then release the batch.

@@ -43,8 +43,17 @@ from .values import Value
 
 if TYPE_CHECKING:
     from .distributed import SessionDirectory
+    from .slots.pool import SlotPool
 
-__all__ = ["Settings", "configure", "is_distributing", "load_settings", "open_store"]
+__all__ = [
+    "Settings",
+    "configure",
+    "is_distributing",
+    "load_settings",
+    "open_slots",
+    "open_store",
+    "store_choice",
+]
 
 
 class Settings(Value):
@@ -113,12 +122,18 @@ def is_distributing(config: pytest.Config) -> bool:
     return getattr(config.option, "dist", "no") != "no" and bool(getattr(config.option, "tx", None))
 
 
+def store_choice(settings: Settings, shared: SessionDirectory | None) -> str:
+    """``memory``, ``file`` or the Redis URL: where the bucket (and the slots) live."""
+    raw = settings.store
+    return raw.text.strip() if raw is not None else ("file" if shared is not None else "memory")
+
+
 def open_store(
     config: pytest.Config, settings: Settings, shared: SessionDirectory | None
 ) -> BucketStore:
     """The bucket the settings name; a ``pytest.UsageError`` if it cannot be used."""
     raw = settings.store
-    choice = raw.text.strip() if raw is not None else ("file" if shared is not None else "memory")
+    choice = store_choice(settings, shared)
     if choice == "memory":
         if shared is not None:
             assert raw is not None
@@ -147,6 +162,36 @@ def open_store(
     return store
 
 
+def open_slots(
+    config: pytest.Config, settings: Settings, shared: SessionDirectory | None
+) -> SlotPool | None:
+    """The concurrency cap's slots, beside the bucket (``None``: no cap). Imported only when
+    a cap is set."""
+    capacity = settings.policy.max_concurrency
+    if capacity is None:
+        return None
+    choice = store_choice(settings, shared)
+    pool: SlotPool
+    if choice == "file" and shared is not None:
+        from .slots.files import FileSlotPool
+
+        pool = FileSlotPool(shared.directory, capacity)
+    elif choice in ("memory", "file"):
+        from .slots.pool import MemorySlotPool
+
+        return MemorySlotPool(capacity)  # one process: its threads are all the sharers
+    else:
+        from .redis_store import DEFAULT_KEY
+        from .slots.redis_pool import RedisSlotPool
+
+        try:
+            pool = RedisSlotPool(choice, settings.key or DEFAULT_KEY, capacity)
+        except StoreError as error:
+            raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
+    config.add_cleanup(pool.close)
+    return pool
+
+
 def configure(
     config: pytest.Config, raw: dict[str, RawValue], pacer_key: pytest.StashKey[Pacer]
 ) -> None:
@@ -165,7 +210,10 @@ def configure(
         worker = worker_session(config)
         if worker is not None:
             store = open_store(config, settings, worker)
-            scheduler = _scheduler(policy, store, worker.ledger(), worker.start_ns, worker.announce)
+            slots = open_slots(config, settings, worker)
+            scheduler = _scheduler(
+                policy, store, worker.ledger(), worker.start_ns, worker.announce, slots
+            )
             kind = RecordingWorkerPacer if worker.send_records else WorkerPacer
             worker_pacer = kind(scheduler, worker.start_ns)
             if wants_forecast(policy):
@@ -185,7 +233,8 @@ def configure(
     config.pluginmanager.register(reporter, "ratebatch-reporter")
     if reporter.records is not None:
         config.pluginmanager.register(OutcomeRecorder(reporter), "ratebatch-outcomes")
-    scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait)
+    slots = open_slots(config, settings, None)
+    scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait, slots)
     pacer = Pacer(scheduler, start_ns, reporter.tally, reporter)
     _register_pacer(config, pacer, pacer_key, settings)
     if pacer.throttles is not None:
@@ -238,8 +287,14 @@ def _scheduler(
     ledger: Ledger,
     start_ns: int,
     on_wait: Callable[[str, float], None],
+    slots: SlotPool | None = None,
 ) -> TaskScheduler:
     limiter = RateLimiter(policy.rate_limit or UNLIMITED, store, windows=policy.windows)
     return TaskScheduler(
-        policy, limiter=limiter, ledger=ledger, session_start_ns=start_ns, on_wait=on_wait
+        policy,
+        limiter=limiter,
+        ledger=ledger,
+        session_start_ns=start_ns,
+        on_wait=on_wait,
+        slots=slots,
     )
