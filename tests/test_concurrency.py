@@ -82,6 +82,10 @@ def test_four_workers_keep_two_in_flight(pytester: pytest.Pytester) -> None:
     report = load_report(pytester.path / "r.json")
     assert report["policy"]["max_concurrency"] == 2
     assert len({test["worker"] for test in report["tests"]}) >= 3  # really spread over workers
+    # Which limit bound: the cap, in the summary and for the tests that waited for a slot.
+    result.stdout.fnmatch_lines(["waited on concurrency for *s"])
+    assert report["summary"]["waited_by_limit"]["concurrency"] > 0
+    assert any(test["limit"] == "concurrency" for test in report["tests"])
 
 
 def test_the_cap_with_a_rate_and_batches(pytester: pytest.Pytester) -> None:
