@@ -303,8 +303,8 @@ def format_duration(seconds: float) -> str:
 
 
 def format_rate(per_minute: float) -> str:
-    """A rate per minute to read at a glance: ``17050/min``, ``59.8/min``, ``0.25/min``."""
-    if per_minute >= 100:
+    """A rate per minute to read at a glance: ``17050/min``, ``119.8/min``, ``0.25/min``."""
+    if per_minute >= 1000:
         return f"{per_minute:.0f}/min"
     if per_minute >= 1:
         return f"{_format_number(round(per_minute, 1))}/min"

@@ -264,7 +264,7 @@ def test_bad_max_concurrency_is_refused(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("per_minute", "text"),
-    [(17050.4, "17050/min"), (120.0, "120/min"), (59.84, "59.8/min"), (60, "60/min"),
+    [(17050.4, "17050/min"), (120.0, "120/min"), (119.84, "119.8/min"), (60, "60/min"),
      (0.25, "0.25/min"), (1.04, "1/min")],
 )  # fmt: skip
 def test_rates_read_at_a_glance(per_minute: float, text: str) -> None:
