@@ -31,13 +31,12 @@ from .report import (
 from .scheduler import Ticket
 from .stores import BucketStore
 from .views.forecast import Forecast, describe_forecast, forecast_json, forecast_policy
-from .views.progress import Progress
-from .views.terminal import ProgressLine, write_between_progress
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
     from .distributed import SharedSession
+    from .views.terminal import ProgressLine
 
 __all__ = [
     "ANNOUNCE_WAITS_FROM",
@@ -52,6 +51,7 @@ __all__ = [
     "read_worker_costs",
     "ticket_start",
     "wants_forecast",
+    "write_between_progress",
     "write_worker_costs",
 ]
 
@@ -62,6 +62,15 @@ ANNOUNCE_WAITS_FROM = 1.0
 REPORT_ATTRIBUTE = "ratebatch"
 #: The key of a worker's totals in what it sends its controller at the end (``workeroutput``).
 WORKEROUTPUT_KEY = "ratebatch"
+
+
+def write_between_progress(terminal: TerminalReporter, text: str) -> None:
+    """A line of ours between pytest's progress lines."""
+    terminal.ensure_newline()
+    writer = getattr(terminal, "_tw", None)
+    if getattr(writer, "width_of_current_line", 0):
+        terminal.write("\n")  # xdist prints progress letters without tracking the line
+    terminal.write_line(text)
 
 
 def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
@@ -268,6 +277,8 @@ class Reporter:
         progress.start()
 
     def _progress_line(self, terminal: TerminalReporter) -> ProgressLine:
+        from .views.terminal import ProgressLine  # on the first wait: most runs never wait
+
         tty = bool(getattr(terminal, "isatty", False))
         line = ProgressLine(terminal, self.output_lock, self._status, tty)
         TerminalGuard(self.output_lock, line.clear if tty else None).install(terminal)
@@ -279,6 +290,8 @@ class Reporter:
         forecast = self.forecast
         if forecast is not None and forecast.tests != total:
             forecast = None
+        from .views.progress import Progress
+
         rate = self.policy.rate_limit
         burst = rate.burst if rate is not None else 0
         progress = Progress(total, forecast, self.start_ns, burst)
