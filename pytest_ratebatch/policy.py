@@ -250,7 +250,12 @@ class ExecutionPolicy(Value):
             "burst": rate.burst if rate else None,
             "interval_ns": rate.interval_ns if rate else None,
             "rate_limit": [
-                {"count": window.count, "window": window.seconds, "text": window.describe()}
+                {
+                    "count": window.count,
+                    "window": window.seconds,
+                    "window_ns": window.window_ns,
+                    "text": window.describe(),
+                }
                 for window in self.windows
             ],
             "max_concurrency": self.max_concurrency,

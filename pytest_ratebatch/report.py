@@ -286,9 +286,8 @@ def worst_excess(starts: Sequence[tuple[int, int]], interval_ns: int, burst: int
 
 
 def policy_json(policy: ExecutionPolicy) -> dict[str, Any]:
-    """The policy as the report states it: its settings, its header line, its windows."""
+    """The policy as the report states it: its settings and its header line."""
     data = policy.to_json()
-    data["windows"] = [[window.count, window.window_ns] for window in policy.windows]
     data["description"] = policy.describe()
     return data
 

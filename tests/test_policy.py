@@ -249,8 +249,8 @@ def test_windows_and_concurrency_are_described_and_reported() -> None:
     data = policy.to_json()
     assert data["max_concurrency"] == 2
     assert data["rate_limit"] == [
-        {"count": 10, "window": 2.0, "text": "10/2s"},
-        {"count": 10000, "window": 86400.0, "text": "10000/1d"},
+        {"count": 10, "window": 2.0, "window_ns": 2_000_000_000, "text": "10/2s"},
+        {"count": 10000, "window": 86400.0, "window_ns": 86_400_000_000_000, "text": "10000/1d"},
     ]
     assert policy.largest_cost == (1, "the burst")
     assert build_policy(cli(rate_limit="10/2s, 4/s")).largest_cost == (4, "4/1s")

@@ -119,7 +119,7 @@ def test_the_timeline_ini_key_under_xdist_draws_a_lane_per_worker(
     report = json.loads((pytester.path / "r.json").read_text())
     assert report["format"] == 2
     assert report["policy"]["description"] == "rate 60000/min, burst 2"
-    assert report["policy"]["windows"] == []
+    assert report["policy"]["rate_limit"] == []
     assert report["session"]["forecast"] == {"least": 0.006, "tests": 8, "cost": 8, "cancelled": 0}
     assert report["summary"]["cost"] == 8
     assert set(report["summary"]) == {

@@ -410,7 +410,12 @@ def test_a_session_holds_every_window_and_says_which_bound(
     assert times[-1] - times[0] < 2.4 * SECOND + 1.5 * SECOND  # generous: start-up jitter
     assert {test["limit"] for test in report["tests"]} <= {"", "6/1.2s", "4/0.4s"}
     assert any(test["limit"] == "6/1.2s" for test in report["tests"])
-    assert report["policy"]["rate_limit"][1] == {"count": 6, "window": 1.2, "text": "6/1.2s"}
+    assert report["policy"]["rate_limit"][1] == {
+        "count": 6,
+        "window": 1.2,
+        "window_ns": 1_200_000_000,
+        "text": "6/1.2s",
+    }
 
 
 def test_sessions_on_one_redis_key_share_the_windows(

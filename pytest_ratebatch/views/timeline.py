@@ -400,7 +400,7 @@ def _legend(canvas: _Canvas, timeline: Timeline, policy: dict[str, Any]) -> None
     entries.append(("cost", "cost started"))
     if policy.get("interval_ns"):
         entries.append(("bound", "burst + rate \u00d7 t"))
-    if policy.get("windows"):
+    if policy.get("rate_limit"):
         entries.append(("window-bound", "window limits"))
     position = float(LEFT)
     for cls, label in entries:
@@ -464,7 +464,8 @@ def _chart(
                 f'<path class="bound" clip-path="url(#chart)" data-burst="{burst}" '
                 f'data-interval-ns="{interval}" d="{path}"/>'
             )
-        for count, window_ns in policy.get("windows") or ():
+        for window in policy.get("rate_limit") or ():
+            count, window_ns = window["count"], window["window_ns"]
             points: list[tuple[int, int]] = []
             at = origin
             while at <= last:
