@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,7 +24,7 @@ from .throttle.adapt import BucketState
 from .throttle.adapt import throttle as adapt_throttle
 from .windows import WindowedOutcome, Windows
 
-__all__ = ["DEFAULT_KEY", "RedisBucketStore"]
+__all__ = ["DEFAULT_KEY", "RedisBucketStore", "RedisConnection"]
 
 DEFAULT_KEY = "default"
 KEY_PREFIX = "pytest-ratebatch:"
@@ -236,12 +236,12 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
-class RedisBucketStore:
-    """GCRA in Redis: ``take`` and ``commit`` are one script call (one round trip) each."""
+class RedisConnection:
+    """A redis-py client as the Redis parts use it: short timeouts, redis-py's own retry for
+    brief outages, scripts by their SHA1, and every error a ``StoreError`` that never shows
+    the password."""
 
-    local_clock = False  # times are the server's, not this machine's monotonic clock
-
-    def __init__(self, url: str, key: str = DEFAULT_KEY) -> None:
+    def __init__(self, url: str, socket_timeout: float = 5) -> None:
         try:
             import redis
             from redis.backoff import ExponentialBackoff
@@ -250,23 +250,53 @@ class RedisBucketStore:
             raise StoreError(
                 "the Redis store needs redis-py: pip install 'pytest-ratebatch[redis]'"
             ) from None
-        self.url = url
-        self.key = KEY_PREFIX + key
         self._secret = urlsplit(url).password or ""
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self.errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self.watch_error: type[BaseException] = redis.exceptions.WatchError
+        self._noscript = redis.exceptions.NoScriptError
         backoff = ExponentialBackoff(cap=0.5, base=0.05)
         try:
-            self._client = redis.Redis.from_url(
+            self.client = redis.Redis.from_url(
                 url,
-                socket_timeout=5,
+                socket_timeout=socket_timeout,
                 socket_connect_timeout=2,
                 retry=Retry(backoff, retries=max(1, math.ceil(RETRY_SECONDS / 0.25))),
                 retry_on_error=[redis.ConnectionError, redis.TimeoutError],
             )
         except ValueError as error:
-            raise StoreError(self._clean(f"bad Redis URL {mask_url(url)}: {error}")) from None
-        self._noscript = redis.exceptions.NoScriptError
-        self._watch_error = redis.exceptions.WatchError
+            raise StoreError(self.clean(f"bad Redis URL {mask_url(url)}: {error}")) from None
+
+    def clean(self, message: str) -> str:
+        """No output, report or error ever contains the password."""
+        return message.replace(self._secret, "***") if self._secret else message
+
+    def run(
+        self, script: Script, keys: Sequence[str], args: Sequence[object], where: Callable[[], str]
+    ) -> Any:
+        """One EVALSHA (the script is sent once per server, on its first NOSCRIPT); an error
+        is a ``StoreError`` that starts with ``where()``."""
+        execute: Callable[..., Any] = self.client.execute_command
+        try:
+            try:
+                return execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            except self._noscript:
+                return execute("EVAL", script.source, len(keys), *keys, *args)
+        except self.errors as error:
+            raise StoreError(self.clean(f"{where()}: {error}")) from None
+
+
+class RedisBucketStore:
+    """GCRA in Redis: ``take`` and ``commit`` are one script call (one round trip) each."""
+
+    local_clock = False  # times are the server's, not this machine's monotonic clock
+
+    def __init__(self, url: str, key: str = DEFAULT_KEY) -> None:
+        self.url = url
+        self.key = KEY_PREFIX + key
+        self._redis = RedisConnection(url)
+        self._client = self._redis.client
+        self._errors = self._redis.errors
+        self._watch_error = self._redis.watch_error
         self._take = Script(TAKE_SCRIPT)
         self._commit = Script(COMMIT_SCRIPT)
         self._debt = Script(DEBT_SCRIPT)
@@ -275,28 +305,12 @@ class RedisBucketStore:
         self._free_windows = Script(FREE_WINDOWS_SCRIPT)
         self._window_keys: dict[Windows, tuple[list[str], list[int]]] = {}
 
-    def _clean(self, message: str) -> str:
-        """No output, report or error ever contains the password."""
-        return message.replace(self._secret, "***") if self._secret else message
-
     def _call(self, script: Script, *args: int, windows: Windows = ()) -> Any:
-        """One EVALSHA (the script is sent once per server, on its first NOSCRIPT)."""
-        execute: Callable[..., Any] = self._client.execute_command
-        keys: list[str] = [self.key]
-        extra: list[int] = []
+        """One script call on the bucket's key (and the windows' logs)."""
         if windows:
             keys, extra = self._windows_arguments(windows)
-        try:
-            try:
-                return execute(
-                    "EVALSHA", script.sha, len(keys), *keys, *args, IDLE_EXPIRY_MS, *extra
-                )
-            except self._noscript:
-                return execute(
-                    "EVAL", script.source, len(keys), *keys, *args, IDLE_EXPIRY_MS, *extra
-                )
-        except self._errors as error:
-            raise StoreError(self._clean(f"{self.describe()}: {error}")) from None
+            return self._redis.run(script, keys, (*args, IDLE_EXPIRY_MS, *extra), self.describe)
+        return self._redis.run(script, [self.key], (*args, IDLE_EXPIRY_MS), self.describe)
 
     def _windows_arguments(self, windows: Windows) -> tuple[list[str], list[int]]:
         """The keys of each window's two logs (named by the limit: sessions that state
@@ -388,7 +402,7 @@ class RedisBucketStore:
                     except self._watch_error:
                         continue
         except self._errors as error:
-            raise StoreError(self._clean(f"{self.describe()}: {error}")) from None
+            raise StoreError(self._redis.clean(f"{self.describe()}: {error}")) from None
 
     def describe(self) -> str:
         return f"redis {mask_url(self.url)} key {self.key}"

@@ -25,13 +25,11 @@ import contextlib
 import math
 import secrets
 import threading
-from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from ..clock import MONOTONIC, Clock
 from ..policy import NANOS_PER_SECOND, mask_url
-from ..redis_store import DEFAULT_KEY, IDLE_EXPIRY_MS, KEY_PREFIX, RETRY_SECONDS, Script
+from ..redis_store import DEFAULT_KEY, IDLE_EXPIRY_MS, KEY_PREFIX, RedisConnection, Script
 from ..stores import StoreError
 from .pool import Slot
 
@@ -161,33 +159,14 @@ class RedisSlotPool:
             raise ValueError(f"lease_seconds must be > 0, not {lease_seconds!r}")
         if not (math.isfinite(poll_seconds) and poll_seconds > 0):
             raise ValueError(f"poll_seconds must be > 0, not {poll_seconds!r}")
-        try:
-            import redis
-            from redis.backoff import ExponentialBackoff
-            from redis.retry import Retry
-        except ImportError:
-            raise StoreError(
-                "the Redis store needs redis-py: pip install 'pytest-ratebatch[redis]'"
-            ) from None
         self.url = url
         self.capacity = capacity
         self.lease_seconds = lease_seconds
         self._poll = poll_seconds
         self._clock = clock
-        self._secret = urlsplit(url).password or ""
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-        backoff = ExponentialBackoff(cap=0.5, base=0.05)
-        try:
-            self._client = redis.Redis.from_url(
-                url,
-                socket_timeout=5,  # longer than any BLPOP below
-                socket_connect_timeout=2,
-                retry=Retry(backoff, retries=max(1, math.ceil(RETRY_SECONDS / 0.25))),
-                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            )
-        except ValueError as error:
-            raise StoreError(self._clean(f"bad Redis URL {mask_url(url)}: {error}")) from None
-        self._noscript = redis.exceptions.NoScriptError
+        self._redis = RedisConnection(url, socket_timeout=5)  # longer than any BLPOP below
+        self._client = self._redis.client
+        self._errors = self._redis.errors
         base = f"{KEY_PREFIX}{key}:slots"
         self.keys = (f"{base}:leases", f"{base}:line", f"{base}:alive", f"{base}:counter")
         self._wake_prefix = f"{base}:wake:"
@@ -206,21 +185,10 @@ class RedisSlotPool:
         #: Leases found expired at renewal (their holder was stalled longer than a lease).
         self.lost = 0
 
-    def _clean(self, message: str) -> str:
-        return message.replace(self._secret, "***") if self._secret else message
-
     def _call(self, script: Script, *args: object) -> Any:
-        """One EVALSHA (the script is sent once per server, on its first NOSCRIPT)."""
-        execute: Callable[..., Any] = self._client.execute_command
-        keys = self.keys
-        head = (len(keys), *keys, self.capacity, self._wake_prefix, self._keep_ms)
-        try:
-            try:
-                return execute("EVALSHA", script.sha, *head, *args)
-            except self._noscript:
-                return execute("EVAL", script.source, *head, *args)
-        except self._errors as error:
-            raise StoreError(self._clean(f"{self.describe()}: {error}")) from None
+        """One script call on the pool's keys."""
+        head = (self.capacity, self._wake_prefix, self._keep_ms)
+        return self._redis.run(script, self.keys, (*head, *args), self.describe)
 
     # --- acquire and release -------------------------------------------------------------
 
@@ -258,7 +226,7 @@ class RedisSlotPool:
         try:
             self._client.blpop([self._wake_prefix + token], max(0.001, round(seconds, 3)))
         except self._errors as error:
-            raise StoreError(self._clean(f"{self.describe()}: {error}")) from None
+            raise StoreError(self._redis.clean(f"{self.describe()}: {error}")) from None
 
     def _leased(self, token: str) -> Slot:
         slot = Slot(-1, token)
