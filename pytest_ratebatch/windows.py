@@ -65,6 +65,8 @@ class Log(Protocol):
     def last_reserved(self) -> int: ...
     def reserve(self, at: int, cost: int) -> None: ...
     def admit(self, at: int, cost: int) -> None: ...
+    def save(self) -> None:
+        """After ``reserve``/``admit``, once per operation: whatever the store keeps apart."""
 
 
 def take(
@@ -150,12 +152,14 @@ def take_state(
         earliest, logs[0].last_reserved(),
     )  # fmt: skip
     if status != REFUSED:
+        admitted = status == ADMITTED
+        if admitted:
+            state.count += cost
         for log in logs:
             log.reserve(now + wait, cost)
-        if status == ADMITTED:
-            state.count += cost
-            for log in logs:
+            if admitted:
                 log.admit(now, cost)
+            log.save()
     return status, now, wait, bound
 
 
@@ -179,6 +183,7 @@ def commit_state(
         state.count += cost
         for log in logs:
             log.admit(now, cost)
+            log.save()
     return status, now, wait, bound
 
 
@@ -213,6 +218,9 @@ class WindowLog:
 
     def admit(self, at: int, cost: int) -> None:
         self.admitted_head = _push(self.admitted, self.admitted_head, at, cost)
+
+    def save(self) -> None:
+        pass  # nothing kept apart in memory
 
     def free(self, now: int) -> int:
         """How much could start at ``now`` by this limit alone."""
