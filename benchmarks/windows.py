@@ -71,7 +71,7 @@ Needs ``limits``, ``pyrate-limiter`` (and ``filelock``), ``redis`` (the ``bench`
 ``redis-server`` (Debian package ``redis-server``). Reproduce from the repository root::
 
     python benchmarks/windows.py                      # about 20 minutes
-    python benchmarks/windows.py --repeats 1 --only rate-limit --no-cost
+    python benchmarks/windows.py --repeats 1 --only "ratebatch --rate-limit" --no-cost
 """
 
 from __future__ import annotations
