@@ -41,12 +41,15 @@
    (median of the runs) and its ratio to the ideal, and the *slack*: the smallest
    ``a[i] - a[i-n] - w`` over the accepted arrivals ``a`` and both limits ``n/w``, the
    closest the traffic came to a window's edge (negative: a window held more than its
-   limit). For the plugin's variants also the *delay spread*: the largest difference, across
-   a run's tests, of the time from admission (the JSON report) to arrival at the server,
-   with and without each process's first test (the 10 ms kept beyond each window,
-   ``WINDOW_MARGIN_NS``, must cover it). A 429 is explained from the server's log and the
-   reports: which limit refused it, how early it came, and how much longer the oldest
-   request in that window took from its admission to the server than the refused one.
+   limit). For the plugin's variants also the *admitted slack*, the same over the admissions
+   in the JSON report (the limiter's own view: at least the 10 ms kept beyond each window,
+   ``WINDOW_MARGIN_NS``, when every window held), and the *delay spread*: the largest
+   difference, across a run's tests, of the time from admission (the JSON report) to
+   arrival at the server, with and without each process's first test (the margin must
+   cover it). A 429 is
+   explained from the server's log and the reports: which limit refused it, how early it
+   came, over how long the requests in that window were admitted and over how long they
+   arrived, and which of them took longest and shortest from admission to the server.
 
    Targets: ``--rate-limit`` zero 429s on both servers, span within 2% of the ideal.
 
@@ -295,6 +298,7 @@ class Run(NamedTuple):
     slack: tuple[float, str]  # seconds, and the limit
     spread: float | None  # seconds: admission-to-arrival delay, max - min
     spread_rest: float | None  # the same without each process's first test
+    admitted_slack: tuple[float, str] | None  # slack of the admissions (the plugin's variants)
     explained: list[str]  # each 429: which limit, how early, and why
 
 
@@ -361,7 +365,9 @@ def measure(entries: list[Entry], passed: int, admissions: dict[str, Admission] 
         rest = [d for d, first in delays if not first]
         spread_rest = (max(rest) - min(rest)) / 1e9 if rest else None
     refused = sum(entry.status == 429 for entry in entries)
-    return Run(passed, refused, span, slack, spread, spread_rest, explained)
+    return Run(
+        passed, refused, span, slack, spread, spread_rest, admitted_slack(admissions), explained
+    )
 
 
 def explain(entry: Entry, accepted: list[Entry], admissions: dict[str, Admission]) -> str:
@@ -378,18 +384,40 @@ def explain(entry: Entry, accepted: list[Entry], admissions: dict[str, Admission
             f"{name}: {early:.1f} ms early, {count} accepted since test {oldest.test} "
             f"({(entry.at - oldest.at) / 1e6:.1f} ms before)"
         )
-        mine, theirs = admissions.get(entry.test), admissions.get(oldest.test)
-        if mine is not None and theirs is not None and mine.wall == theirs.wall:
-            admitted = (mine.at - theirs.at) / 1e6
-            longer = (_delay(oldest, theirs) - _delay(entry, mine)) / 1e6
+        window = [*before[-count:], entry]  # count + 1 requests within less than the window
+        known = [(other, admissions[other.test]) for other in window if other.test in admissions]
+        if len(known) == len(window) and len({admission.wall for _, admission in known}) == 1:
+            times = [admission.at for _, admission in known]
+            slowest = max(known, key=lambda pair: _delay(*pair))
+            fastest = min(known, key=lambda pair: _delay(*pair))
             reason += (
-                f"; admitted {admitted:.1f} ms after it, so test {oldest.test} "
-                f"({theirs.process}{', its first test' if theirs.first else ''}) took "
-                f"{longer:.1f} ms longer from admission to the server than test {entry.test} "
-                f"({mine.process}{', its first test' if mine.first else ''})"
+                f"; these {count + 1} were admitted over {(max(times) - min(times)) / 1e6:.1f} ms"
+                f" and arrived over {(entry.at - oldest.at) / 1e6:.1f} ms: test "
+                f"{slowest[0].test} ({_where(slowest[1])}) took "
+                f"{(_delay(*slowest) - _delay(*fastest)) / 1e6:.1f} ms longer from admission "
+                f"to the server than test {fastest[0].test} ({_where(fastest[1])})"
             )
         reasons.append(reason)
     return f"test {entry.test} refused by " + ("; ".join(reasons) or "?")
+
+
+def _where(admission: Admission) -> str:
+    return admission.process + (", its first test" if admission.first else "")
+
+
+def admitted_slack(admissions: dict[str, Admission] | None) -> tuple[float, str] | None:
+    """The limiter's own view: the smallest ``t[i] - t[i-n] - w`` over the admissions ``t``
+    (at least the 10 ms margin if the windows held on admission)."""
+    if not admissions or len({admission.wall for admission in admissions.values()}) != 1:
+        return None
+    times = sorted(admission.at for admission in admissions.values())
+    slack = (float("inf"), "-")
+    for count, seconds in WINDOWS:
+        for index in range(count, len(times)):
+            gap = (times[index] - times[index - count]) / 1e9 - seconds
+            if gap < slack[0]:
+                slack = (gap, f"{count}/{seconds:g}s")
+    return slack
 
 
 def write_suite(directory: Path, tests: int, pyrate: bool) -> Path:
@@ -567,14 +595,20 @@ def run_suites(args: argparse.Namespace, redis_url: str) -> None:
                         f"  #{repeat + 1} {strategy}: {variant.name}: {run.passed} passed, "
                         f"{run.refused} 429s, span {run.span:.3f} s, slack "
                         f"{run.slack[0] * 1e3:+.1f} ms ({run.slack[1]})"
-                        + ("" if run.spread is None else f", spread {spread_text(run)} ms"),
+                        + ("" if run.spread is None else f", spread {spread_text(run)} ms")
+                        + (
+                            ""
+                            if run.admitted_slack is None
+                            else f", admitted slack {run.admitted_slack[0] * 1e3:+.1f} ms"
+                        ),
                         file=sys.stderr,
                         flush=True,
                     )
                     for line in run.explained:
                         print(f"    429: {line}", file=sys.stderr, flush=True)
     header = (
-        "server", "variant", "passed", "429s", "span s", "span/ideal", "slack ms", "spread ms"
+        "server", "variant", "passed", "429s", "span s", "span/ideal", "slack ms",
+        "admitted slack", "spread ms",
     )  # fmt: skip
     table = []
     for strategy in args.servers:
@@ -594,6 +628,7 @@ def run_suites(args: argparse.Namespace, redis_url: str) -> None:
                     f"{span:.2f}",
                     f"{span / ideal:.4f}",
                     f"{slack[0] * 1e3:+.1f} {slack[1]}",
+                    admitted_text(results),
                     spread_text(spread),
                 )
             )
@@ -601,7 +636,8 @@ def run_suites(args: argparse.Namespace, redis_url: str) -> None:
     print(
         "passed, 429s: each run; span: median of the runs, first to last accepted request;\n"
         "slack: the smallest a[i] - a[i-n] - w over accepted arrivals and both limits, worst "
-        "run;\nspread: largest difference of admission-to-arrival delays in a run, and without "
+        "run;\nadmitted slack: the same over the plugin's admissions (JSON report), worst run;\n"
+        "spread: largest difference of admission-to-arrival delays in a run, and without "
         "each process's\nfirst test, the run with the largest (the plugin's variants)."
     )
     refusals = [
@@ -626,6 +662,14 @@ def run_suites(args: argparse.Namespace, redis_url: str) -> None:
                     f"{strategy} / {variant.name}: {'met' if met else 'MISSED'} "
                     f"(target: 0 429s, span within {SPAN_TARGET:.0%} of {ideal:.1f} s)"
                 )
+
+
+def admitted_text(results: list[Run]) -> str:
+    slacks = [run.admitted_slack for run in results if run.admitted_slack is not None]
+    if not slacks:
+        return "-"
+    worst = min(slacks)
+    return f"{worst[0] * 1e3:+.1f} {worst[1]}"
 
 
 def spread_text(run: Run) -> str:
