@@ -42,7 +42,7 @@
    ``a[i] - a[i-n] - w`` over the accepted arrivals ``a`` and both limits ``n/w``, the
    closest the traffic came to a window's edge (negative: a window held more than its
    limit). For the plugin's variants also the *admitted slack*, the same over the admissions
-   in the JSON report (the limiter's own view: at least the 10 ms kept beyond each window,
+   in the JSON report (the limiter's own view: at least the 50 ms kept beyond each window,
    ``WINDOW_MARGIN_NS``, when every window held), and the *delay spread*: the largest
    difference, across a run's tests, of the time from admission (the JSON report) to
    arrival at the server, with and without each process's first test (the margin must
@@ -407,7 +407,7 @@ def _where(admission: Admission) -> str:
 
 def admitted_slack(admissions: dict[str, Admission] | None) -> tuple[float, str] | None:
     """The limiter's own view: the smallest ``t[i] - t[i-n] - w`` over the admissions ``t``
-    (at least the 10 ms margin if the windows held on admission)."""
+    (at least the 50 ms margin if the windows held on admission)."""
     if not admissions or len({admission.wall for admission in admissions.values()}) != 1:
         return None
     times = sorted(admission.at for admission in admissions.values())
