@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 # a submodule's in ``from . import gcra``, never import the API midway through its own import.
 __all__ = [
     "MONOTONIC",
+    "UNLIMITED",
     "Admission",
     "BucketStore",
     "Clock",
@@ -38,8 +39,10 @@ __all__ = [
     "StoreError",
     "TaskScheduler",
     "Ticket",
+    "WindowLimit",
     "format_duration",
     "parse_duration",
+    "parse_windows",
     "worst_excess",
 ]
 

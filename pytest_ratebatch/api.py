@@ -7,8 +7,16 @@ from __future__ import annotations
 
 from .clock import MONOTONIC, Clock, MonotonicClock
 from .ledger import Ledger, MemoryLedger
-from .limiter import Admission, RateLimiter
-from .policy import ExecutionPolicy, PolicyError, RateLimit, format_duration, parse_duration
+from .limiter import UNLIMITED, Admission, RateLimiter
+from .policy import (
+    ExecutionPolicy,
+    PolicyError,
+    RateLimit,
+    WindowLimit,
+    format_duration,
+    parse_duration,
+    parse_windows,
+)
 from .redis_store import RedisBucketStore
 from .report import worst_excess
 from .scheduler import TaskScheduler, Ticket
@@ -20,6 +28,7 @@ from .stores import BucketStore, MemoryBucketStore, StoreError
 
 __all__ = [
     "MONOTONIC",
+    "UNLIMITED",
     "Admission",
     "BucketStore",
     "Clock",
@@ -42,7 +51,9 @@ __all__ = [
     "StoreError",
     "TaskScheduler",
     "Ticket",
+    "WindowLimit",
     "format_duration",
     "parse_duration",
+    "parse_windows",
     "worst_excess",
 ]
