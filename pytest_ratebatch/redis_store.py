@@ -145,15 +145,23 @@ TAKE_WINDOWS_SCRIPT = (
     + _WINDOWS
     + """
 local base = math.max(reserved, admitted, now)
-local start, bound = base + (cost - burst) * interval, 0
+local rate_start = base + (cost - burst) * interval
+local start, bound = rate_start, 0
 local last = redis.call('LINDEX', KEYS[2], -1)
-if last then start = math.max(start, tonumber(last)) end
+if last then last = tonumber(last); start = math.max(start, last) end
+-- windows.take: the most binding window, named even when the line before it binds more
+local latest, latest_bound = start, 0
 for k = 1, windows do
   local r = entry(KEYS[2 * k], count_of(k), cost)
   local a = entry(KEYS[2 * k + 1], count_of(k), cost)
   local first = r
   if a and (not first or a > first) then first = a end
-  if first and first + length_of(k) > start then start, bound = first + length_of(k), k end
+  if first and (latest_bound == 0 or first + length_of(k) > latest) then
+    latest, latest_bound = first + length_of(k), k
+  end
+end
+if latest_bound > 0 and (latest > start or (last and last >= rate_start)) then
+  start, bound = math.max(start, latest), latest_bound
 end
 local wait = start - now
 local max_wait = tonumber(ARGV[4])

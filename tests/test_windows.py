@@ -486,3 +486,21 @@ def test_windows_keep_a_margin_for_the_way_to_the_server(clock: FakeClock) -> No
     assert times[0] is not None
     assert times[2] - times[0] == SECOND + WINDOW_MARGIN_NS
     assert WINDOW_MARGIN_NS == 50_000_000  # as the README states
+
+
+def test_a_start_queued_behind_window_bound_starts_names_the_window(
+    redis_server: RedisServer, request: pytest.FixtureRequest, clock: FakeClock
+) -> None:
+    from pytest_ratebatch.redis_store import RedisBucketStore
+
+    pairs = ((2, SECOND),)
+    interval, burst = UNLIMITED.interval_ns, UNLIMITED.burst
+    stores: list[BucketStore] = [
+        MemoryBucketStore(clock),
+        RedisBucketStore(redis_server.url, f"windows-{request.node.name}"),
+    ]
+    for store in stores:
+        outcomes = [store.take_windowed(1, interval, burst, None, True, pairs) for _ in range(4)]
+        # Two at once, then two in line for the window: both waits are the window's.
+        assert [status for status, *_ in outcomes] == [gcra.ADMITTED] * 2 + [gcra.RESERVED] * 2
+        assert [bound for *_, bound in outcomes[2:]] == [1, 1], store.describe()
