@@ -108,9 +108,7 @@ class Pacer:
         self._costs: dict[str, int] = {}  # tests whose cost is not 1
         self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
         self._tally = tally
-        scheduler.waited_by_limit = tally.waited_by_limit  # the scheduler accounts its sleeps
-        if scheduler.slots is not None:
-            scheduler.on_slot_wait = tally.slot_waited
+        scheduler.waited_by_limit = tally.waited_by_limit  # the scheduler accounts its waits
         self._keeps_records = reporter is not None and reporter.records is not None
         #: Throttle handling, where tests run (``retrying``); ``None`` if off.
         self.throttles: Throttles | None = None

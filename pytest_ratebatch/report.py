@@ -136,13 +136,11 @@ class Tally:
         "collected",
         "first_start_ns",
         "last_start_ns",
-        "longest_slot_wait_ns",
         "longest_wait_ns",
         "retried",
         "retried_failed",
         "retries",
         "run",
-        "slot_waited_ns",
         "started_cost",
         "waited_by_limit",
         "waited_ns",
@@ -163,8 +161,6 @@ class Tally:
         self.retried_failed = 0  # of those, the ones that failed in the end
         #: Seconds slept for each limit, by its name (``rate``, ``10/2s``, ``concurrency``).
         self.waited_by_limit: dict[str, float] = {}
-        self.slot_waited_ns = 0  # of ``waited_ns``, the waits for a concurrency slot
-        self.longest_slot_wait_ns = 0
 
     def admitted(
         self, batch: int, tokens: int, start_ns: int, waited_ns: int, retry: bool = False
@@ -184,13 +180,6 @@ class Tally:
             self.first_start_ns = start_ns
         if self.last_start_ns is None or start_ns > self.last_start_ns:
             self.last_start_ns = start_ns
-
-    def slot_waited(self, wait_ns: int) -> None:
-        """A wait for a concurrency slot (``--max-concurrency``) ended."""
-        self.slot_waited_ns += wait_ns
-        self.longest_slot_wait_ns = max(self.longest_slot_wait_ns, wait_ns)
-        waited = self.waited_by_limit
-        waited["concurrency"] = waited.get("concurrency", 0.0) + wait_ns / NANOS_PER_SECOND
 
     def cancel(self, waited_ns: int) -> None:
         self.cancelled += 1
@@ -212,8 +201,6 @@ class Tally:
             self.retried,
             self.retried_failed,
             self.waited_by_limit,
-            self.slot_waited_ns,
-            self.longest_slot_wait_ns,
         ]
 
     def merge(self, counts: list[Any]) -> None:
@@ -224,8 +211,6 @@ class Tally:
         self.retried_failed += rest[2]
         for limit, seconds in rest[3].items():
             self.waited_by_limit[limit] = self.waited_by_limit.get(limit, 0.0) + seconds
-        self.slot_waited_ns += rest[4]
-        self.longest_slot_wait_ns = max(self.longest_slot_wait_ns, rest[5])
         self.run += run
         self.cancelled += cancelled
         self.started_cost += cost

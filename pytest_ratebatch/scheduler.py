@@ -114,7 +114,8 @@ class TaskScheduler:
                 policy.rate_limit or UNLIMITED, clock=clock, windows=policy.windows
             )
         self.limiter = limiter
-        #: Seconds slept for each limit (by its name: ``rate``, ``10/2s``, ...), in this process.
+        #: Seconds waited for each limit (by its name: ``rate``, ``10/2s``, ``concurrency``),
+        #: in this process.
         self.waited_by_limit: dict[str, float] = {}
         self._waited_on = ""  # the limit the test being admitted waited for longest
         self._longest_wait = 0.0
@@ -127,8 +128,6 @@ class TaskScheduler:
             slots = MemorySlotPool(policy.max_concurrency)
         #: The concurrency cap's slots (``None``: no cap).
         self.slots = slots
-        #: Called with each wait for a slot, in nanoseconds (the session's totals).
-        self.on_slot_wait: Callable[[int], None] | None = None
         # One test of the common kind, unbatched and uncapped, costs one check to route.
         self._direct = policy.batch_size is None and slots is None
         if slots is not None:
@@ -263,8 +262,8 @@ class TaskScheduler:
         slot = slots.acquire(None if deadline is None else max(0, deadline - began))
         now = self._clock.now_ns()
         wait = now - began
-        if self.on_slot_wait is not None:
-            self.on_slot_wait(wait)
+        waited = self.waited_by_limit
+        waited["concurrency"] = waited.get("concurrency", 0.0) + wait / NANOS_PER_SECOND
         if slot is None:
             reason = self.ledger.check_stop(max(now, deadline or now), self._stop_rule)
             return wait, None, reason or self.ledger.stop(self._timeout_ahead())
