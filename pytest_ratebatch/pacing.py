@@ -102,9 +102,8 @@ class Pacer:
         self.scheduler = scheduler
         self.start_ns = start_ns
         self.reporter = reporter  # in the same process (no xdist), else None
+        #: The most one start may cost, and the limit that says so (``None``: no bound).
         self._largest = scheduler.policy.largest_cost
-        #: The most one start may cost: larger in-test acquisitions are taken in parts.
-        self._burst = self._largest[0] if self._largest is not None else None
         self._costs: dict[str, int] = {}  # tests whose cost is not 1
         self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
         self._tally = tally
@@ -236,10 +235,11 @@ class Pacer:
         self.reporter.finished(nodeid, MONOTONIC.now_ns() - self.start_ns)
 
     def acquire(self, nodeid: str, cost: int) -> None:
-        """Tokens taken inside a running test (the ``ratebatch`` fixture), a burst at a time."""
-        burst = self._burst or cost
+        """Tokens taken inside a running test (the ``ratebatch`` fixture), at most what one
+        start may take (the burst, or the smallest window) at a time."""
+        most = self._largest[0] if self._largest is not None else cost
         while cost > 0:
-            chunk = min(cost, burst)
+            chunk = min(cost, most)
             taken = self.scheduler.acquire(chunk)
             if taken.cancelled:
                 pytest.skip(f"{CANCELLED_PREFIX} ({taken.cancelled})")

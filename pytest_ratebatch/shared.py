@@ -144,7 +144,9 @@ class FileWindowLog:
         used = 0
         for ring in (0, 1):
             at = self.offset + _HEADS.size + ring * self.count * _INT.size
-            data = os.pread(self._fd, self.count * _INT.size, at).ljust(self.count * 8, b"\0")
+            data = os.pread(self._fd, self.count * _INT.size, at).ljust(
+                self.count * _INT.size, b"\0"
+            )
             entries = struct.unpack(f"<{self.count}q", data)
             used = max(used, sum(entry > 0 and entry > since for entry in entries))
         return max(0, self.count - used)
