@@ -131,9 +131,11 @@ def check_stop(state: SessionState, now: int, rule: StopRule) -> str:
 
 def enter(state: SessionState, now: int, rule: StopRule, batch_size: int | None) -> Entry:
     """A test arrives at its start: decide, and count it in if it belongs to a batch."""
-    reason = check_stop(state, now, rule)
-    if reason:
-        return Entry("cancel", reason=reason)
+    # Without a stop so far nor a rule that could stop now, spare the call (every test).
+    if state.stop_reason or rule.max_failures is not None or rule.deadline_ns is not None:
+        reason = check_stop(state, now, rule)
+        if reason:
+            return Entry("cancel", reason=reason)
     if batch_size is None:
         return Entry("go")
     if state.batch and state.members < batch_size:
@@ -241,7 +243,8 @@ class MemoryLedger:
     def finish(self, batch: int, failed: bool, now: int) -> None:
         with self._lock:
             finish(self._state, batch, failed, now)
-            self._notify()
+            if self._waiting:  # ``_notify``, one call less: every batched test finishes here
+                self._changed.notify_all()
 
     def leave(self, batch: int) -> None:
         with self._lock:

@@ -23,7 +23,15 @@ from .scheduler import TaskScheduler, Ticket
 if TYPE_CHECKING:
     from .retrying import Throttles
 
-__all__ = ["MARKER", "Pacer", "RecordingWorkerPacer", "WorkerPacer", "read_costs"]
+__all__ = [
+    "MARKER",
+    "Pacer",
+    "ProtocolPacing",
+    "RecordingWorkerPacer",
+    "SessionPacer",
+    "WorkerPacer",
+    "read_costs",
+]
 
 MARKER = "ratebatch"
 
@@ -111,7 +119,9 @@ class Pacer:
         self._keeps_records = reporter is not None and reporter.records is not None
         #: Throttle handling, where tests run (``retrying``); ``None`` if off.
         self.throttles: Throttles | None = None
-        self._retrying = False  # a retry runs: its admission was made by the call that runs it
+        #: A retry runs: its admission was made by the call that runs it.
+        self.retrying = False
+        self._direct = scheduler.direct  # unbatched and uncapped: tokens only
         self._by_nodeid = self._keeps_records  # whether a test's node id is needed
         # Whether a start only counts in the tally (no record, no subclass's own account).
         self._plain_starts = not self._keeps_records and type(self).started is Pacer.started
@@ -148,18 +158,15 @@ class Pacer:
         first, problem = errors[0]
         self.scheduler.ledger.stop(f"bad marker on {first}: {problem}")
 
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_protocol(
-        self, item: pytest.Item, nextitem: pytest.Item | None
-    ) -> Generator[None, object, object]:
-        # Outermost wrapper: waits happen before the test's own timers (pytest-timeout) start.
-        if self._retrying:
-            return (yield)
+    def start(self, item: pytest.Item) -> Ticket:
+        """Admit ``item``, waiting as the limits require, and account its start; a cancelled
+        test is marked skipped (its protocol then reports it so)."""
         nodeid = item.nodeid if self._by_nodeid else ""
         costs = self._costs
-        cost = costs.get(nodeid, 1) if costs else 1
-        batch_cost = self._batch_costs.get(nodeid) if costs else None
-        ticket = self.scheduler.admit(cost, batch_cost)
+        if not costs:
+            ticket = self.scheduler.acquire(1) if self._direct else self.scheduler.admit()
+        else:
+            ticket = self.scheduler.admit(costs.get(nodeid, 1), self._batch_costs.get(nodeid))
         if self._plain_starts and not ticket.cancelled:  # ``started``, one call less
             start = ticket.start_ns - self.start_ns
             self._tally.admitted(ticket.batch, ticket.tokens, start, ticket.waited_ns)
@@ -167,36 +174,44 @@ class Pacer:
             self.started(nodeid, ticket)
         if ticket.cancelled:
             item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
-            return (yield)
+        return ticket
+
+    def run(self, item: pytest.Item, nextitem: pytest.Item | None, protocol: Any) -> None:
+        """One test's turn in the session's loop: its admission, then its protocol (the
+        pytest hook ``protocol``), then its finish; run again while a throttle asks."""
+        ticket = self.start(item)
+        if ticket.cancelled:
+            protocol(item=item, nextitem=nextitem)
+            return
         # pytest counts the reports that failed; pytest-rerunfailures relabels an attempt it
         # reruns "rerun" first, so only final outcomes count.
         session = item.session
         failed_before = session.testsfailed
         try:
-            result = yield
+            protocol(item=item, nextitem=nextitem)
         finally:
             if self._keeps_records:
-                self.finished(nodeid)
+                self.finished(item.nodeid)
             self.scheduler.finish(ticket, session.testsfailed > failed_before)
         throttles = self.throttles
         if throttles is not None and throttles.held is not None:
-            result = self._retry(item, nextitem, nodeid, cost, batch_cost, throttles, result)
-        return result
+            self.retry(item, nextitem, throttles, failed_before)
 
-    def _retry(
+    def retry(
         self,
         item: pytest.Item,
         nextitem: pytest.Item | None,
-        nodeid: str,
-        cost: int,
-        batch_cost: int | None,
         throttles: Throttles,
-        result: object,
+        failed_before: int,
     ) -> object:
         """Run a throttled test again, admitted like any start: after the server's pause,
-        taking tokens; as often as ``throttle_retries`` allows (``Throttles`` decides)."""
+        taking tokens; as often as ``throttle_retries`` allows (``Throttles`` decides).
+        Returns the last protocol's result."""
+        nodeid = item.nodeid
+        cost = self._costs.get(nodeid, 1)
+        batch_cost = self._batch_costs.get(nodeid)
         session = item.session
-        failed_before = session.testsfailed
+        result: object = True
         while throttles.held is not None:
             ticket = self.scheduler.admit(cost, batch_cost)
             self.started(nodeid, ticket, retry=True)
@@ -205,11 +220,11 @@ class Pacer:
                 break
             throttles.held = None  # this attempt's reports are dropped: it runs again
             attempt_failed = session.testsfailed
-            self._retrying = True
+            self.retrying = True
             try:
                 result = item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
             finally:
-                self._retrying = False
+                self.retrying = False
                 if self._keeps_records:
                     self.finished(nodeid)
                 self.scheduler.finish(ticket, session.testsfailed > attempt_failed)
@@ -217,6 +232,12 @@ class Pacer:
         if session.testsfailed > failed_before:
             self._tally.retried_failed += 1
         return result
+
+    def finish(self, item: pytest.Item, ticket: Ticket, failed_before: int) -> None:
+        """An admitted test's protocol ended: it failed if pytest counted a failure since."""
+        if self._keeps_records:
+            self.finished(item.nodeid)
+        self.scheduler.finish(ticket, item.session.testsfailed > failed_before)
 
     def started(self, nodeid: str, ticket: Ticket, retry: bool = False) -> None:
         tally = self._tally
@@ -254,6 +275,74 @@ class Pacer:
         """A response a running test saw (the ``ratebatch`` fixture's ``observe``)."""
         if self.throttles is not None:
             self.throttles.observe(nodeid, response)
+
+
+class SessionPacer(Pacer):
+    """A plain session's pacer: it runs the session's loop, pytest's own with each test
+    admitted before its protocol, so that waits come before every wrapper of the protocol
+    (pytest-timeout's timer, pytest's warning capture) at no cost per test. If another
+    plugin runs the loop, pacing falls back to a wrapper of the protocol."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool | None:
+        config = session.config
+        if config.option.collectonly or (
+            session.testsfailed and not config.option.continue_on_collection_errors
+        ):
+            return None  # no test runs: pytest's own loop says why
+        if another_test_loop(config, self):
+            config.pluginmanager.register(ProtocolPacing(self), "ratebatch-protocol")
+            return None
+        # pytest's ``pytest_runtestloop`` (8.0 to 9.x), each test run through ``run``.
+        protocol = config.hook.pytest_runtest_protocol
+        items = session.items
+        last = len(items) - 1
+        for index, item in enumerate(items):
+            self.run(item, items[index + 1] if index < last else None, protocol)
+            if session.shouldfail:
+                raise session.Failed(session.shouldfail)
+            if session.shouldstop:
+                raise session.Interrupted(session.shouldstop)
+        return True
+
+
+def another_test_loop(config: pytest.Config, ours: object) -> bool:
+    """Whether a plugin other than pytest's ``main`` (and ``ours``) runs the test loop."""
+    main = config.pluginmanager.get_plugin("main")
+    for impl in config.hook.pytest_runtestloop.get_hookimpls():
+        if impl.wrapper or impl.hookwrapper or impl.plugin is main or impl.plugin is ours:
+            continue
+        return True
+    return False
+
+
+class ProtocolPacing:
+    """Pacing as the outermost wrapper of each test's protocol, where the session's loop is
+    not this plugin's: a pytest-xdist worker's, or another plugin's."""
+
+    def __init__(self, pacer: Pacer) -> None:
+        self.pacer = pacer
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_protocol(
+        self, item: pytest.Item, nextitem: pytest.Item | None
+    ) -> Generator[None, object, object]:
+        # Outermost wrapper: waits happen before the test's own timers (pytest-timeout) start.
+        pacer = self.pacer
+        if pacer.retrying:
+            return (yield)
+        ticket = pacer.start(item)
+        if ticket.cancelled:
+            return (yield)
+        failed_before = item.session.testsfailed
+        try:
+            result = yield
+        finally:
+            pacer.finish(item, ticket, failed_before)
+        throttles = pacer.throttles
+        if throttles is not None and throttles.held is not None:
+            result = pacer.retry(item, nextitem, throttles, failed_before)
+        return result
 
 
 class WorkerPacer(Pacer):

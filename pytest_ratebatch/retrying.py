@@ -136,35 +136,39 @@ class Throttles:
         (Logging as it goes keeps a test's start on its set-up report, which reaches the
         xdist controller even if the worker dies in the test.)"""
         held: list[pytest.TestReport] = []
+        log = ihook.pytest_runtest_logreport
         hasrequest = hasattr(item, "_request")
         if hasrequest and not item._request:  # type: ignore[attr-defined]
             item._initrequest()  # type: ignore[attr-defined]  # run again, as rerunfailures does
+        # Each report is logged at once unless this attempt was throttled: then held back.
+        # (Written out for each phase: a helper would cost a call per phase of every test.)
         try:
-            setup = call_and_report(item, "setup", log=False)
-            self._log_or_hold(setup, held, ihook)
-            if setup.passed:
+            report = call_and_report(item, "setup", log=False)
+            if self._seen is None:
+                log(report=report)
+            else:
+                held.append(report)
+            if report.passed:
                 if self._setup_show:
                     _show_test_item(item, add_space=not self._setup_only)
                 if not self._setup_only:
-                    self._log_or_hold(call_and_report(item, "call", log=False), held, ihook)
+                    report = call_and_report(item, "call", log=False)
+                    if not held and self._seen is None:
+                        log(report=report)
+                    else:
+                        held.append(report)
             if item.session.shouldfail or item.session.shouldstop:
                 nextitem = None  # tear everything down (pytest #11706)
-            teardown = call_and_report(item, "teardown", log=False, nextitem=nextitem)
-            self._log_or_hold(teardown, held, ihook)
+            report = call_and_report(item, "teardown", log=False, nextitem=nextitem)
+            if not held and self._seen is None:
+                log(report=report)
+            else:
+                held.append(report)
         finally:
             if hasrequest:
                 item._request = False  # type: ignore[attr-defined]
                 item.funcargs = None  # type: ignore[attr-defined]
         return held
-
-    def _log_or_hold(
-        self, report: pytest.TestReport, held: list[pytest.TestReport], ihook: Any
-    ) -> None:
-        """Log a phase's report now, unless this attempt was throttled: then hold it back."""
-        if held or self._seen is not None:
-            held.append(report)
-        else:
-            ihook.pytest_runtest_logreport(report=report)
 
     def pytest_exception_interact(self, node: pytest.Item, call: pytest.CallInfo[Any]) -> None:
         # Called for each failed phase (set-up, call, teardown), before anything is logged.

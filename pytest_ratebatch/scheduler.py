@@ -128,8 +128,8 @@ class TaskScheduler:
             slots = MemorySlotPool(policy.max_concurrency)
         #: The concurrency cap's slots (``None``: no cap).
         self.slots = slots
-        # One test of the common kind, unbatched and uncapped, costs one check to route.
-        self._direct = policy.batch_size is None and slots is None
+        #: Unbatched and uncapped: a start only takes its tokens (``acquire``).
+        self.direct = policy.batch_size is None and slots is None
         if slots is not None:
             # Chosen once here, so that ``finish`` costs nothing more without a cap.
             self.finish = self._finish_releasing  # type: ignore[method-assign]
@@ -157,7 +157,7 @@ class TaskScheduler:
         stop); ``batch_cost`` what the batch this test may open is expected to cost in all
         (default: the batch size times ``cost``).
         """
-        if self._direct or not cost:  # exempt tests (cost 0) take no batch, no slot
+        if self.direct or not cost:  # exempt tests (cost 0) take no batch, no slot
             return self.acquire(cost)  # no batch to join: the test takes its own tokens
         if self.policy.batch_size is None:
             return self._admit_unbatched(cost)
@@ -174,6 +174,7 @@ class TaskScheduler:
 
     def _admit(self, cost: int, batch_cost: int | None, arrived: int) -> Ticket:
         batch_size = self.policy.batch_size
+        on_tokens = self._on_tokens
         now = arrived
         while True:
             entry = self.ledger.enter(now, self._stop_rule, batch_size)
@@ -201,13 +202,16 @@ class TaskScheduler:
                 if not reason:
                     if self.slots is not None:
                         return self._start_member(entry.batch, cost, arrived)
-                    store_ns = self._commit_tokens(cost)
+                    limiter = self.limiter  # ``_commit_tokens``, one call less per member
+                    store_ns = None if limiter is None else limiter.commit(cost, on_wait=on_tokens)
             except BaseException:
                 self.ledger.leave(entry.batch)
                 raise
             if reason:
                 self.ledger.leave(entry.batch)
                 return self._cancelled(reason, arrived)
+            if store_ns is not None and self._local_clock and not self._waited_on:
+                return Ticket(entry.batch, cost, store_ns, store_ns - arrived)  # as ``_admitted``
             return self._admitted(entry.batch, cost, store_ns, arrived)
 
     def _start_member(self, batch: int, cost: int, arrived: int) -> Ticket:
@@ -310,6 +314,8 @@ class TaskScheduler:
             reason = self.ledger.stop(f"store unavailable: {error}")
         if reason:
             return self._cancelled(reason, arrived)
+        if store_ns is not None and self._local_clock and not self._waited_on:
+            return Ticket(0, cost, store_ns, store_ns - arrived)  # ``_admitted``, one call less
         return self._admitted(0, cost, store_ns, arrived)
 
     def finish(self, ticket: Ticket, failed: bool) -> None:

@@ -27,7 +27,7 @@ from .options import (
     TIMELINE_OPTION,
     RawValue,
 )
-from .pacing import Pacer, RecordingWorkerPacer, WorkerPacer
+from .pacing import Pacer, ProtocolPacing, RecordingWorkerPacer, SessionPacer, WorkerPacer
 from .policy import ExecutionPolicy, PolicyError, build_policy, parse_value
 from .reporting import (
     ControllerReporter,
@@ -218,8 +218,9 @@ def configure(
             worker_pacer = kind(scheduler, worker.start_ns)
             if wants_forecast(policy):
                 worker_pacer.costs_to = (worker.directory, worker.worker_id)
-            pacer: Pacer = worker_pacer
-            _register_pacer(config, pacer, pacer_key, settings)
+            _register_pacer(config, worker_pacer, pacer_key, settings)
+            # xdist runs the worker's loop: pacing wraps each test's protocol instead.
+            config.pluginmanager.register(ProtocolPacing(worker_pacer), "ratebatch-protocol")
             return
     if is_distributing(config):
         _configure_controller(config, settings)
@@ -235,7 +236,7 @@ def configure(
         config.pluginmanager.register(OutcomeRecorder(reporter), "ratebatch-outcomes")
     slots = open_slots(config, settings, None)
     scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait, slots)
-    pacer = Pacer(scheduler, start_ns, reporter.tally, reporter)
+    pacer = SessionPacer(scheduler, start_ns, reporter.tally, reporter)
     _register_pacer(config, pacer, pacer_key, settings)
     if pacer.throttles is not None:
         reporter.events = pacer.throttles.events

@@ -313,10 +313,60 @@ def test_long_waits_are_announced_between_progress_lines(pytester: pytest.Pytest
     )
 
 
-def test_waits_do_not_count_toward_the_test_timeout(pytester: pytest.Pytester) -> None:
-    write_tests(pytester, 2)
-    result = pytester.runpytest("-p", "timeout", "--timeout=1", "--rate-per-minute=40")
-    result.assert_outcomes(passed=2)
+ANOTHER_TEST_LOOP = """
+    import pytest
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(session):
+        # Another plugin's loop (as pytest's own), which the session then runs instead.
+        for index, item in enumerate(session.items):
+            nextitem = session.items[index + 1] if index + 1 < len(session.items) else None
+            item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        print("another loop ran")
+        return True
+"""
+
+
+@pytest.mark.parametrize("loop", ["the plugin's", "another plugin's", "an xdist worker's"])
+def test_waits_do_not_count_toward_the_test_timeout(pytester: pytest.Pytester, loop: str) -> None:
+    # Admitted before pytest-timeout's timer starts, whichever loop runs the tests: in this
+    # plugin's own loop, or as the outermost wrapper of each test's protocol.
+    write_tests(pytester, 3)
+    extra = ["-p", "xdist", "-n", "2"] if loop == "an xdist worker's" else ["-s"]
+    if loop == "another plugin's":
+        pytester.makeconftest(ANOTHER_TEST_LOOP)
+    result = pytester.runpytest(
+        "-p", "timeout", "--timeout=1", "--rate-per-minute=40", "--burst=1",
+        "--ratebatch-report=r.json", *extra,
+    )  # fmt: skip
+    result.assert_outcomes(passed=3)
+    assert ("another loop ran" in result.stdout.str()) == (loop == "another plugin's")
+    tests = load_report(pytester.path / "r.json")["tests"]
+    assert isinstance(tests, list)
+    starts = sorted(test["start_ns"] for test in tests)
+    assert starts[2] - starts[0] >= 2.9 * SECOND  # 1.5 s apart: each later test waited
+
+
+def test_exitfirst_stops_the_plugins_loop(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 4, body="assert n != 1")
+    result = pytester.runpytest("-x", "--rate-per-minute=6000", "--ratebatch-report=r.json")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*stopping after 1 failures*"])
+    tests = load_report(pytester.path / "r.json")["tests"]
+    assert isinstance(tests, list)
+    assert [test["outcome"] for test in tests] == ["passed", "failed", "not run", "not run"]
+
+
+def test_collect_only_and_collection_errors_run_nothing(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 2, body="raise AssertionError('ran')")
+    result = pytester.runpytest("--collect-only", "-q", "--rate-per-minute=60")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["test_many.py::test_one[[]0[]]", "test_many.py::test_one[[]1[]]"])
+    pytester.makepyfile(test_broken="import nowhere_to_be_found")
+    result = pytester.runpytest("--rate-per-minute=60")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*Interrupted: 1 error during collection*"])
+    assert "ran" not in result.stdout.str()
 
 
 def test_summary_section(pytester: pytest.Pytester) -> None:

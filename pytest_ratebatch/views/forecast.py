@@ -158,36 +158,35 @@ def simulate(
     now = 0  # one process: a test starts no earlier than the one before it
     starts: list[int] = []
     paced = [index for index, cost in enumerate(costs) if cost]
-    batch_of: dict[int, int] = {}
+    batch_of: dict[int, int] = {}  # the index of each batch's first test: the batch
     batch_cost: list[int] = []
     if batch_size is not None:
-        for position, index in enumerate(paced):
-            batch = position // batch_size
-            batch_of[index] = batch
-            if batch == len(batch_cost):
-                batch_cost.append(0)
-            batch_cost[batch] += costs[index]
-    current_batch = -1
+        for first in range(0, len(paced), batch_size):
+            members = paced[first : first + batch_size]
+            batch_of[members[0]] = len(batch_cost)
+            batch_cost.append(sum([costs[index] for index in members]))
+    # Comparisons rather than max() and min() in this loop: it runs once per test.
     for index, cost in enumerate(costs):
         if not cost:
             starts.append(now)
             continue
         at = now
-        opens = batch_of.get(index)
-        if opens is not None and opens != current_batch:
+        opens = batch_of.get(index) if batch_of else None
+        if opens is not None:
             # The barrier (the previous batch's last start), the backoff, the batch's tokens.
-            if current_batch >= 0:
+            if opens:
                 at += backoff_ns
             if interval:
                 reserve = min(batch_cost[opens], burst)
                 at = max(at, tat - (burst - reserve) * interval)
-            current_batch = opens
         if interval:
-            at = max(at, tat - (burst - min(cost, burst)) * interval)
+            earliest = tat - (burst - (cost if cost < burst else burst)) * interval
+            if earliest > at:  # noqa: PLR1730
+                at = earliest
         for limit in limits:
             at = limit.earliest(at, cost)
         if interval:
-            tat = max(tat, at) + cost * interval
+            tat = (tat if tat > at else at) + cost * interval
         for limit in limits:
             limit.take(at, cost)
         starts.append(at)
