@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .clock import MONOTONIC
+from .hooks import register_hooks
 from .policy import parse_cost
 from .report import CANCELLED_PREFIX, Tally
 from .reporting import (
@@ -131,6 +132,8 @@ class Pacer:
         self, session: pytest.Session, items: list[pytest.Item]
     ) -> Generator[None, None, None]:
         yield  # every other plugin's and conftest's hook first: the items are final after
+        if self.reporter is not None:
+            self.reporter.collected(items)
         self._costs, errors = read_costs(items, self._largest)
         self._by_nodeid = bool(self._costs) or self._keeps_records
         if errors:
@@ -291,7 +294,7 @@ class SessionPacer(Pacer):
         ):
             return None  # no test runs: pytest's own loop says why
         if another_test_loop(config, self):
-            config.pluginmanager.register(ProtocolPacing(self), "ratebatch-protocol")
+            register_hooks(config.pluginmanager, "ratebatch-protocol", ProtocolPacing(self))
             return None
         # pytest's ``pytest_runtestloop`` (8.0 to 9.x), each test run through ``run``.
         protocol = config.hook.pytest_runtest_protocol
@@ -307,12 +310,14 @@ class SessionPacer(Pacer):
 
 
 def another_test_loop(config: pytest.Config, ours: object) -> bool:
-    """Whether a plugin other than pytest's ``main`` (and ``ours``) runs the test loop."""
+    """Whether a plugin other than pytest's ``main`` (and ``ours``, the object whose method
+    implements the hook) runs the test loop."""
     main = config.pluginmanager.get_plugin("main")
     for impl in config.hook.pytest_runtestloop.get_hookimpls():
-        if impl.wrapper or impl.hookwrapper or impl.plugin is main or impl.plugin is ours:
+        if impl.wrapper or impl.hookwrapper or impl.plugin is main:
             continue
-        return True
+        if getattr(impl.function, "__self__", None) is not ours:  # a bound method of ours
+            return True
     return False
 
 

@@ -195,8 +195,8 @@ class Reporter:
     def pytest_report_header(self, config: pytest.Config) -> str:
         return f"ratebatch: {self.policy.describe()}; store: {self.store.describe()}"
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+    def collected(self, items: list[pytest.Item]) -> None:
+        """The session's final items (from the pacer, after every collection hook)."""
         self.tally.collected = len(items)
         if self.records is not None:
             # Every collected test gets a record, so the report accounts for tests never reached.

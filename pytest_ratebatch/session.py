@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from .clock import MONOTONIC
+from .hooks import register_hooks
 from .ledger import Ledger, MemoryLedger
 from .limiter import UNLIMITED, RateLimiter
 from .options import (
@@ -218,9 +219,13 @@ def configure(
             worker_pacer = kind(scheduler, worker.start_ns)
             if wants_forecast(policy):
                 worker_pacer.costs_to = (worker.directory, worker.worker_id)
-            _register_pacer(config, worker_pacer, pacer_key, settings)
+            config.stash[pacer_key] = worker_pacer
+            throttles = _throttles(config, worker_pacer, settings)
             # xdist runs the worker's loop: pacing wraps each test's protocol instead.
-            config.pluginmanager.register(ProtocolPacing(worker_pacer), "ratebatch-protocol")
+            protocol = ProtocolPacing(worker_pacer)
+            register_hooks(
+                config.pluginmanager, "ratebatch-session", worker_pacer, protocol, throttles
+            )
             return
     if is_distributing(config):
         _configure_controller(config, settings)
@@ -231,23 +236,20 @@ def configure(
     reporter = Reporter(
         config, policy, settings.report_path, store, ledger, start_ns, settings.timeline_path
     )
-    config.pluginmanager.register(reporter, "ratebatch-reporter")
-    if reporter.records is not None:
-        config.pluginmanager.register(OutcomeRecorder(reporter), "ratebatch-outcomes")
     slots = open_slots(config, settings, None)
     scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait, slots)
     pacer = SessionPacer(scheduler, start_ns, reporter.tally, reporter)
-    _register_pacer(config, pacer, pacer_key, settings)
-    if pacer.throttles is not None:
-        reporter.events = pacer.throttles.events
-
-
-def _register_pacer(
-    config: pytest.Config, pacer: Pacer, pacer_key: pytest.StashKey[Pacer], settings: Settings
-) -> None:
-    """The pacer where tests run, and the handling of throttled tests beside it."""
     config.stash[pacer_key] = pacer
-    config.pluginmanager.register(pacer, "ratebatch-pacer")
+    throttles = _throttles(config, pacer, settings)
+    reporter.events = throttles.events
+    parts: list[object] = [reporter, pacer, throttles]
+    if reporter.records is not None:
+        parts.append(OutcomeRecorder(reporter))
+    register_hooks(config.pluginmanager, "ratebatch-session", *parts)
+
+
+def _throttles(config: pytest.Config, pacer: Pacer, settings: Settings) -> Throttles:
+    """The handling of throttled tests beside the pacer."""
     throttling = settings.policy.throttling
     try:
         extra = load_exception_types(throttling.exceptions)
@@ -263,7 +265,7 @@ def _register_pacer(
     adapt = throttling.adapt and settings.policy.rate_limit is not None
     throttles = Throttles(config, throttling, pacer.scheduler, limiter, start_ns, extra, adapt)
     pacer.throttles = throttles
-    config.pluginmanager.register(throttles, "ratebatch-throttles")
+    return throttles
 
 
 def _configure_controller(config: pytest.Config, settings: Settings) -> None:
@@ -277,9 +279,10 @@ def _configure_controller(config: pytest.Config, settings: Settings) -> None:
         shared, config, settings.policy, settings.report_path, store, shared.ledger(),
         shared.start_ns, settings.timeline_path,
     )  # fmt: skip
-    config.pluginmanager.register(reporter, "ratebatch-reporter")
+    parts: list[object] = [reporter]
     if reporter.records is not None:
-        config.pluginmanager.register(WorkerRecords(reporter), "ratebatch-records")
+        parts.append(WorkerRecords(reporter))
+    register_hooks(config.pluginmanager, "ratebatch-session", *parts)
 
 
 def _scheduler(

@@ -49,8 +49,8 @@ def test_inert_without_a_policy(pytester: pytest.Pytester) -> None:
 
         def pytest_sessionfinish(session):
             manager = session.config.pluginmanager
-            parts = [manager.has_plugin(f"ratebatch-{part}") for part in ("pacer", "reporter")]
-            print("parts:", *parts)
+            ours = [name for name, _ in manager.list_name_plugin() if name.startswith("ratebatch")]
+            print("plugins:", ours)
             ours = sorted(name for name in sys.modules if name.startswith("pytest_ratebatch"))
             print("modules:", ours)
         """
@@ -59,13 +59,91 @@ def test_inert_without_a_policy(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("-s")
     result.assert_outcomes(passed=4)
     output = result.stdout.str()
-    assert "parts: False False" in output
+    assert "plugins: ['ratebatch']" in output  # the entry point alone: no session's hooks
     imported = (
         "modules: ['pytest_ratebatch', 'pytest_ratebatch.hooks', 'pytest_ratebatch.options', "
         "'pytest_ratebatch.plugin']"
     )
     assert imported in output
     assert not [line for line in result.stdout.lines if line.startswith("ratebatch")]
+
+
+def test_hooks_are_registered_on_as_few_plugins_as_can_be() -> None:
+    from pytest_ratebatch.hooks import register_hooks
+
+    class Wrapping:
+        state = "not a hook"
+
+        @pytest.hookimpl(wrapper=True, tryfirst=True)
+        def pytest_runtest_protocol(self, item: object) -> object:
+            return (yield)
+
+        def helper(self) -> None: ...
+
+    class Running:
+        def pytest_runtest_protocol(self, item: object) -> bool:
+            return True
+
+        @pytest.hookimpl(trylast=True)
+        def pytest_sessionfinish(self) -> None: ...
+
+    manager = pytest.PytestPluginManager()
+    wrapping, running = Wrapping(), Running()
+    register_hooks(manager, "ratebatch-session", wrapping, running)
+    holders = dict(manager.list_name_plugin())
+    first, second = holders["ratebatch-session"], holders["ratebatch-session-2"]
+    hooks = {name for name in vars(first) if not name.startswith("__")}
+    assert hooks == {"pytest_runtest_protocol", "pytest_sessionfinish"}  # no state, no helper
+    assert {name for name in vars(second) if not name.startswith("__")} == {
+        "pytest_runtest_protocol"
+    }
+    impls = manager.hook.pytest_runtest_protocol.get_hookimpls()
+    assert [(impl.function, impl.wrapper, impl.tryfirst) for impl in impls] == [
+        (running.pytest_runtest_protocol, False, False),
+        (wrapping.pytest_runtest_protocol, True, True),
+    ]
+    (finish,) = manager.hook.pytest_sessionfinish.get_hookimpls()
+    assert finish.function == running.pytest_sessionfinish
+    assert finish.trylast
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], {"main": ["ratebatch", "ratebatch-session"]}),
+        (
+            ["-p", "xdist", "-n", "1"],
+            {
+                "main": ["ratebatch", "ratebatch-session"],
+                # Two implementations of pytest_runtest_protocol: the pacing wrapper and the
+                # throttle-aware protocol.
+                "gw0": ["ratebatch", "ratebatch-session", "ratebatch-session-2"],
+            },
+        ),
+    ],
+)
+def test_a_session_registers_its_hooks_on_one_plugin(
+    pytester: pytest.Pytester, args: list[str], expected: dict[str, list[str]]
+) -> None:
+    pytester.makeconftest(
+        """
+        import json, pathlib
+
+        def pytest_sessionfinish(session):
+            manager = session.config.pluginmanager
+            ours = [name for name, _ in manager.list_name_plugin() if name.startswith("ratebatch")]
+            worker = getattr(session.config, "workerinput", {}).get("workerid", "main")
+            pathlib.Path(f"plugins-{worker}.json").write_text(json.dumps(ours))
+        """
+    )
+    write_tests(pytester, 1)
+    result = pytester.runpytest("--rate-per-minute=600", "--ratebatch-report=r.json", *args)
+    result.assert_outcomes(passed=1)
+    found = {
+        path.stem.removeprefix("plugins-"): json.loads(path.read_text())
+        for path in pytester.path.glob("plugins-*.json")
+    }
+    assert found == expected
 
 
 def test_the_package_lists_the_public_api_without_importing_it() -> None:
