@@ -1,8 +1,8 @@
 """The plugin's hooks: options, the marker, the fixture, and nothing more until asked.
 
-Every pytest run loads this module (from bytecode, through ``plugin``), so it stays small:
-with no option of this plugin set, ``pytest_configure`` finds none and returns, and only
-the option table is loaded besides. With a policy (or a report) it hands over to
+Every pytest run loads this module (from bytecode, through ``pytest_ratebatch_entry``), so
+it stays small: with no option of this plugin set, ``pytest_configure`` finds none and
+returns, and only the option table is loaded besides. With a policy (or a report) it hands over to
 ``session``, which wires what the process needs.
 """
 
@@ -24,7 +24,7 @@ PACER_KEY: pytest.StashKey[Pacer] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    from .plugin import import_compiled  # in the function: hooks may be imported first
+    from . import import_compiled  # in the function: hooks may be imported first
 
     import_compiled("options").add_options(parser)
 
@@ -37,7 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     if config.option.help or config.option.version:
         return
-    from .plugin import import_compiled
+    from . import import_compiled
 
     raw = import_compiled("options").read_raw_options(config)
     if raw:

@@ -62,10 +62,35 @@ def test_inert_without_a_policy(pytester: pytest.Pytester) -> None:
     assert "plugins: ['ratebatch']" in output  # the entry point alone: no session's hooks
     imported = (
         "modules: ['pytest_ratebatch', 'pytest_ratebatch.hooks', 'pytest_ratebatch.options', "
-        "'pytest_ratebatch.plugin']"
+        "'pytest_ratebatch_entry', 'pytest_ratebatch_entry.plugin']"
     )
     assert imported in output
     assert not [line for line in result.stdout.lines if line.startswith("ratebatch")]
+
+
+@pytest.mark.parametrize("args", [[], ["--rate-per-minute=600", "--ratebatch-report=r.json"]])
+def test_no_module_of_the_plugin_is_compiled_by_pytest(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    # pytest would parse and compile each module it rewrites anew on every such run.
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    pytester.makeconftest(
+        """
+        import sys
+
+        def pytest_sessionfinish(session):
+            loaders = {
+                type(module.__spec__.loader).__name__
+                for name, module in list(sys.modules.items())
+                if name.startswith("pytest_ratebatch") and getattr(module, "__file__", None)
+            }
+            print("loaders:", sorted(loaders))
+        """
+    )
+    write_tests(pytester, 2)
+    result = pytester.runpytest_subprocess("-s", *args)
+    result.assert_outcomes(passed=2)
+    assert "loaders: ['SourceFileLoader']" in result.stdout.str()
 
 
 def test_hooks_are_registered_on_as_few_plugins_as_can_be() -> None:
@@ -144,6 +169,18 @@ def test_a_session_registers_its_hooks_on_one_plugin(
         for path in pytester.path.glob("plugins-*.json")
     }
     assert found == expected
+
+
+def test_the_package_alone_imports_neither_pytest_nor_its_parts() -> None:
+    # The API and ``python -m pytest_ratebatch`` stay light: pytest's hooks load when asked.
+    code = (
+        "import sys, pytest_ratebatch; "
+        "print(sorted(name for name in sys.modules if name.startswith(('pytest', '_pytest'))))"
+    )
+    output = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    assert output.strip() == "['pytest_ratebatch']"
 
 
 def test_the_package_lists_the_public_api_without_importing_it() -> None:
@@ -466,7 +503,14 @@ def test_ctrl_c_during_a_wait_interrupts_at_once(pytester: pytest.Pytester) -> N
     write_tests(pytester, 2)
     # This plugin alone: others installed here may take their time on an interrupt.
     process = subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "pytest_ratebatch.plugin", "--rate-per-minute=2"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "pytest_ratebatch_entry.plugin",
+            "--rate-per-minute=2",
+        ],
         cwd=pytester.path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -236,7 +236,7 @@ def test_long_waits_are_announced_once_by_the_controller(pytester: pytest.Pytest
 def test_ctrl_c_while_workers_wait(pytester: pytest.Pytester) -> None:
     write_timed(pytester, 6, sleep=0)
     # xdist and this plugin alone: others installed here may take their time on an interrupt.
-    only = ["-p", "xdist.plugin", "-p", "pytest_ratebatch.plugin"]
+    only = ["-p", "xdist.plugin", "-p", "pytest_ratebatch_entry.plugin"]
     process = subprocess.Popen(
         [sys.executable, "-m", "pytest", *only, "-n", "2", "--rate-per-minute=2"],
         cwd=pytester.path,
