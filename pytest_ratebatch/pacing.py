@@ -1,9 +1,10 @@
-"""Where tests run (a plain session, or an xdist worker): each test is admitted at its start."""
+"""Where tests run (a plain session, or an xdist worker): each test is admitted at its start.
+
+The workers' own pacers live in ``workers``, loaded only under pytest-xdist."""
 
 from __future__ import annotations
 
 from collections.abc import Generator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -12,27 +13,13 @@ from .clock import MONOTONIC
 from .hooks import register_hooks
 from .policy import parse_cost
 from .report import CANCELLED_PREFIX, Tally
-from .reporting import (
-    REPORT_ATTRIBUTE,
-    WORKEROUTPUT_KEY,
-    Reporter,
-    ticket_start,
-    write_worker_costs,
-)
 from .scheduler import TaskScheduler, Ticket
 
 if TYPE_CHECKING:
+    from .reporting import Reporter
     from .retrying import Throttles
 
-__all__ = [
-    "MARKER",
-    "Pacer",
-    "ProtocolPacing",
-    "RecordingWorkerPacer",
-    "SessionPacer",
-    "WorkerPacer",
-    "read_costs",
-]
+__all__ = ["MARKER", "Pacer", "ProtocolPacing", "SessionPacer", "read_costs"]
 
 MARKER = "ratebatch"
 
@@ -348,68 +335,3 @@ class ProtocolPacing:
         if throttles is not None and throttles.held is not None:
             result = pacer.retry(item, nextitem, throttles, failed_before)
         return result
-
-
-class WorkerPacer(Pacer):
-    """A pytest-xdist worker's pacer: it sends its totals to the controller when it finishes."""
-
-    def __init__(self, scheduler: TaskScheduler, start_ns: int) -> None:
-        super().__init__(scheduler, start_ns, Tally())
-        #: Where to leave the costs for the controller's forecast (``None``: no forecast).
-        self.costs_to: tuple[Path, str] | None = None
-
-    def plan(self, items: list[pytest.Item]) -> None:
-        if self.costs_to is not None:
-            directory, worker = self.costs_to
-            write_worker_costs(directory, worker, self._costs)
-
-    def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
-        pass  # only a JSON report lists them
-
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        # Before xdist's wrapper sends workeroutput to the controller.
-        workeroutput = getattr(session.config, "workeroutput", None)
-        if workeroutput is not None:
-            events = self.throttles.events if self.throttles is not None else []
-            workeroutput[WORKEROUTPUT_KEY] = {"tally": self._tally.to_list(), "events": events}
-
-
-class RecordingWorkerPacer(WorkerPacer):
-    """A worker's pacer when the controller writes a JSON report: each test's account
-    travels on its reports. The start rides on the first set-up report logged (so a test
-    whose worker dies later still shows when it started); the finish, in-test tokens and
-    retries on the teardown report. Other reports carry nothing.
-    """
-
-    def __init__(self, scheduler: TaskScheduler, start_ns: int) -> None:
-        super().__init__(scheduler, start_ns)
-        self._start: list[Any] | None = None  # the running test's start, until sent
-        self._admitted = False  # whether the running test was admitted (not cancelled)
-        self._acquired: list[list[int | None]] = []  # the running test's in-test tokens
-        self._retries: list[list[int | None]] = []  # its retries' admissions
-
-    def started(self, nodeid: str, ticket: Ticket, retry: bool = False) -> None:
-        super().started(nodeid, ticket, retry)
-        start_offset = ticket.start_ns - self.start_ns
-        if retry:
-            if not ticket.cancelled:
-                self._retries.append([start_offset, ticket.tokens, ticket.store_ns])
-            return
-        self._start = ticket_start(ticket, start_offset)
-        self._admitted = not ticket.cancelled
-        self._acquired = []
-        self._retries = []
-
-    def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
-        self._acquired.append(acquisition)
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        # Before xdist's own implementation, which sends the report with these attributes.
-        if report.when == "setup":
-            if self._start is not None:
-                setattr(report, REPORT_ATTRIBUTE, self._start)
-                self._start = None  # once: pytest-rerunfailures sets up again for a rerun
-        elif report.when == "teardown" and self._admitted:
-            finish = [MONOTONIC.now_ns() - self.start_ns, self._acquired, self._retries]
-            setattr(report, REPORT_ATTRIBUTE, finish)

@@ -28,15 +28,9 @@ from .options import (
     TIMELINE_OPTION,
     RawValue,
 )
-from .pacing import Pacer, ProtocolPacing, RecordingWorkerPacer, SessionPacer, WorkerPacer
+from .pacing import Pacer, ProtocolPacing, SessionPacer
 from .policy import ExecutionPolicy, PolicyError, build_policy, parse_value
-from .reporting import (
-    ControllerReporter,
-    OutcomeRecorder,
-    Reporter,
-    WorkerRecords,
-    wants_forecast,
-)
+from .reporting import OutcomeRecorder, Reporter, wants_forecast
 from .retrying import Throttles, load_exception_types
 from .scheduler import TaskScheduler
 from .stores import BucketStore, MemoryBucketStore, StoreError
@@ -207,6 +201,7 @@ def configure(
         return
     if hasattr(config, "workerinput"):
         from .distributed import worker_session
+        from .workers import RecordingWorkerPacer, WorkerPacer
 
         worker = worker_session(config)
         if worker is not None:
@@ -271,6 +266,7 @@ def _throttles(config: pytest.Config, pacer: Pacer, settings: Settings) -> Throt
 def _configure_controller(config: pytest.Config, settings: Settings) -> None:
     """The xdist controller runs no test: it shares the session and reports."""
     from .distributed import SharedSession
+    from .workers import ControllerReporter, WorkerRecords
 
     shared = SharedSession.create()
     config.add_cleanup(shared.close)

@@ -18,7 +18,7 @@ from .progress import LinePace, with_time_left
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
-__all__ = ["LOG_EVERY", "TERMINAL_REFRESH", "ProgressLine"]
+__all__ = ["LOG_EVERY", "TERMINAL_REFRESH", "ProgressLine", "TerminalGuard"]
 
 #: Seconds between updates of the status line on a terminal, and between lines in a log.
 TERMINAL_REFRESH = 1.0
@@ -127,3 +127,29 @@ class ProgressLine:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+class TerminalGuard:
+    """xdist controller: the terminal's writes and the announcer thread's lines take turns.
+
+    One lock around the terminal writer's ``write``, through which all of pytest's output
+    passes: cheaper than wrapping the hooks that print, which run several times per test.
+    """
+
+    def __init__(self, lock: threading.RLock, before: Callable[[], None] | None = None) -> None:
+        self.lock = lock
+        self.before = before  # called under the lock before each write (clears a status line)
+
+    def install(self, terminal: TerminalReporter) -> None:
+        writer = terminal._tw
+        write = writer.write
+        lock = self.lock
+        before = self.before
+
+        def locked_write(msg: str, *, flush: bool = False, **markup: bool) -> None:
+            with lock:
+                if before is not None:
+                    before()
+                write(msg, flush=flush, **markup)
+
+        writer.write = locked_write  # type: ignore[method-assign]

@@ -1,0 +1,263 @@
+"""The pytest-xdist side: the controller's reporter and the workers' pacers.
+
+Imported only under pytest-xdist (``session`` wires them), so a plain session loads none of
+it. A worker sends its totals to the controller when it finishes, and (with a JSON report)
+each test's account on its reports; the controller merges them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .clock import MONOTONIC
+from .pacing import Pacer
+from .report import CANCELLED_PREFIX, Tally, TestRecord
+from .reporting import Reporter
+from .scheduler import TaskScheduler, Ticket
+
+if TYPE_CHECKING:
+    from .distributed import SharedSession
+
+__all__ = [
+    "COSTS_FILE",
+    "REPORT_ATTRIBUTE",
+    "WORKEROUTPUT_KEY",
+    "ControllerReporter",
+    "RecordingWorkerPacer",
+    "WorkerPacer",
+    "WorkerRecords",
+    "read_worker_costs",
+    "ticket_start",
+    "write_worker_costs",
+]
+
+#: The attribute of a TestReport that carries a test's ticket from a worker to the controller.
+REPORT_ATTRIBUTE = "ratebatch"
+#: The key of a worker's totals in what it sends its controller at the end (``workeroutput``).
+WORKEROUTPUT_KEY = "ratebatch"
+
+
+def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
+    """What a worker sends the controller about a test's start, on its set-up report.
+
+    A list, not a dict: it travels with every test, and a list is smaller on the wire.
+    """
+    if ticket.cancelled:
+        return [ticket.waited_ns, ticket.cancelled]
+    admission = [ticket.waited_ns, "", ticket.batch, ticket.tokens, start_offset, ticket.store_ns]
+    if ticket.limit:
+        admission.append(ticket.limit)
+    return admission
+
+
+#: The file in which a worker leaves its collection's costs other than 1 for the controller.
+COSTS_FILE = "costs-{worker}.json"
+
+
+def write_worker_costs(directory: Path, worker: str, costs: dict[str, int]) -> None:
+    """A worker's costs other than 1, by node id, written whole before its collection ends."""
+    path = directory / COSTS_FILE.format(worker=worker)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(costs), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def read_worker_costs(directory: Path, worker: str) -> dict[str, int] | None:
+    """What ``write_worker_costs`` wrote; ``None`` if the worker wrote nothing (bad markers)."""
+    try:
+        data = json.loads((directory / COSTS_FILE.format(worker=worker)).read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+class ControllerReporter(Reporter):
+    """The xdist controller's reporter: each worker's totals arrive when it finishes, its
+    announcements on the shared session's socket; it reads no per-test report unless a
+    JSON report is asked for (``WorkerRecords``)."""
+
+    def __init__(self, shared: SharedSession, *args: Any) -> None:
+        super().__init__(*args)
+        self.shared = shared
+        self._collected: dict[str, int] = {}  # worker -> tests it collected
+        self._lost: list[str] = []  # workers that died before sending their totals
+        self._started = 0  # tests the workers started (for the progress line)
+        self.output_lock = shared.output_lock
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        super().pytest_sessionstart(session)
+        terminal = self._terminal
+        if terminal is not None and self.config.get_verbosity() >= -1:
+            # The announcer thread writes too: the lock is installed from the start.
+            self.progress = self._progress_line(terminal)
+        self.shared.start_announcer(self._announced)
+
+    def _announced(self, message: str) -> None:
+        """A worker's announcement: ``worker<TAB>seconds<TAB>what``, a wait it begins."""
+        try:
+            worker, seconds, what = message.split("\t", 2)
+            self.announce_wait(what, float(seconds), worker)
+        except ValueError:  # not from this version's workers: show it as it came
+            self._write_announcement(message)
+
+    @property
+    def started_count(self) -> int:
+        return self._started
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_runtest_logstart(self, nodeid: str, location: object) -> None:
+        self._started += 1
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist hook: hand the shared session to each worker."""
+        node.workerinput.update(self.shared.workerinput(send_records=self.records is not None))
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        pass  # the controller collects nothing: the workers' collections tell
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        # Every worker collects the whole suite; with --dist each, every worker runs it.
+        worker = str(node.gateway.id)
+        self._collected[worker] = len(ids)
+        each = self.config.getoption("dist", "load") == "each"
+        counts = self._collected.values()
+        self.tally.collected = sum(counts) if each else max(counts)
+        if self.records is not None:
+            for nodeid in ids:
+                self.records.setdefault(nodeid, TestRecord(nodeid, outcome="not run"))
+        if self.forecast is None and self.wants_forecast:
+            # The worker wrote the costs other than 1 before it reported its collection.
+            known = read_worker_costs(self.shared.directory, worker)
+            costs = [1] * len(ids) if known is None else [known.get(id, 1) for id in ids]
+            if each:
+                costs *= max(1, len(getattr(self.config.option, "tx", None) or ()))
+            self.plan(costs, costs_known=known is not None)
+            self._print_forecast()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object | None) -> None:
+        output = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
+        if output is not None:
+            self.tally.merge(output["tally"])
+            self.events.extend(output["events"])
+        else:
+            self._lost.append(str(node.gateway.id))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport) -> None:
+        # A test whose worker crashed counts as a failure.
+        self.ledger.finish(0, failed=True, now=MONOTONIC.now_ns())
+
+    def summary_lines(self) -> list[str]:
+        lines = super().summary_lines()
+        if self._lost:
+            lines.insert(-1, f"(without the tests of {', '.join(self._lost)}, which crashed)")
+        return lines
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.shared.stop_announcer()
+        super().pytest_sessionfinish(session)
+
+
+class WorkerRecords:
+    """xdist controller, with a JSON report: each test's record, from the accounts its
+    worker sends on the set-up and teardown reports, and its outcome."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        reporter = self.reporter
+        record = reporter._record(report.nodeid)
+        data = getattr(report, REPORT_ATTRIBUTE, None)
+        if data is not None:
+            if record.outcome == "not run":
+                record.outcome = ""
+            if report.when == "setup":
+                record.waited_ns, cancelled, *admission = data
+                if cancelled:
+                    record.reason = f"{CANCELLED_PREFIX} ({cancelled})"
+                else:
+                    record.batch, record.tokens, record.start_ns, record.store_ns = admission[:4]
+                    record.limit = admission[4] if len(admission) > 4 else ""
+            elif report.when == "teardown":
+                record.finish_ns, record.acquired, record.retries = data
+        worker = getattr(report, "node", None)
+        if worker is not None:
+            record.worker = str(getattr(getattr(worker, "gateway", None), "id", ""))
+        reporter.note_outcome(report)
+
+
+class WorkerPacer(Pacer):
+    """A pytest-xdist worker's pacer: it sends its totals to the controller when it finishes."""
+
+    def __init__(self, scheduler: TaskScheduler, start_ns: int) -> None:
+        super().__init__(scheduler, start_ns, Tally())
+        #: Where to leave the costs for the controller's forecast (``None``: no forecast).
+        self.costs_to: tuple[Path, str] | None = None
+
+    def plan(self, items: list[pytest.Item]) -> None:
+        if self.costs_to is not None:
+            directory, worker = self.costs_to
+            write_worker_costs(directory, worker, self._costs)
+
+    def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
+        pass  # only a JSON report lists them
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        # Before xdist's wrapper sends workeroutput to the controller.
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:
+            events = self.throttles.events if self.throttles is not None else []
+            workeroutput[WORKEROUTPUT_KEY] = {"tally": self._tally.to_list(), "events": events}
+
+
+class RecordingWorkerPacer(WorkerPacer):
+    """A worker's pacer when the controller writes a JSON report: each test's account
+    travels on its reports. The start rides on the first set-up report logged (so a test
+    whose worker dies later still shows when it started); the finish, in-test tokens and
+    retries on the teardown report. Other reports carry nothing.
+    """
+
+    def __init__(self, scheduler: TaskScheduler, start_ns: int) -> None:
+        super().__init__(scheduler, start_ns)
+        self._start: list[Any] | None = None  # the running test's start, until sent
+        self._admitted = False  # whether the running test was admitted (not cancelled)
+        self._acquired: list[list[int | None]] = []  # the running test's in-test tokens
+        self._retries: list[list[int | None]] = []  # its retries' admissions
+
+    def started(self, nodeid: str, ticket: Ticket, retry: bool = False) -> None:
+        super().started(nodeid, ticket, retry)
+        start_offset = ticket.start_ns - self.start_ns
+        if retry:
+            if not ticket.cancelled:
+                self._retries.append([start_offset, ticket.tokens, ticket.store_ns])
+            return
+        self._start = ticket_start(ticket, start_offset)
+        self._admitted = not ticket.cancelled
+        self._acquired = []
+        self._retries = []
+
+    def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
+        self._acquired.append(acquisition)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # Before xdist's own implementation, which sends the report with these attributes.
+        if report.when == "setup":
+            if self._start is not None:
+                setattr(report, REPORT_ATTRIBUTE, self._start)
+                self._start = None  # once: pytest-rerunfailures sets up again for a rerun
+        elif report.when == "teardown" and self._admitted:
+            finish = [MONOTONIC.now_ns() - self.start_ns, self._acquired, self._retries]
+            setattr(report, REPORT_ATTRIBUTE, finish)
