@@ -169,3 +169,26 @@ def test_even_starts_need_no_list_and_agree_with_the_simulation(
     assert [even.left_after(n) for n in range(count + 1)] == [
         general.left_after(n) for n in range(count + 1)
     ]
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 6, 7, 23])
+@pytest.mark.parametrize(("batch_size", "burst"), [(1, 1), (2, 2), (3, 5), (5, 5)])
+@pytest.mark.parametrize("backoff", [0, SECOND // 3, 4 * SECOND])
+@pytest.mark.parametrize("deadline", [None, 0, 2 * SECOND, 7 * SECOND + 1])
+def test_batches_of_unit_costs_are_scheduled_a_batch_at_a_time_as_test_by_test(
+    count: int, batch_size: int, burst: int, backoff: int, deadline: int | None
+) -> None:
+    limits = {
+        "interval_ns": SECOND,
+        "burst": burst,
+        "batch_size": batch_size,
+        "backoff_ns": backoff,
+        "deadline_ns": deadline,
+    }
+    by_batch = simulate([1] * count, **limits)  # type: ignore[arg-type]
+    # A cost of 0 at the end (exempt: no batch, starts with the last test) forces the
+    # test-by-test path.
+    by_test = simulate([1] * count + [0], **limits)  # type: ignore[arg-type]
+    assert by_batch.starts_ns == by_test.starts_ns[:count]
+    assert by_batch.span_ns == by_test.span_ns
+    assert by_batch.cancelled == by_test.cancelled - (1 if by_test.cancelled else 0)

@@ -144,7 +144,8 @@ def simulate(
     timeout, from which on nothing starts.
     """
     interval = interval_ns or 0
-    if interval and not windows and batch_size is None and all(cost == 1 for cost in costs):
+    unit_costs = interval and not windows and costs.count(1) == len(costs)
+    if unit_costs and batch_size is None:
         # Unit costs on the bucket alone: the burst at once, then one per interval.
         count = len(costs)
         cancelled = 0
@@ -153,6 +154,50 @@ def simulate(
             first_late = 0 if deadline_ns <= 0 else burst - 1 + -(-deadline_ns // interval)
             cancelled = max(0, count - first_late)
         return Forecast((), tuple(costs), cancelled, even=(burst, interval))
+    if unit_costs and batch_size is not None and batch_size <= burst:
+        starts = _batch_starts(len(costs), interval, burst, batch_size, backoff_ns)
+    else:
+        starts = _greedy(costs, interval, burst, windows, batch_size, backoff_ns)
+    cancelled = 0
+    if deadline_ns is not None:
+        for position, start in enumerate(starts):
+            if start >= deadline_ns:
+                cancelled = len(starts) - position  # the session stops: nothing after starts
+                break
+    return Forecast(tuple(starts), tuple(costs), cancelled)
+
+
+def _batch_starts(
+    count: int, interval: int, burst: int, batch_size: int, backoff_ns: int
+) -> list[int]:
+    """``_greedy`` for unit costs in batches on the bucket alone, a batch at a time.
+
+    A batch opens once the previous one started (its tests take no time) and the backoff
+    passed, and once the bucket holds the batch's cost; a batch is never larger than the
+    burst, so its other tests then find their tokens at once and start with it.
+    """
+    starts: list[int] = []
+    tat = 0
+    at = 0
+    for first in range(0, count, batch_size):
+        size = min(batch_size, count - first)
+        opens = at + backoff_ns if first else 0
+        ready = tat - (burst - size) * interval
+        at = opens if opens > ready else ready
+        tat = (tat if tat > at else at) + size * interval
+        starts += [at] * size
+    return starts
+
+
+def _greedy(
+    costs: Sequence[int],
+    interval: int,
+    burst: int,
+    windows: Sequence[tuple[int, int]],
+    batch_size: int | None,
+    backoff_ns: int,
+) -> list[int]:
+    """Each test's earliest start in run order, one test at a time."""
     limits = [_Window(count, window_ns) for count, window_ns in windows]
     tat = 0  # GCRA's theoretical arrival time: the bucket is full at 0
     now = 0  # one process: a test starts no earlier than the one before it
@@ -191,13 +236,7 @@ def simulate(
             limit.take(at, cost)
         starts.append(at)
         now = at
-    cancelled = 0
-    if deadline_ns is not None:
-        for position, start in enumerate(starts):
-            if start >= deadline_ns:
-                cancelled = len(starts) - position  # the session stops: nothing after starts
-                break
-    return Forecast(tuple(starts), tuple(costs), cancelled)
+    return starts
 
 
 def policy_windows(policy: ExecutionPolicy) -> tuple[tuple[int, int], ...]:
