@@ -2,8 +2,8 @@
 
 Every pytest run loads this module (from bytecode, through ``pytest_ratebatch_entry``), so
 it stays small: with no option of this plugin set, ``pytest_configure`` finds none and
-returns, and only the option table is loaded besides. With a policy (or a report) it hands over to
-``session``, which wires what the process needs.
+returns, and only the option table is loaded besides. With a policy (or a report) it hands
+over to ``session``, which wires what the process needs.
 """
 
 from __future__ import annotations
