@@ -60,9 +60,9 @@ def register_hooks(manager: pytest.PytestPluginManager, name: str, *parts: objec
 
     pytest examines every attribute of every plugin it registers, for hooks and for fixtures:
     about a million instructions per object (it inherits some 25 attributes from ``object``)
-    and some thirty thousand per further attribute. So the parts, with their state and
-    helpers, are not registered themselves: a module object holding only their bound hook
-    methods is (``name``; a second one, ``name-2``, if two parts implement the same hook).
+    and some 35,000 per further attribute. So the parts, with their state and helpers, are
+    not registered themselves: a module object holding only their bound hook methods is
+    (``name``; a second one, ``name-2``, if two parts implement the same hook).
     """
     holders: list[ModuleType] = []
     for part in parts:

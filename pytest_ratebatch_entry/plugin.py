@@ -2,7 +2,7 @@
 
 pytest marks every package of a plugin's distribution for assertion rewriting, and a
 rewritten module is parsed and compiled from its source on every run where bytecode is not
-written (``PYTHONDONTWRITEBYTECODE``, common in containers): about five million instructions
+written (``PYTHONDONTWRITEBYTECODE``, common in containers): some three million instructions
 for the two small modules an entry point inside the package would take. This module sits in
 a directory without ``__init__.py``, which pytest does not mark, so Python loads it from its
 bytecode; it loads the package and its ``hooks`` the same way, past pytest's import hook.
