@@ -1,7 +1,8 @@
 """Where outcomes are reported (a plain session, or the xdist controller).
 
 The session's totals, the header, wait announcements, the summary section, the JSON report
-(with a record per collected test) and the exit status.
+(with a record per collected test) and the exit status. The xdist controller's reporter
+builds on this one, in ``workers``.
 """
 
 from __future__ import annotations
