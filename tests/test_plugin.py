@@ -68,12 +68,54 @@ def test_inert_without_a_policy(pytester: pytest.Pytester) -> None:
     assert not [line for line in result.stdout.lines if line.startswith("ratebatch")]
 
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def installed_module_files() -> list[str]:
+    """The module files a regular install lists (RECORD), by which pytest marks a plugin's
+    packages for assertion rewriting. (An editable install lists none: pytest then marks
+    nothing, so these tests mark as a regular install would.)"""
+    packages = ("pytest_ratebatch", "pytest_ratebatch_entry")
+    return sorted(
+        path.relative_to(REPOSITORY).as_posix()
+        for package in packages
+        for path in (REPOSITORY / package).rglob("*.py")
+    )
+
+
+def test_pytest_marks_the_package_for_rewriting_but_not_the_entry_module() -> None:
+    from importlib.metadata import entry_points
+
+    from _pytest.config import _iter_rewritable_modules
+
+    marked = list(_iter_rewritable_modules(installed_module_files()))
+    assert marked == ["pytest_ratebatch"]
+    (entry,) = [ep.value for ep in entry_points(group="pytest11") if ep.name == "ratebatch"]
+    assert entry == "pytest_ratebatch_entry.plugin"
+    assert not any(entry.startswith(f"{name}.") for name in marked)
+
+
+MARKING_AS_INSTALLED = """
+import sys
+
+import pytest
+from _pytest import config
+
+installed = {files!r}
+found = config._iter_rewritable_modules
+config._iter_rewritable_modules = lambda files: [*found(files), *found(installed)]
+sys.exit(pytest.main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.parametrize("args", [[], ["--rate-per-minute=600", "--ratebatch-report=r.json"]])
 def test_no_module_of_the_plugin_is_compiled_by_pytest(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, args: list[str]
 ) -> None:
-    # pytest would parse and compile each module it rewrites anew on every such run.
+    # pytest parses and compiles each module it rewrites anew on every run without bytecode.
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    driver = pytester.path / "driver.py"
+    driver.write_text(MARKING_AS_INSTALLED.format(files=installed_module_files()))
     pytester.makeconftest(
         """
         import sys
@@ -88,7 +130,7 @@ def test_no_module_of_the_plugin_is_compiled_by_pytest(
         """
     )
     write_tests(pytester, 2)
-    result = pytester.runpytest_subprocess("-s", *args)
+    result = pytester.run(sys.executable, str(driver), "-s", "-p", "no:cacheprovider", *args)
     result.assert_outcomes(passed=2)
     assert "loaders: ['SourceFileLoader']" in result.stdout.str()
 
