@@ -54,8 +54,8 @@ def _nothing() -> None:
 
 
 def make_ours() -> tuple[Call, Close]:
-    from pytest_ratebatch.limiter import RateLimiter
-    from pytest_ratebatch.policy import RateLimit
+    from pytest_ratebatch.engine.limiter import RateLimiter
+    from pytest_ratebatch.limits.policy import RateLimit
 
     limiter = RateLimiter(RateLimit(1e12, 1))
     return limiter.acquire, _nothing

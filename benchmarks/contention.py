@@ -42,9 +42,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pytest_ratebatch.limiter import RateLimiter  # noqa: E402
-from pytest_ratebatch.policy import RateLimit  # noqa: E402
-from pytest_ratebatch.shared import FileBucketStore  # noqa: E402
+from pytest_ratebatch.engine.limiter import RateLimiter  # noqa: E402
+from pytest_ratebatch.limits.policy import RateLimit  # noqa: E402
+from pytest_ratebatch.stores.files import FileBucketStore  # noqa: E402
 
 NON_BINDING = RateLimit(1e12, 1)
 

@@ -10,7 +10,7 @@ once per repeat. From each JSON report:
 * the measured span, last start - first start;
 * their ratio and the deviation in % (positive: slower than the rate allows);
 * the worst excess over the bound ``B + R * w`` across every window of starts, in tokens,
-  from ``pytest_ratebatch.report.worst_excess`` (<= 0: the bound held everywhere).
+  from ``pytest_ratebatch.worst_excess`` (<= 0: the bound held everywhere).
 
 Targets: span within 1% of the ideal (G2, the rate is kept up), worst excess <= 0 (G1, never
 faster than the bound).
@@ -114,7 +114,7 @@ def pytest_command(directory: Path, report: Path, args: argparse.Namespace) -> l
 
 
 def analyse(data: dict[str, Any], wall_s: float) -> Run:
-    from pytest_ratebatch.report import worst_excess
+    from pytest_ratebatch.views.report import worst_excess
 
     interval_ns: int = data["policy"]["interval_ns"]
     burst: int = data["policy"]["burst"]

@@ -38,9 +38,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pytest_ratebatch.policy import RateLimit  # noqa: E402
-from pytest_ratebatch.redis_store import RedisBucketStore  # noqa: E402
-from pytest_ratebatch.report import worst_excess  # noqa: E402
+from pytest_ratebatch.limits.policy import RateLimit  # noqa: E402
+from pytest_ratebatch.stores.redis import RedisBucketStore  # noqa: E402
+from pytest_ratebatch.views.report import worst_excess  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
 

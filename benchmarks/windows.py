@@ -736,11 +736,12 @@ def script_stats(client: Any) -> tuple[int, int]:
 
 def make_call(name: str, directory: Path, redis_url: str, client: Any) -> tuple[Call, Close]:
     """A fresh candidate for the cost part: (the call to time, its cleanup)."""
-    from pytest_ratebatch.limiter import UNLIMITED, RateLimiter
-    from pytest_ratebatch.policy import RateLimit, parse_windows
-    from pytest_ratebatch.redis_store import RedisBucketStore
-    from pytest_ratebatch.shared import FileBucketStore
-    from pytest_ratebatch.stores import BucketStore, MemoryBucketStore
+    from pytest_ratebatch.engine.limiter import UNLIMITED, RateLimiter
+    from pytest_ratebatch.limits.policy import RateLimit, parse_windows
+    from pytest_ratebatch.stores.base import BucketStore
+    from pytest_ratebatch.stores.files import FileBucketStore
+    from pytest_ratebatch.stores.memory import MemoryBucketStore
+    from pytest_ratebatch.stores.redis import RedisBucketStore
 
     where, _, what = name.partition(": ")
     if what == "PING":

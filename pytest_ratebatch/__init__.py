@@ -58,12 +58,15 @@ def __getattr__(name: str) -> object:
 
 
 def import_compiled(name: str) -> ModuleType:
-    """A submodule, loaded from its bytecode by Python's own loader, past pytest's (which
-    would parse its source anew: see ``pytest_ratebatch_entry``)."""
+    """A submodule (``"plugin.hooks"``), loaded from its bytecode by Python's own loader, past
+    pytest's (which would parse its source anew: see ``pytest_ratebatch_entry``), and the
+    subpackages on its way the same."""
     fullname = f"{__name__}.{name}"
     module = sys.modules.get(fullname)
     if module is None:
-        spec = PathFinder.find_spec(fullname, __path__)
+        parent, _, _ = name.rpartition(".")
+        path = import_compiled(parent).__path__ if parent else __path__
+        spec = PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None:
             raise ImportError(f"cannot find {fullname}", name=fullname)
         module = sys.modules[fullname] = module_from_spec(spec)

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if arguments.command == "summary":
-            from .report import describe_report
+            from .views.report import describe_report
 
             data = load_report(arguments.report)
             lines = describe_report(

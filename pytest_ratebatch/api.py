@@ -5,10 +5,10 @@ The package imports this module on first use of one of these names.
 
 from __future__ import annotations
 
-from .clock import MONOTONIC, Clock, MonotonicClock
-from .ledger import Ledger, MemoryLedger
-from .limiter import UNLIMITED, Admission, RateLimiter
-from .policy import (
+from .engine.limiter import UNLIMITED, Admission, RateLimiter
+from .engine.scheduler import TaskScheduler, Ticket
+from .limits.clock import MONOTONIC, Clock, MonotonicClock
+from .limits.policy import (
     ExecutionPolicy,
     PolicyError,
     RateLimit,
@@ -17,14 +17,11 @@ from .policy import (
     parse_duration,
     parse_windows,
 )
-from .redis_store import RedisBucketStore
-from .report import worst_excess
-from .scheduler import TaskScheduler, Ticket
-from .shared import FileBucketStore, FileLedger
-from .slots.files import FileSlotPool
-from .slots.pool import MemorySlotPool, Slot, SlotPool
-from .slots.redis_pool import RedisSlotPool
-from .stores import BucketStore, MemoryBucketStore, StoreError
+from .stores.base import BucketStore, Ledger, Slot, SlotPool, StoreError
+from .stores.files import FileBucketStore, FileLedger, FileSlotPool
+from .stores.memory import MemoryBucketStore, MemoryLedger, MemorySlotPool
+from .stores.redis import RedisBucketStore, RedisSlotPool
+from .views.report import worst_excess
 
 __all__ = [
     "MONOTONIC",

@@ -5,7 +5,7 @@ rewritten module is parsed and compiled from its source on every run where bytec
 written (``PYTHONDONTWRITEBYTECODE``, common in containers): some three million instructions
 for the two small modules an entry point inside the package would take. This module sits in
 a directory without ``__init__.py``, which pytest does not mark, so Python loads it from its
-bytecode; it loads the package and its ``hooks`` the same way, past pytest's import hook.
+bytecode; it loads the package and its ``plugin.hooks`` the same way, past pytest's import hook.
 (Its few names are all pytest sees of it: pytest examines each name of a plugin module.)
 """
 
@@ -28,7 +28,7 @@ def _load_hooks() -> types.ModuleType:
         except BaseException:
             del sys.modules["pytest_ratebatch"]
             raise
-    hooks: types.ModuleType = package.import_compiled("hooks")
+    hooks: types.ModuleType = package.import_compiled("plugin.hooks")
     return hooks
 
 

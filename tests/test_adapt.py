@@ -1,4 +1,4 @@
-"""The shared bucket's pause and rate adaptation (``throttle.adapt``), on a fake clock."""
+"""The shared bucket's pause and rate adaptation (``limits.bucket``), on a fake clock."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ratebatch import gcra
-from pytest_ratebatch.limiter import RateLimiter
-from pytest_ratebatch.policy import RateLimit
-from pytest_ratebatch.shared import FileBucketStore
-from pytest_ratebatch.stores import BucketStore, MemoryBucketStore
-from pytest_ratebatch.throttle.adapt import (
+from pytest_ratebatch.engine.limiter import RateLimiter
+from pytest_ratebatch.limits import gcra
+from pytest_ratebatch.limits.bucket import (
     RECOVERY_PERIOD_NS,
     UNSET,
     BucketState,
     current_interval,
     throttle,
 )
+from pytest_ratebatch.limits.policy import RateLimit
+from pytest_ratebatch.stores.base import BucketStore
+from pytest_ratebatch.stores.files import FileBucketStore
+from pytest_ratebatch.stores.memory import MemoryBucketStore
 from tests.fakes import FakeClock
 
 SECOND = 1_000_000_000

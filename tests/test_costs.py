@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pytest_ratebatch.policy import parse_cost
-from pytest_ratebatch.report import worst_excess
+from pytest_ratebatch.limits.policy import parse_cost
+from pytest_ratebatch.views.report import worst_excess
 
 pytest_plugins = ["pytester"]
 

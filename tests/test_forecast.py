@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_ratebatch.policy import ExecutionPolicy, RateLimit
-from pytest_ratebatch.scheduler import TaskScheduler
+from pytest_ratebatch.engine.scheduler import TaskScheduler
+from pytest_ratebatch.limits.policy import ExecutionPolicy, RateLimit
 from pytest_ratebatch.views.forecast import (
     describe_forecast,
     forecast_policy,
@@ -139,7 +139,7 @@ def test_the_forecast_is_what_the_scheduler_does_with_instant_tests(
 
 
 def test_the_policy_windows_count() -> None:
-    from pytest_ratebatch.policy import WindowLimit
+    from pytest_ratebatch.limits.policy import WindowLimit
 
     policy = ExecutionPolicy(RateLimit(60, 5), windows=(WindowLimit(10, 60 * SECOND),))
     forecast = forecast_policy(policy, [1] * 25)

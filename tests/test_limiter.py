@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
-from pytest_ratebatch import gcra
-from pytest_ratebatch.limiter import RateLimiter
-from pytest_ratebatch.policy import RateLimit
-from pytest_ratebatch.report import worst_excess
-from pytest_ratebatch.stores import MemoryBucketStore
+from pytest_ratebatch.engine.limiter import RateLimiter
+from pytest_ratebatch.limits import gcra
+from pytest_ratebatch.limits.policy import RateLimit
+from pytest_ratebatch.stores.memory import MemoryBucketStore
+from pytest_ratebatch.views.report import worst_excess
 from tests.fakes import FakeClock
 
 SECOND = 1_000_000_000

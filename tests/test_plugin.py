@@ -13,8 +13,8 @@ from xml.etree import ElementTree
 
 import pytest
 
-from pytest_ratebatch.options import OPTIONS
-from pytest_ratebatch.report import worst_excess
+from pytest_ratebatch.plugin.options import OPTIONS
+from pytest_ratebatch.views.report import worst_excess
 
 pytest_plugins = ["pytester"]
 
@@ -61,8 +61,9 @@ def test_inert_without_a_policy(pytester: pytest.Pytester) -> None:
     output = result.stdout.str()
     assert "plugins: ['ratebatch']" in output  # the entry point alone: no session's hooks
     imported = (
-        "modules: ['pytest_ratebatch', 'pytest_ratebatch.hooks', 'pytest_ratebatch.options', "
-        "'pytest_ratebatch_entry', 'pytest_ratebatch_entry.plugin']"
+        "modules: ['pytest_ratebatch', 'pytest_ratebatch.plugin', 'pytest_ratebatch.plugin.hooks', "
+        "'pytest_ratebatch.plugin.options', 'pytest_ratebatch_entry', "
+        "'pytest_ratebatch_entry.plugin']"
     )
     assert imported in output
     assert not [line for line in result.stdout.lines if line.startswith("ratebatch")]
@@ -136,7 +137,7 @@ def test_no_module_of_the_plugin_is_compiled_by_pytest(
 
 
 def test_hooks_are_registered_on_as_few_plugins_as_can_be() -> None:
-    from pytest_ratebatch.hooks import register_hooks
+    from pytest_ratebatch.plugin.registry import register_hooks
 
     class Wrapping:
         state = "not a hook"
@@ -233,10 +234,21 @@ def test_the_package_lists_the_public_api_without_importing_it() -> None:
     assert all(getattr(pytest_ratebatch, name) is getattr(api, name) for name in api.__all__)
 
 
-@pytest.mark.parametrize("module", ["shared", "stores", "redis_store", "limiter", "hooks"])
+def package_modules() -> list[str]:
+    """Every module of the package, by its dotted name."""
+    package = REPOSITORY / "pytest_ratebatch"
+    return sorted(
+        ".".join(
+            ("pytest_ratebatch", *path.relative_to(package).with_suffix("").parts)
+        ).removesuffix(".__init__")
+        for path in package.rglob("*.py")
+    )
+
+
+@pytest.mark.parametrize("module", package_modules())
 def test_any_module_imports_first(module: str) -> None:
-    # A submodule's ``from . import gcra`` must not reach the lazy API midway.
-    code = f"import pytest_ratebatch.{module}"
+    # A submodule's ``from ..limits import gcra`` must not reach the lazy API midway.
+    code = f"import {module}"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

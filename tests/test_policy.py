@@ -4,8 +4,7 @@ import math
 
 import pytest
 
-from pytest_ratebatch.options import COMMAND_LINE, RawValue
-from pytest_ratebatch.policy import (
+from pytest_ratebatch.limits.policy import (
     ExecutionPolicy,
     PolicyError,
     RateLimit,
@@ -14,6 +13,7 @@ from pytest_ratebatch.policy import (
     format_rate,
     parse_duration,
 )
+from pytest_ratebatch.plugin.options import COMMAND_LINE, RawValue
 
 
 def cli(**values: str) -> dict[str, RawValue]:

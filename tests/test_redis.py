@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from pytest_ratebatch import gcra
-from pytest_ratebatch.policy import RateLimit
-from pytest_ratebatch.redis_store import KEY_PREFIX, RedisBucketStore
-from pytest_ratebatch.report import worst_excess
-from pytest_ratebatch.stores import StoreError
+from pytest_ratebatch.limits import gcra
+from pytest_ratebatch.limits.policy import RateLimit
+from pytest_ratebatch.stores.base import StoreError
+from pytest_ratebatch.stores.redis import KEY_PREFIX, RedisBucketStore
+from pytest_ratebatch.views.report import worst_excess
 from tests.redis_server import RedisServer, free_port
 
 pytest_plugins = ["pytester"]

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ratebatch.ledger import MemoryLedger, StopRule
-from pytest_ratebatch.policy import ExecutionPolicy, RateLimit
-from pytest_ratebatch.report import worst_excess
-from pytest_ratebatch.scheduler import TaskScheduler, Ticket
-from pytest_ratebatch.shared import FileLedger
+from pytest_ratebatch.engine.scheduler import TaskScheduler, Ticket
+from pytest_ratebatch.limits.batches import StopRule
+from pytest_ratebatch.limits.policy import ExecutionPolicy, RateLimit
+from pytest_ratebatch.stores.files import FileLedger
+from pytest_ratebatch.stores.memory import MemoryLedger
+from pytest_ratebatch.views.report import worst_excess
 from tests.fakes import FakeClock
 
 SECOND = 1_000_000_000

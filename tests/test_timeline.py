@@ -13,9 +13,9 @@ from xml.etree import ElementTree
 import pytest
 
 from pytest_ratebatch.__main__ import main
-from pytest_ratebatch.policy import ExecutionPolicy, RateLimit, WindowLimit
-from pytest_ratebatch.report import REPORT_FORMAT, Tally, TestRecord, build_report
+from pytest_ratebatch.limits.policy import ExecutionPolicy, RateLimit, WindowLimit
 from pytest_ratebatch.views.loading import ReportError, load_report
+from pytest_ratebatch.views.report import REPORT_FORMAT, Tally, TestRecord, build_report
 from pytest_ratebatch.views.timeline import render_timeline
 
 SECOND = 1_000_000_000
@@ -297,7 +297,7 @@ SET_BY_SERVER = "the server's throttles set the pace"
 def test_the_pace_line_says_who_set_the_pace(
     rate: object, achieved: float | None, rate_after: float | None, line: str | None
 ) -> None:
-    from pytest_ratebatch.report import describe_pace
+    from pytest_ratebatch.views.report import describe_pace
 
     summary = {"achieved_per_minute": achieved}
     assert describe_pace({"rate_per_minute": rate}, summary, {"rate_after": rate_after}) == line

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from pytest_ratebatch import gcra, windows
-from pytest_ratebatch.limiter import UNLIMITED, WINDOW_MARGIN_NS, RateLimiter
-from pytest_ratebatch.policy import RateLimit, WindowLimit, parse_windows
-from pytest_ratebatch.shared import FileBucketStore
-from pytest_ratebatch.stores import BucketStore, MemoryBucketStore
+from pytest_ratebatch.engine.limiter import UNLIMITED, WINDOW_MARGIN_NS, RateLimiter
+from pytest_ratebatch.limits import gcra, windows
+from pytest_ratebatch.limits.policy import RateLimit, WindowLimit, parse_windows
+from pytest_ratebatch.stores.base import BucketStore
+from pytest_ratebatch.stores.files import FileBucketStore
+from pytest_ratebatch.stores.memory import MemoryBucketStore
 
 from .fakes import FakeClock
 from .redis_server import RedisServer
@@ -155,7 +156,7 @@ def test_windows_and_a_rate_hold_together(make_store: StoreFactory, clock: FakeC
 
 
 def gcra_excess(starts: Sequence[tuple[int, int]], rate: RateLimit) -> float:
-    from pytest_ratebatch.report import worst_excess
+    from pytest_ratebatch.views.report import worst_excess
 
     return worst_excess(starts, rate.interval_ns, rate.burst)
 
@@ -296,7 +297,7 @@ def test_a_day_long_window_keeps_its_file_small_and_its_checks_cheap(
 def test_redis_holds_every_window_across_clients(
     redis_server: RedisServer, request: pytest.FixtureRequest
 ) -> None:
-    from pytest_ratebatch.redis_store import RedisBucketStore
+    from pytest_ratebatch.stores.redis import RedisBucketStore
 
     key = f"windows-{request.node.name}"
     limits = parse_windows("3/200ms, 5/600ms")
@@ -339,7 +340,7 @@ def test_redis_holds_every_window_across_clients(
 def test_redis_windowed_outcomes_name_the_bound(
     redis_server: RedisServer, request: pytest.FixtureRequest
 ) -> None:
-    from pytest_ratebatch.redis_store import RedisBucketStore
+    from pytest_ratebatch.stores.redis import RedisBucketStore
 
     store = RedisBucketStore(redis_server.url, f"windows-{request.node.name}")
     pairs = ((100, 3600 * SECOND), (2, SECOND))
@@ -491,7 +492,7 @@ def test_windows_keep_a_margin_for_the_way_to_the_server(clock: FakeClock) -> No
 def test_a_start_queued_behind_window_bound_starts_names_the_window(
     redis_server: RedisServer, request: pytest.FixtureRequest, clock: FakeClock
 ) -> None:
-    from pytest_ratebatch.redis_store import RedisBucketStore
+    from pytest_ratebatch.stores.redis import RedisBucketStore
 
     pairs = ((2, SECOND),)
     interval, burst = UNLIMITED.interval_ns, UNLIMITED.burst

@@ -15,7 +15,7 @@ from xml.etree import ElementTree
 import pytest
 import xdist  # noqa: F401  (the tests need pytest-xdist: fail, don't skip, without it)
 
-from pytest_ratebatch.report import worst_excess
+from pytest_ratebatch.views.report import worst_excess
 
 pytest_plugins = ["pytester"]
 

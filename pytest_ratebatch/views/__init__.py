@@ -1,12 +1,11 @@
-"""What the limits do, for people: the forecast, the progress line, the timeline picture.
+"""What the limits did and will do, for people and tools: records and the JSON report
+(``report``), the forecast, the progress line, the timeline picture, reports read back.
 
 Pure logic on plain numbers and the JSON report: nothing here imports pytest (``terminal``
 writes through pytest's terminal reporter, which it is handed). The plugin imports
 ``forecast``, ``progress`` and ``terminal`` only when a policy is in force, ``timeline``
 only to draw one; the command line (``python -m pytest_ratebatch``) ``loading`` and
 ``timeline``.
+
+Imports: ``limits`` only.
 """
-
-from __future__ import annotations
-
-__all__: list[str] = []

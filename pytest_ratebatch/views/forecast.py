@@ -12,8 +12,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from ..policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
-from ..values import Value
+from ..limits.policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
+from ..limits.values import Value
 
 __all__ = [
     "Forecast",

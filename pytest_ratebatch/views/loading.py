@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..report import REPORT_FORMAT
+from .report import REPORT_FORMAT
 
 __all__ = ["ReportError", "load_report"]
 

@@ -7,7 +7,7 @@ time left.
 
 from __future__ import annotations
 
-from ..policy import NANOS_PER_SECOND, format_rate
+from ..limits.policy import NANOS_PER_SECOND, format_rate
 from .forecast import Forecast, format_span
 
 __all__ = ["LinePace", "Progress", "with_time_left"]

@@ -9,16 +9,31 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..clock import MONOTONIC, Clock
-from ..policy import NANOS_PER_SECOND
-from ..reporting import write_between_progress
+from ..limits.clock import MONOTONIC, Clock
+from ..limits.policy import NANOS_PER_SECOND
 from .forecast import format_span
 from .progress import LinePace, with_time_left
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
-__all__ = ["LOG_EVERY", "TERMINAL_REFRESH", "ProgressLine", "TerminalGuard"]
+__all__ = [
+    "LOG_EVERY",
+    "TERMINAL_REFRESH",
+    "ProgressLine",
+    "TerminalGuard",
+    "write_between_progress",
+]
+
+
+def write_between_progress(terminal: TerminalReporter, text: str) -> None:
+    """A line of ours between pytest's progress lines."""
+    terminal.ensure_newline()
+    writer = getattr(terminal, "_tw", None)
+    if getattr(writer, "width_of_current_line", 0):
+        terminal.write("\n")  # xdist prints progress letters without tracking the line
+    terminal.write_line(text)
+
 
 #: Seconds between updates of the status line on a terminal, and between lines in a log.
 TERMINAL_REFRESH = 1.0

@@ -17,7 +17,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from ..policy import NANOS_PER_SECOND
+from ..limits.policy import NANOS_PER_SECOND
 from .forecast import format_span
 
 __all__ = ["COLOURS", "Bar", "Timeline", "render_timeline", "write_timeline"]

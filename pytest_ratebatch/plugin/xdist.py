@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .clock import MONOTONIC
+from ..engine.scheduler import TaskScheduler, Ticket
+from ..limits.clock import MONOTONIC
+from ..views.report import CANCELLED_PREFIX, Tally, TestRecord
 from .pacing import Pacer
-from .report import CANCELLED_PREFIX, Tally, TestRecord
-from .reporting import Reporter
-from .scheduler import TaskScheduler, Ticket
+from .reporter import Reporter
 
 if TYPE_CHECKING:
-    from .distributed import SharedSession
+    from .session_dir import SharedSession
 
 __all__ = [
     "COSTS_FILE",

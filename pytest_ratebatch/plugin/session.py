@@ -3,7 +3,7 @@
 A ``Pacer`` where tests run (a plain session, or a pytest-xdist worker) and a ``Reporter``
 where outcomes are reported (a plain session, or the xdist controller). Under xdist the
 controller creates the session's shared directory and hands it to the workers through
-``workerinput`` (see ``distributed``). Only what this kind of process needs is imported:
+``workerinput`` (see ``session_dir``). Only what this kind of process needs is imported:
 a plain session never loads the xdist or Redis parts.
 """
 
@@ -15,10 +15,14 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from .clock import MONOTONIC
-from .hooks import register_hooks
-from .ledger import Ledger, MemoryLedger
-from .limiter import UNLIMITED, RateLimiter
+from ..engine.limiter import UNLIMITED, RateLimiter
+from ..engine.scheduler import TaskScheduler
+from ..limits.clock import MONOTONIC
+from ..limits.policy import ExecutionPolicy, PolicyError, build_policy, parse_value
+from ..limits.values import Value
+from ..stores.base import BucketStore, Ledger, StoreError
+from ..stores.memory import MemoryBucketStore, MemoryLedger
+from ..throttle.retrying import Throttles, load_exception_types
 from .options import (
     COMMAND_LINE,
     KEY_OPTION,
@@ -29,16 +33,12 @@ from .options import (
     RawValue,
 )
 from .pacing import Pacer, ProtocolPacing, SessionPacer
-from .policy import ExecutionPolicy, PolicyError, build_policy, parse_value
-from .reporting import OutcomeRecorder, Reporter, wants_forecast
-from .retrying import Throttles, load_exception_types
-from .scheduler import TaskScheduler
-from .stores import BucketStore, MemoryBucketStore, StoreError
-from .values import Value
+from .registry import register_hooks
+from .reporter import OutcomeRecorder, Reporter, wants_forecast
 
 if TYPE_CHECKING:
-    from .distributed import SessionDirectory
-    from .slots.pool import SlotPool
+    from ..stores.base import SlotPool
+    from .session_dir import SessionDirectory
 
 __all__ = [
     "Settings",
@@ -139,13 +139,13 @@ def open_store(
         return MemoryBucketStore()
     if choice == "file":
         if shared is None:
-            from .distributed import SharedSession
+            from .session_dir import SharedSession
 
             shared = SharedSession.create()  # a file store for this process alone
             config.add_cleanup(shared.close)
         return shared.bucket()
-    from .distributed import SharedSession
-    from .redis_store import DEFAULT_KEY, RedisBucketStore
+    from ..stores.redis import DEFAULT_KEY, RedisBucketStore
+    from .session_dir import SharedSession
 
     try:
         store = RedisBucketStore(choice, settings.key or DEFAULT_KEY)
@@ -168,16 +168,15 @@ def open_slots(
     choice = store_choice(settings, shared)
     pool: SlotPool
     if choice == "file" and shared is not None:
-        from .slots.files import FileSlotPool
+        from ..stores.files import FileSlotPool
 
         pool = FileSlotPool(shared.directory, capacity)
     elif choice in ("memory", "file"):
-        from .slots.pool import MemorySlotPool
+        from ..stores.memory import MemorySlotPool
 
         return MemorySlotPool(capacity)  # one process: its threads are all the sharers
     else:
-        from .redis_store import DEFAULT_KEY
-        from .slots.redis_pool import RedisSlotPool
+        from ..stores.redis import DEFAULT_KEY, RedisSlotPool
 
         try:
             pool = RedisSlotPool(choice, settings.key or DEFAULT_KEY, capacity)
@@ -200,8 +199,8 @@ def configure(
     if not (policy.is_active or throttling_set or drawn):
         return
     if hasattr(config, "workerinput"):
-        from .distributed import worker_session
-        from .workers import RecordingWorkerPacer, WorkerPacer
+        from .session_dir import worker_session
+        from .xdist import RecordingWorkerPacer, WorkerPacer
 
         worker = worker_session(config)
         if worker is not None:
@@ -265,8 +264,8 @@ def _throttles(config: pytest.Config, pacer: Pacer, settings: Settings) -> Throt
 
 def _configure_controller(config: pytest.Config, settings: Settings) -> None:
     """The xdist controller runs no test: it shares the session and reports."""
-    from .distributed import SharedSession
-    from .workers import ControllerReporter, WorkerRecords
+    from .session_dir import SharedSession
+    from .xdist import ControllerReporter, WorkerRecords
 
     shared = SharedSession.create()
     config.add_cleanup(shared.close)

@@ -1,6 +1,6 @@
 """Where tests run (a plain session, or an xdist worker): each test is admitted at its start.
 
-The workers' own pacers live in ``workers``, loaded only under pytest-xdist."""
+The workers' own pacers live in ``xdist``, loaded only under pytest-xdist."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .clock import MONOTONIC
-from .hooks import register_hooks
-from .policy import parse_cost
-from .report import CANCELLED_PREFIX, Tally
-from .scheduler import TaskScheduler, Ticket
+from ..engine.scheduler import TaskScheduler, Ticket
+from ..limits.clock import MONOTONIC
+from ..limits.policy import parse_cost
+from ..views.report import CANCELLED_PREFIX, Tally
+from .registry import register_hooks
 
 if TYPE_CHECKING:
-    from .reporting import Reporter
-    from .retrying import Throttles
+    from ..throttle.retrying import Throttles
+    from .reporter import Reporter
 
 __all__ = ["MARKER", "Pacer", "ProtocolPacing", "SessionPacer", "read_costs"]
 
@@ -105,7 +105,7 @@ class Pacer:
         self._tally = tally
         scheduler.waited_by_limit = tally.waited_by_limit  # the scheduler accounts its waits
         self._keeps_records = reporter is not None and reporter.records is not None
-        #: Throttle handling, where tests run (``retrying``); ``None`` if off.
+        #: Throttle handling, where tests run (``throttle.retrying``); ``None`` if off.
         self.throttles: Throttles | None = None
         #: A retry runs: its admission was made by the call that runs it.
         self.retrying = False

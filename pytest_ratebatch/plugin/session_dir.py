@@ -3,7 +3,7 @@
 The controller creates a fresh directory per session (so no state of an earlier or
 concurrent session can leak in), tells each worker where it is and when the session
 started through ``workerinput``, and removes it at the end. Workers pace their own tests
-against the file store and ledger in it (``shared``). Waits happen in workers, but only
+against the file store and ledger in it (``stores.files``). Waits happen in workers, but only
 the controller writes to the terminal: a worker announces a long wait with one datagram
 on a Unix socket in the directory, and a thread of the controller prints it.
 """
@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from .clock import MONOTONIC
-from .reporting import ANNOUNCE_WAITS_FROM
-from .shared import FileBucketStore, FileLedger
+from ..limits.clock import MONOTONIC
+from ..stores.files import FileBucketStore, FileLedger
+from .reporter import ANNOUNCE_WAITS_FROM
 
 __all__ = [
     "SessionDirectory",

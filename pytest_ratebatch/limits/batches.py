@@ -1,21 +1,17 @@
 """The session's shared bookkeeping: batches, the barrier between them, failures, the stop.
 
-``SessionState`` and the functions on it are pure; a ``Ledger`` applies them atomically and
-lets a caller block until a batch has drained or been released. The in-memory ledger serves
-one process (and its threads); the file ledger the workers of a pytest-xdist session.
+``SessionState`` and the functions on it are pure; a ``Ledger`` (``stores``) applies them
+atomically and lets a caller block until a batch has drained or been released.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Literal, Protocol
+from typing import Literal
 
 from .values import Value
 
 __all__ = [
     "Entry",
-    "Ledger",
-    "MemoryLedger",
     "SessionState",
     "StopRule",
     "check_stop",
@@ -184,107 +180,3 @@ def stop(state: SessionState, reason: str) -> str:
     if not state.stop_reason:
         state.stop_reason = reason
     return state.stop_reason
-
-
-class Ledger(Protocol):
-    """Atomic access to one ``SessionState``, and the two blocking waits of the barrier."""
-
-    def enter(self, now: int, rule: StopRule, batch_size: int | None) -> Entry: ...
-
-    def release(self, batch: int) -> None: ...
-
-    def finish(self, batch: int, failed: bool, now: int) -> None: ...
-
-    def leave(self, batch: int) -> None: ...
-
-    def stop(self, reason: str) -> str:
-        """Record ``reason`` unless the session already stopped; return the reason in force."""
-        ...
-
-    def check_stop(self, now: int, rule: StopRule) -> str: ...
-
-    def wait_drained(self, batch: int) -> int:
-        """Block until every test of ``batch`` finished; return when the last one did."""
-        ...
-
-    def wait_released(self, batch: int) -> None:
-        """Block until ``batch`` was released or the session stopped."""
-        ...
-
-    def snapshot(self) -> SessionState: ...
-
-
-class MemoryLedger:
-    """The ledger of a single process; thread-safe, so threads may share a scheduler."""
-
-    def __init__(self) -> None:
-        self._state = SessionState()
-        # Updates take the lock directly (a C call); only the blocking waits need the condition.
-        self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        # Threads blocked in a wait: notifying costs a few Python calls, spared when none is
-        # (always, in a plain session, whose one thread never waits on itself).
-        self._waiting = 0
-
-    def _notify(self) -> None:
-        """Under the lock: wake the waiters, if any."""
-        if self._waiting:
-            self._changed.notify_all()
-
-    def enter(self, now: int, rule: StopRule, batch_size: int | None) -> Entry:
-        with self._lock:
-            return enter(self._state, now, rule, batch_size)
-
-    def release(self, batch: int) -> None:
-        with self._lock:
-            release(self._state, batch)
-            self._notify()
-
-    def finish(self, batch: int, failed: bool, now: int) -> None:
-        with self._lock:
-            finish(self._state, batch, failed, now)
-            if self._waiting:  # ``_notify``, one call less: every batched test finishes here
-                self._changed.notify_all()
-
-    def leave(self, batch: int) -> None:
-        with self._lock:
-            leave(self._state, batch)
-            self._notify()
-
-    def stop(self, reason: str) -> str:
-        with self._lock:
-            result = stop(self._state, reason)
-            self._notify()
-            return result
-
-    def check_stop(self, now: int, rule: StopRule) -> str:
-        if rule.max_failures is None and rule.deadline_ns is None:
-            # Nothing to decide here, only a stop to read (before every test: no lock).
-            return self._state.stop_reason
-        with self._lock:
-            return check_stop(self._state, now, rule)
-
-    def wait_drained(self, batch: int) -> int:
-        state = self._state
-        with self._changed:
-            self._waiting += 1
-            try:
-                self._changed.wait_for(lambda: state.batch > batch + 1 or state.draining <= 0)
-            finally:
-                self._waiting -= 1
-            return state.drained_ns
-
-    def wait_released(self, batch: int) -> None:
-        state = self._state
-        with self._changed:
-            self._waiting += 1
-            try:
-                self._changed.wait_for(
-                    lambda: state.batch != batch or state.released or bool(state.stop_reason)
-                )
-            finally:
-                self._waiting -= 1
-
-    def snapshot(self) -> SessionState:
-        with self._lock:
-            return self._state.copy()

@@ -15,14 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .clock import MONOTONIC, Clock
-from .ledger import Ledger, MemoryLedger, StopRule
+from ..limits.batches import StopRule
+from ..limits.clock import MONOTONIC, Clock
+from ..limits.policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
+from ..stores.base import Ledger, StoreError
+from ..stores.memory import MemoryLedger
 from .limiter import UNLIMITED, RateLimiter
-from .policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration
-from .stores import StoreError
 
 if TYPE_CHECKING:
-    from .slots.pool import Slot, SlotPool
+    from ..stores.base import Slot, SlotPool
 
 __all__ = ["OnWait", "SlotTicket", "TaskScheduler", "Ticket"]
 
@@ -123,7 +124,7 @@ class TaskScheduler:
         self._on_wait = on_wait
         self._on_tokens = self._waiter("rate tokens") if limiter is not None else None
         if slots is None and policy.max_concurrency is not None:
-            from .slots.pool import MemorySlotPool
+            from ..stores.memory import MemorySlotPool
 
             slots = MemorySlotPool(policy.max_concurrency)
         #: The concurrency cap's slots (``None``: no cap).

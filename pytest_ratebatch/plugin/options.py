@@ -1,7 +1,7 @@
 """The options: one flag and one ini key per setting, sharing one help text.
 
 This module is imported on every pytest run, policy or not, so it holds only the table and
-reads raw values; parsing and validation live in ``policy``. The command line wins over the
+reads raw values; parsing and validation live in ``limits.policy``. The command line wins over the
 ini file; ``-o key=value`` is reported as its own source.
 """
 
@@ -186,7 +186,7 @@ class RawValue:
         option = flag_of(name) if self.source == COMMAND_LINE else name
         text = self.text
         if name == STORE_OPTION:
-            from .policy import mask_url  # only ever needed for an error message
+            from ..limits.policy import mask_url  # only ever needed for an error message
 
             text = mask_url(text)
         return f"{option}={text!r} ({self.source})"

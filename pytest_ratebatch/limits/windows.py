@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from . import gcra
+from .bucket import UNSET, BucketState, current_interval
 from .gcra import ADMITTED, OVERTAKEN, REFUSED, RESERVED, WAIT
-from .throttle.adapt import UNSET, BucketState, current_interval
 
 __all__ = [
     "EMPTY",

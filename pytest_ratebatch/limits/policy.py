@@ -9,19 +9,17 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from .values import Value
-
-if TYPE_CHECKING:
-    from .options import RawValue
 
 __all__ = [
     "PARSERS",
     "ExecutionPolicy",
     "PolicyError",
     "RateLimit",
+    "RawValue",
     "ThrottlePolicy",
     "WindowLimit",
     "build_policy",
@@ -517,6 +515,16 @@ def mask_url(url: str) -> str:
         return url
     host = parts.netloc.rsplit("@", 1)[1]
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+class RawValue(Protocol):
+    """An option's value as the user wrote it, and a description naming where it came from
+    (the plugin's ``options.RawValue``)."""
+
+    @property
+    def text(self) -> str: ...
+
+    def describe(self, name: str) -> str: ...
 
 
 #: Each option's parser: raw text in, value out, or ``ValueError`` with a short reason.

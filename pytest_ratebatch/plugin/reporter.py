@@ -2,7 +2,7 @@
 
 The session's totals, the header, wait announcements, the summary section, the JSON report
 (with a record per collected test) and the exit status. The xdist controller's reporter
-builds on this one, in ``workers``.
+builds on this one, in ``xdist``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .clock import MONOTONIC
-from .ledger import Ledger
-from .policy import ExecutionPolicy
-from .report import (
+from ..engine.scheduler import Ticket
+from ..limits.clock import MONOTONIC
+from ..limits.policy import ExecutionPolicy
+from ..stores.base import BucketStore, Ledger
+from ..views.forecast import Forecast, describe_forecast, forecast_json, forecast_policy
+from ..views.report import (
     CANCELLED_PREFIX,
     Tally,
     TestRecord,
@@ -26,34 +28,21 @@ from .report import (
     merge_outcome,
     write_json,
 )
-from .scheduler import Ticket
-from .stores import BucketStore
-from .views.forecast import Forecast, describe_forecast, forecast_json, forecast_policy
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
-    from .views.terminal import ProgressLine
+    from ..views.terminal import ProgressLine
 
 __all__ = [
     "ANNOUNCE_WAITS_FROM",
     "OutcomeRecorder",
     "Reporter",
     "wants_forecast",
-    "write_between_progress",
 ]
 
 #: Waits shorter than this (seconds) are not announced on the terminal.
 ANNOUNCE_WAITS_FROM = 1.0
-
-
-def write_between_progress(terminal: TerminalReporter, text: str) -> None:
-    """A line of ours between pytest's progress lines."""
-    terminal.ensure_newline()
-    writer = getattr(terminal, "_tw", None)
-    if getattr(writer, "width_of_current_line", 0):
-        terminal.write("\n")  # xdist prints progress letters without tracking the line
-    terminal.write_line(text)
 
 
 def wants_forecast(policy: ExecutionPolicy) -> bool:
@@ -87,7 +76,7 @@ class Reporter:
         self.start_ns = start_ns
         self.start_wall = time.time() - (MONOTONIC.now_ns() - start_ns) / 1e9
         self.tally = Tally()
-        #: Throttles and pauses (``retrying``), for the summary and the JSON report.
+        #: Throttles and pauses (``throttle.retrying``), for the summary and the JSON report.
         self.events: list[dict[str, Any]] = []
         #: Per-test records, kept only for the JSON report (or the timeline drawn from it).
         drawn = report_path is not None or timeline_path is not None
@@ -200,7 +189,7 @@ class Reporter:
         progress.start()
 
     def _progress_line(self, terminal: TerminalReporter) -> ProgressLine:
-        from .views.terminal import ProgressLine, TerminalGuard  # on the first wait, if any
+        from ..views.terminal import ProgressLine, TerminalGuard  # on the first wait, if any
 
         tty = bool(getattr(terminal, "isatty", False))
         line = ProgressLine(terminal, self.output_lock, self._status, tty)
@@ -213,7 +202,7 @@ class Reporter:
         forecast = self.forecast
         if forecast is not None and forecast.tests != total:
             forecast = None
-        from .views.progress import Progress
+        from ..views.progress import Progress
 
         rate = self.policy.rate_limit
         burst = rate.burst if rate is not None else 0
@@ -248,6 +237,8 @@ class Reporter:
         with self.output_lock:
             if self.progress is not None:
                 self.progress.clear()
+            from ..views.terminal import write_between_progress  # waits of a second or more
+
             write_between_progress(terminal, f"ratebatch: {text}")
 
     # --- the end -----------------------------------------------------------------------
@@ -284,7 +275,7 @@ class Reporter:
         if self.report_path is not None:
             write_json(self.report_path, data)
         if self.timeline_path is not None:
-            from .views.timeline import write_timeline
+            from ..views.timeline import write_timeline
 
             write_timeline(self.timeline_path, [data])
 

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from _pytest.runner import call_and_report, show_test_item
 
-from .limiter import RateLimiter
-from .policy import NANOS_PER_SECOND, ThrottlePolicy, format_duration
-from .scheduler import TaskScheduler
+from ..engine.limiter import RateLimiter
+from ..engine.scheduler import TaskScheduler
+from ..limits.policy import NANOS_PER_SECOND, ThrottlePolicy, format_duration
 
 if TYPE_CHECKING:
-    from .throttle.detect import Throttle
+    from .detect import Throttle
 
 __all__ = ["BACKOFF_CAP", "BACKOFF_FIRST", "Throttles", "load_exception_types"]
 
@@ -175,7 +175,7 @@ class Throttles:
         if node is not self._running or self._seen is not None or call.excinfo is None:
             return
         # Imported on the first failure: a session that never fails need not load it.
-        from .throttle.detect import find_throttle
+        from .detect import find_throttle
 
         self._seen = find_throttle(call.excinfo.value, self.extra)
 
@@ -267,8 +267,8 @@ class Throttles:
     def observe(self, nodeid: str, response: Any) -> None:
         """A response the test saw: a throttle pauses (and adapts) as above; a published
         budget at 0 pauses until its reset, so the server never has to refuse."""
-        from .throttle.detect import find_throttle, response_status
-        from .throttle.headers import remaining
+        from .detect import find_throttle, response_status
+        from .headers import remaining
 
         status, headers = response_status(response)
         if status == 429 or (status == 503 and headers is not None):

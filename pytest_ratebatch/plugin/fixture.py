@@ -60,6 +60,6 @@ class RateBatch:
         """Say the server throttled this test, for code that detects it itself: raises an
         exception that makes the test a throttled one (paused for ``retry_after`` seconds,
         or a backoff, and run again)."""
-        from .throttle.detect import Throttled
+        from ..throttle.detect import Throttled
 
         raise Throttled(retry_after)

@@ -6,14 +6,15 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .clock import MONOTONIC, Clock
-from .gcra import ADMITTED, OVERTAKEN, REFUSED, Outcome
-from .policy import NANOS_PER_SECOND, RateLimit, WindowLimit
-from .stores import BucketStore, MemoryBucketStore
-from .values import Value
+from ..limits.clock import MONOTONIC, Clock
+from ..limits.gcra import ADMITTED, OVERTAKEN, REFUSED, Outcome
+from ..limits.policy import NANOS_PER_SECOND, RateLimit, WindowLimit
+from ..limits.values import Value
+from ..stores.base import BucketStore
+from ..stores.memory import MemoryBucketStore
 
 if TYPE_CHECKING:
-    from .windows import Windows
+    from ..limits.windows import Windows
 
 __all__ = ["UNLIMITED", "WINDOW_MARGIN_NS", "Admission", "RateLimiter"]
 
@@ -236,7 +237,7 @@ class RateLimiter:
 
     def throttle(self, wait: float, adapt: bool) -> tuple[int, int, int, int]:
         """The server throttled a test: pause everyone sharing the bucket for ``wait`` seconds
-        and, with ``adapt``, lower the rate (``throttle.adapt``). Returns the store's clock,
+        and, with ``adapt``, lower the rate (``limits.bucket``). Returns the store's clock,
         the interval before and after, and the pause's end (on the store's clock)."""
         wait_ns = max(0, int(wait * NANOS_PER_SECOND))
         return self.store.throttle(wait_ns, self._interval, self._burst, adapt)

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration, format_rate
+from ..limits.policy import NANOS_PER_SECOND, ExecutionPolicy, format_duration, format_rate
 
 __all__ = [
     "CANCELLED_PREFIX",

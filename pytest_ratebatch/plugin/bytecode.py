@@ -17,7 +17,7 @@ from types import ModuleType
 
 __all__ = ["install"]
 
-PACKAGE_PREFIX = __name__.rpartition(".")[0] + "."
+PACKAGE_PREFIX = __name__.partition(".")[0] + "."
 
 
 class PlainImporter:
