@@ -12,7 +12,10 @@ and one write; all waiting happens outside the lock:
   it runs, and the opener of the next batch takes it exclusively, which returns exactly
   when the last member finished (or died);
 - members of a batch still opening wait on the batch's gate file, which the opener holds
-  exclusively until the batch is released.
+  exclusively until the batch is released;
+- a process sleeping for its admission listens on a Unix datagram socket of its own,
+  ``wake-<pid>-<n>``, and whoever records a stop sends every such socket a datagram: a stop
+  by any worker cancels the tests waiting in the others at once, not when their sleep ends.
 
 **Slots** (``--max-concurrency``) are lock files in the same directory. Slot *i* is held by
 holding the exclusive ``flock`` of the file ``slot-<i>``. The kernel releases such a lock
@@ -45,7 +48,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
+import select
 import socket
 import struct
 import threading
@@ -83,6 +88,9 @@ __all__ = [
 
 BUCKET_FILE = "bucket"
 LEDGER_FILE = "ledger"
+#: The sockets of the processes sleeping for an admission, which a stop wakes.
+WAKE_PREFIX = "wake-"
+_wake_numbers = itertools.count()  # a socket per ledger, even for several in one process
 
 
 class SharedFile:
@@ -332,6 +340,9 @@ class FileLedger:
         self._members: dict[int, int] = {}  # batch -> fd of its members file, kept open
         self._held: set[int] = set()  # batches whose members file this process holds shared
         self._gates: dict[int, int] = {}  # batch -> fd of the gate this process holds
+        #: This ledger's socket for stops (bound on its first sleep; ``False``: cannot be).
+        self._wake: socket.socket | bool | None = None
+        self._wake_path = directory / f"{WAKE_PREFIX}{os.getpid()}-{next(_wake_numbers)}"
 
     # --- the state record -------------------------------------------------------------
 
@@ -396,6 +407,7 @@ class FileLedger:
     def enter(self, now: int, rule: StopRule, batch_size: int | None) -> Entry:
         with self._file as stored:
             state = self._load(stored)
+            stopped = bool(state.stop_reason)
             entry = enter(state, now, rule, batch_size)
             if entry.batch and entry.action in ("go", "join", "open"):
                 self._hold(entry.batch)
@@ -404,6 +416,8 @@ class FileLedger:
                 fcntl.flock(gate, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: never contended
                 self._gates[entry.batch] = gate
             self._save(state)
+        if entry.action == "cancel" and not stopped:
+            self._ring()
         return entry
 
     def release(self, batch: int) -> None:
@@ -437,19 +451,72 @@ class FileLedger:
     def stop(self, reason: str) -> str:
         with self._file as stored:
             state = self._load(stored)
+            stopped = bool(state.stop_reason)
             result = stop(state, reason)
             self._save(state)
         for batch in list(self._gates):
             self._open_gate(batch)
+        if not stopped:
+            self._ring()
         return result
 
     def check_stop(self, now: int, rule: StopRule) -> str:
         with self._file as stored:
             state = self._load(stored)
+            stopped = bool(state.stop_reason)
             reason = check_stop(state, now, rule)
-            if reason:
+            if reason and not stopped:
                 self._save(state)
+        if reason and not stopped:
+            self._ring()
         return reason
+
+    # --- sleeping until a stop ------------------------------------------------------------
+
+    def sleep(self, seconds: float, clock: Clock) -> None:
+        """Sleep on this ledger's socket, which a stop recorded by any process rings; on
+        another clock than the system's (tests), or without a socket, a plain sleep."""
+        if seconds <= 0:
+            return
+        wake = self._wake_socket() if clock is MONOTONIC else None
+        if wake is None:
+            clock.sleep(seconds)
+            return
+        ready, _, _ = select.select([wake], [], [], seconds)  # microseconds, as time.sleep
+        if ready:
+            with contextlib.suppress(OSError):  # BlockingIOError once drained
+                while True:
+                    wake.recv(16)
+
+    def _wake_socket(self) -> socket.socket | None:
+        wake = self._wake
+        if isinstance(wake, socket.socket):
+            return wake
+        if wake is False:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(str(self._wake_path))
+        except OSError:  # e.g. a path too long for a socket address: sleeps run their course
+            sock.close()
+            self._wake = False
+            return None
+        sock.setblocking(False)
+        self._wake = sock
+        return sock
+
+    def _ring(self) -> None:
+        """A stop was just recorded: wake every process sleeping for an admission."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ringer:
+            ringer.setblocking(False)
+            for name in names:
+                if name.startswith(WAKE_PREFIX):
+                    with contextlib.suppress(OSError):  # a sleeper gone, or its queue full
+                        ringer.sendto(b"\0", str(self.directory / name))
 
     def wait_drained(self, batch: int) -> int:
         if batch < 1:
@@ -490,6 +557,11 @@ class FileLedger:
         self._members.clear()
         for batch in list(self._gates):
             self._open_gate(batch)
+        if isinstance(self._wake, socket.socket):
+            self._wake.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._wake_path)
+        self._wake = None
         self._file.close()
 
 
