@@ -526,6 +526,33 @@ def test_exitfirst_stops_the_plugins_loop(pytester: pytest.Pytester) -> None:
     assert [test["outcome"] for test in tests] == ["passed", "failed", "not run", "not run"]
 
 
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+def test_collect_only_lists_the_tests_and_nothing_of_ours(
+    pytester: pytest.Pytester, workers: list[str]
+) -> None:
+    write_tests(pytester, 3)
+    result = pytester.runpytest_subprocess(
+        "--co", "-q", "--rate-per-minute=60", "--ratebatch-report=r.json", *workers
+    )
+    assert result.ret == pytest.ExitCode.OK
+    lines = result.stdout.lines
+    listed = lines[: lines.index("")]  # tools read the node ids up to the first blank line
+    assert listed == [f"test_many.py::test_one[{n}]" for n in range(3)]
+    result.stdout.fnmatch_lines(
+        [
+            "*= ratebatch =*",
+            "policy: rate 60/min, burst 1",
+            "forecast: 3 tests take at least 2s by the policy (test durations add to it)",
+            "collect-only: no test was run",
+        ]
+    )
+    tests = load_report(pytester.path / "r.json")["tests"]
+    assert isinstance(tests, list)
+    assert [(test["nodeid"], test["outcome"]) for test in tests] == [
+        (f"test_many.py::test_one[{n}]", "not run") for n in range(3)
+    ]
+
+
 def test_collect_only_and_collection_errors_run_nothing(pytester: pytest.Pytester) -> None:
     write_tests(pytester, 2, body="raise AssertionError('ran')")
     result = pytester.runpytest("--collect-only", "-q", "--rate-per-minute=60")

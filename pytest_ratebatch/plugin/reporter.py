@@ -130,6 +130,8 @@ class Reporter:
         self._print_forecast()
 
     def _print_forecast(self) -> None:
+        if self.config.option.collectonly:
+            return  # not inside the list of tests: the summary section says it
         if self._forecast_line and self.config.get_verbosity() >= -1:
             self._write_announcement(self._forecast_line)
             self._forecast_line = ""
@@ -284,7 +286,14 @@ class Reporter:
 
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         terminalreporter.section("ratebatch")
-        for line in self.summary_lines():
+        if self.config.option.collectonly:
+            lines = [f"policy: {self.policy.describe()}"]
+            if self._forecast_line:
+                lines.append(self._forecast_line)
+            lines.append("collect-only: no test was run")
+        else:
+            lines = self.summary_lines()
+        for line in lines:
             terminalreporter.line(line)
         if self.report_path is not None:
             terminalreporter.line(f"report: {self.report_path}")

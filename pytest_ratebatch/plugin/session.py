@@ -113,8 +113,14 @@ def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
 
 
 def is_distributing(config: pytest.Config) -> bool:
-    """Whether this process is an xdist controller that will start workers."""
-    return getattr(config.option, "dist", "no") != "no" and bool(getattr(config.option, "tx", None))
+    """Whether this process is an xdist controller that will start workers (with
+    ``--collect-only`` xdist starts none: this process collects, as without ``-n``)."""
+    option = config.option
+    return (
+        getattr(option, "dist", "no") != "no"
+        and bool(getattr(option, "tx", None))
+        and not option.collectonly
+    )
 
 
 def store_choice(settings: Settings, shared: SessionDirectory | None) -> str:
