@@ -521,9 +521,32 @@ def test_exitfirst_stops_the_plugins_loop(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-x", "--rate-per-minute=6000", "--ratebatch-report=r.json")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*stopping after 1 failures*"])
-    tests = load_report(pytester.path / "r.json")["tests"]
+    report = load_report(pytester.path / "r.json")
+    tests = report["tests"]
     assert isinstance(tests, list)
     assert [test["outcome"] for test in tests] == ["passed", "failed", "not run", "not run"]
+    result.stdout.fnmatch_lines(
+        ["tests: 2 run, 0 cancelled, 2 not run", "stop: pytest stopped the session (*)"]
+    )
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+@pytest.mark.parametrize("option", ["-x", "--maxfail=2"])
+def test_the_summary_says_when_pytest_stopped_the_session(
+    pytester: pytest.Pytester, workers: list[str], option: str
+) -> None:
+    write_tests(pytester, 10, body="assert n not in (1, 2)")
+    result = pytester.runpytest_subprocess(
+        option, "--rate-per-minute=6000", "--ratebatch-report=r.json", "-p", "no:randomly",
+        *workers,
+    )  # fmt: skip
+    # xdist's controller ends such a session as interrupted (its own way of stopping).
+    expected = pytest.ExitCode.INTERRUPTED if workers else pytest.ExitCode.TESTS_FAILED
+    assert result.ret == expected
+    failures = 1 if option == "-x" else 2
+    reason = f"pytest stopped the session (stopping after {failures} failures)"
+    result.stdout.fnmatch_lines([f"stop: {reason}"])
+    assert load_report(pytester.path / "r.json")["session"]["stop_reason"] == reason  # type: ignore[index]
 
 
 @pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])

@@ -82,6 +82,8 @@ class Reporter:
         drawn = report_path is not None or timeline_path is not None
         self.records: dict[str, TestRecord] | None = {} if drawn else None
         self.interrupted = False
+        #: Why pytest itself stopped the session (``-x``, ``--maxfail``, ...), if it did.
+        self.stopped_by_pytest = ""
         self._terminal: TerminalReporter | None = None
         #: The least time the policy imposes on the collected tests (``None``: no rate, no
         #: windows, or not known yet).
@@ -245,18 +247,28 @@ class Reporter:
 
     # --- the end -----------------------------------------------------------------------
 
-    def pytest_keyboard_interrupt(self) -> None:
-        self.interrupted = True
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        if excinfo.type is KeyboardInterrupt:
+            self.interrupted = True  # Ctrl-C
+        else:  # a stop raised as an interrupt: xdist's after -x, pytest.exit(), ...
+            self.stopped_by_pytest = str(excinfo.value)
 
     @property
     def stop_reason(self) -> str:
         reason = self.ledger.snapshot().stop_reason
-        return reason or ("interrupted" if self.interrupted else "")
+        if reason:
+            return reason
+        if self.stopped_by_pytest:
+            return f"pytest stopped the session ({self.stopped_by_pytest})"
+        return "interrupted" if self.interrupted else ""
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.progress is not None:
             self.progress.close()
+        stopped = session.shouldfail or session.shouldstop  # -x, --maxfail, ...
+        if stopped and not self.stopped_by_pytest:
+            self.stopped_by_pytest = str(stopped)
         if self.tally.cancelled and session.exitstatus == pytest.ExitCode.OK:
             # Tests that never ran are not a success, even if nothing failed.
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
