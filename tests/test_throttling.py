@@ -162,6 +162,40 @@ def test_a_wait_past_the_total_timeout_stops_the_session(
     )
 
 
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+def test_a_stop_before_the_retry_cancels_the_throttled_test(
+    pytester: pytest.Pytester, api: Any, workers: list[str]
+) -> None:
+    server = api(refuse_first=1, retry_after="1")
+    pytester.makepyfile(
+        test_cancelled_retry="""
+        import os
+        import pytest
+        import requests
+
+        @pytest.mark.ratebatch(cost=10)  # after the pause, 10 tokens at the lowered rate: 18 s
+        def test_call():
+            requests.get(os.environ["API_URL"], timeout=10).raise_for_status()
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "--rate-per-minute=60", "--burst=10", "--total-timeout=15s", "--ratebatch-report=r.json",
+        "-rs", *workers,
+    )  # fmt: skip
+    result.assert_outcomes(skipped=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    reason = "ratebatch: cancelled (total timeout (15s) would pass before the next start)"
+    result.stdout.fnmatch_lines([f"SKIPPED [[]1[]] test_cancelled_retry.py:5: {reason}"])
+    assert len(server.log) == 1  # not run again
+    report = load_report(pytester.path / "r.json")
+    (test,) = report["tests"]
+    assert (test["outcome"], test["reason"], test["retries"]) == ("cancelled", reason, [])
+    assert (report["summary"]["run"], report["summary"]["cancelled"]) == (0, 1)
+    (event,) = report["events"]
+    assert event["retried"] is False
+    assert report["throttling"]["retried_tests"] == 0
+
+
 def test_a_retried_attempt_is_not_a_failure(pytester: pytest.Pytester, api: Any) -> None:
     api(refuse_first=2, retry_after="0.1")
     pytester.makepyfile(REQUESTS_TESTS.format(count=4))

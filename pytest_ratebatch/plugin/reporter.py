@@ -161,6 +161,10 @@ class Reporter:
     def finished(self, nodeid: str, finish_offset: int) -> None:
         self._record(nodeid).finish_ns = finish_offset
 
+    def cancelled(self, nodeid: str, reason: str) -> None:
+        """A running test the session's stop cancelled (its skip report follows)."""
+        self._record(nodeid).reason = f"{CANCELLED_PREFIX} ({reason})"
+
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
         """A test took tokens while running."""
         if self.records is not None:

@@ -15,6 +15,7 @@ bucket.
 from __future__ import annotations
 
 import importlib
+import os
 import random
 import time
 from typing import TYPE_CHECKING, Any
@@ -179,16 +180,26 @@ class Throttles:
 
         self._seen = find_throttle(call.excinfo.value, self.extra)
 
-    def give_up(self, item: pytest.Item, reason: str) -> None:
-        """The held attempt will not be retried (the session stopped): log it as it was."""
+    def give_up(self, item: pytest.Item, skip_reason: str) -> None:
+        """The held attempt will not run again: the session stopped first. A throttled
+        attempt is no failure, so the test is cancelled: its failed reports become the skip
+        of a cancelled test (``skip_reason``), at the test's location."""
         held, self.held = self.held, None
         if held is None:
             return
         reports, seen = held
         attempts = self._attempts.pop(item.nodeid, 0)
-        self._annotate(reports, f"throttled ({seen.describe()}) on attempt {attempts}, not run "
-                                f"again: {reason}")  # fmt: skip
+        note = f"throttled ({seen.describe()}) on attempt {attempts}, not run again"
+        for event in reversed(self.events):  # its throttle, recorded as to be retried
+            if event["test"] == item.nodeid and event["event"] == "throttle":
+                event["retried"] = False
+                break
+        path, line = _location(item)
         for report in reports:
+            if report.failed:
+                report.outcome = "skipped"
+                report.longrepr = (path, line, f"Skipped: {skip_reason}")
+                report.sections.append(("ratebatch", note))
             item.ihook.pytest_runtest_logreport(report=report)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 
@@ -315,6 +326,14 @@ class _ObservedResponse(Exception):
 def _per_minute(interval_ns: int) -> float | None:
     """A rate from an interval; ``None`` for no rate (0)."""
     return None if interval_ns <= 0 else 60 * NANOS_PER_SECOND / interval_ns
+
+
+def _location(item: pytest.Item) -> tuple[str, int]:
+    """Where a skip of ``item`` points, as pytest's own skips do: the test (line from 1)."""
+    path, line = item.reportinfo()[:2]
+    if line is None:
+        return item.location[0], (item.location[1] or 0) + 1
+    return os.fspath(path), line + 1
 
 
 def _show_test_item(item: pytest.Item, add_space: bool) -> None:
