@@ -114,6 +114,7 @@ class Pacer:
         # Whether a start only counts in the tally (no record, no subclass's own account).
         self._plain_starts = not self._keeps_records and type(self).started is Pacer.started
         self._cancelled_running = ""  # the running test a stop cancelled, if any
+        self._rerun_counted = ""  # the last test pytest-rerunfailures ran again after a throttle
 
     @pytest.hookimpl(wrapper=True)
     def pytest_collection_modifyitems(
@@ -226,6 +227,25 @@ class Pacer:
             if session.testsfailed > failed_before:
                 self._tally.retried_failed += 1
         return result
+
+    def admit_rerun(self, item: pytest.Item) -> bool:
+        """pytest-rerunfailures runs a throttled test again: that rerun is the test's retry,
+        admitted like one (after the server's pause, taking the test's tokens; it keeps its
+        batch and its slot). ``False`` if the session stopped: the rerun is cancelled."""
+        nodeid = item.nodeid
+        ticket = self.scheduler.acquire(self._costs.get(nodeid, 1))
+        self.started(nodeid, ticket, retry=True)
+        if ticket.cancelled:
+            self.cancelled_while_running(nodeid, ticket.cancelled)
+            item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
+            return False
+        if nodeid != self._rerun_counted:  # once per test, however often it runs again
+            self._rerun_counted = nodeid
+            self._tally.retried += 1
+        return True
+
+    def rerun_failed(self) -> None:
+        self._tally.retried_failed += 1
 
     def finish(self, item: pytest.Item, ticket: Ticket, failed_before: int) -> None:
         """An admitted test's protocol ended: it failed if pytest counted a failure since."""

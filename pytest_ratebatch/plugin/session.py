@@ -265,6 +265,7 @@ def _throttles(config: pytest.Config, pacer: Pacer, settings: Settings) -> Throt
     adapt = throttling.adapt and settings.policy.rate_limit is not None
     throttles = Throttles(config, throttling, pacer.scheduler, limiter, start_ns, extra, adapt)
     pacer.throttles = throttles
+    throttles.retrier = pacer  # pytest-rerunfailures' reruns after a throttle are retries
     return throttles
 
 
