@@ -117,11 +117,15 @@ class Throttles:
         #: The test whose throttled attempt it may rerun, and the throttle's event.
         self.rerun_due: tuple[str, dict[str, Any]] | None = None
         self._reruns: _Reruns | None = None  # its attempts' hooks, once a throttle needs them
+        # Without a count for every test, only its marker makes it rerun one: looked up first.
+        self._marked_only = self._rerunfailures is not None and not _global_reruns(config)
 
     # --- the protocol ---------------------------------------------------------------------
 
     def _reruns_of(self, item: pytest.Item) -> int:
         """How often pytest-rerunfailures reruns ``item`` (0: it leaves the test to us)."""
+        if self._marked_only and item.get_closest_marker("flaky") is None:
+            return 0
         count = getattr(self._rerunfailures, "get_reruns_count", None)
         if count is None:  # not the version this was written against: its marker at least
             mark = item.get_closest_marker("flaky")
@@ -444,6 +448,16 @@ class _ObservedResponse(Exception):
 def _per_minute(interval_ns: int) -> float | None:
     """A rate from an interval; ``None`` for no rate (0)."""
     return None if interval_ns <= 0 else 60 * NANOS_PER_SECOND / interval_ns
+
+
+def _global_reruns(config: pytest.Config) -> bool:
+    """Whether pytest-rerunfailures is told to rerun every test (its options or ini key)."""
+    if config.getoption("force_reruns", None) or config.getoption("reruns", None):
+        return True
+    try:
+        return bool(str(config.getini("reruns")).strip())
+    except ValueError:  # no such ini key: not the version this was written against
+        return False
 
 
 def _location(item: pytest.Item) -> tuple[str, int]:
