@@ -407,7 +407,7 @@ class FileLedger:
     def enter(self, now: int, rule: StopRule, batch_size: int | None) -> Entry:
         with self._file as stored:
             state = self._load(stored)
-            stopped = bool(state.stop_reason)
+            stopped = state.stop_reason  # a stop recorded before this operation
             entry = enter(state, now, rule, batch_size)
             if entry.batch and entry.action in ("go", "join", "open"):
                 self._hold(entry.batch)
@@ -451,7 +451,7 @@ class FileLedger:
     def stop(self, reason: str) -> str:
         with self._file as stored:
             state = self._load(stored)
-            stopped = bool(state.stop_reason)
+            stopped = state.stop_reason  # a stop recorded before this operation
             result = stop(state, reason)
             self._save(state)
         for batch in list(self._gates):
@@ -463,7 +463,7 @@ class FileLedger:
     def check_stop(self, now: int, rule: StopRule) -> str:
         with self._file as stored:
             state = self._load(stored)
-            stopped = bool(state.stop_reason)
+            stopped = state.stop_reason  # a stop recorded before this operation
             reason = check_stop(state, now, rule)
             if reason and not stopped:
                 self._save(state)
