@@ -196,7 +196,12 @@ def test_an_unusable_store_stops_the_run_before_any_test(
     pytester.makepyfile(test_one="def test_one(): raise AssertionError('ran')")
     result = pytester.runpytest_subprocess("--rate-per-minute=60", f"--ratebatch-store={url}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: ratebatch: the store cannot be used: *"])
+    if fault == "bad url":  # refused with the option, before any connection
+        result.stderr.fnmatch_lines(
+            ["ERROR: ratebatch: --ratebatch-store='*' (command line): malformed host*"]
+        )
+    else:
+        result.stderr.fnmatch_lines(["ERROR: ratebatch: the store cannot be used: *"])
     output = result.stdout.str() + result.stderr.str()
     assert "Traceback" not in output
     assert "n0pe-n0pe" not in output

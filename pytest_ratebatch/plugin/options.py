@@ -136,8 +136,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
         STORE_OPTION,
         "URL",
         "Where the token bucket lives: memory (one process), file (the workers of one "
-        "pytest-xdist session), or redis://[user:password@]host:port/db (rediss:// for TLS) "
-        "to share one rate across sessions and machines. Default: memory, file under xdist.",
+        "pytest-xdist session), or redis://[user:password@]host:port/db (rediss:// for TLS; "
+        "a / ? # or @ in the password percent-encoded) to share one rate across sessions and "
+        "machines. Default: memory, file under xdist.",
     ),
     OptionSpec(
         KEY_OPTION,
