@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +233,86 @@ def test_store_lost_mid_run_cancels_the_rest(
     result.stdout.fnmatch_lines(["*ratebatch: cancelled (store unavailable: *"])
     assert (private_redis.password or "") not in result.stdout.str()
     assert "stop: store unavailable" in result.stdout.str()
+
+
+# --- a slow or misaddressed server ---------------------------------------------------------
+
+
+def test_tls_to_a_plain_port_fails_within_seconds(
+    pytester: pytest.Pytester, redis_server: RedisServer
+) -> None:
+    url = f"rediss://127.0.0.1:{redis_server.port}/0"  # a plain Redis port answers no TLS
+    pytester.makepyfile(test_one="def test_one(): pass")
+    began = time.monotonic()
+    result = pytester.runpytest_subprocess("--rate-per-minute=60", f"--ratebatch-store={url}")
+    elapsed = time.monotonic() - began
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: ratebatch: the store cannot be used: redis rediss://127.0.0.1:*: *TLS*"]
+    )
+    assert elapsed < 15  # the connection's few seconds, and pytest's start
+
+
+def test_a_hung_store_stops_the_run_within_seconds(
+    pytester: pytest.Pytester, private_redis: RedisServer
+) -> None:
+    """A server that stops answering (SIGSTOP: connections still accepted, no reply) is as
+    good as lost after a few seconds: the rest of the run is cancelled, nothing hangs."""
+    assert private_redis.process is not None
+    pid = private_redis.process.pid
+    pytester.makepyfile(
+        test_calls=f"""
+        import os, signal, pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_call(n):
+            if n == 2:
+                os.kill({pid}, signal.SIGSTOP)
+        """
+    )
+    began = time.monotonic()
+    try:
+        result = pytester.runpytest_subprocess(
+            "--rate-per-minute=6000", f"--ratebatch-store={private_redis.url}", "-rs",
+            "-p", "no:randomly",
+        )  # fmt: skip
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    elapsed = time.monotonic() - began
+    result.assert_outcomes(passed=3, skipped=3)
+    result.stdout.fnmatch_lines(["*ratebatch: cancelled (store unavailable: *"])
+    assert "stop: store unavailable" in result.stdout.str()
+    assert elapsed < 25
+
+
+# --- passwords ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape", ["query", "as user name", "unencoded", "malformed host", "malformed port"]
+)
+def test_no_output_shows_a_password_whatever_the_url(
+    pytester: pytest.Pytester, private_redis: RedisServer, shape: str
+) -> None:
+    secret, port = private_redis.password or "", private_redis.port
+    url = {
+        "query": f"redis://127.0.0.1:{port}/0?password={secret}",  # a working URL
+        "as user name": f"redis://{secret}@127.0.0.1:{port}/0",
+        "unencoded": f"redis://:a/{secret}@127.0.0.1:{port}/0",
+        "malformed host": f"redis://:{secret}@[::1:{port}/0",
+        "malformed port": f"redis://:{secret}@127.0.0.1:{port}x/0",
+    }[shape]
+    pytester.makepyfile(test_one="def test_one(): pass")
+    result = pytester.runpytest_subprocess(
+        "--rate-per-minute=600", f"--ratebatch-store={url}", "--ratebatch-report=r.json"
+    )
+    output = result.stdout.str() + result.stderr.str()
+    assert secret not in output
+    assert "Traceback" not in output
+    if shape == "query":
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["ratebatch: *; store: redis redis://*?password=*** key *"])
+        assert secret not in (pytester.path / "r.json").read_text()
+    else:
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["ERROR: ratebatch: *"])

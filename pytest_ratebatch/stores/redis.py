@@ -5,7 +5,9 @@ Each operation is one round trip: an atomic Lua script on one key (the ``BucketS
 clock (``TIME``, in microseconds), never the clients' clocks, so sessions on different
 machines agree on time; a throttle, rare, reads and writes it under WATCH. The key expires once the
 bucket has been full and idle for a minute. redis-py (the ``redis`` extra) does the
-talking, with its own retry for brief outages; what stays down becomes a ``StoreError``.
+talking; ``RedisConnection`` retries for ``RETRY_SECONDS`` (2 s) while the server cannot be
+reached or does not answer within ``SOCKET_TIMEOUT`` (2 s), and what stays down becomes a
+``StoreError``.
 
 **Slots** (``--max-concurrency``) are leases. A held slot is a member of a sorted set
 (``pytest-ratebatch:<key>:slots:leases``) scored by its expiry on the server's clock. The
@@ -34,16 +36,16 @@ import hashlib
 import math
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
 from ..limits import gcra
 from ..limits.bucket import BucketState
 from ..limits.bucket import throttle as adapt_throttle
 from ..limits.clock import MONOTONIC, Clock
 from ..limits.gcra import Outcome
-from ..limits.policy import NANOS_PER_SECOND, mask_url
+from ..limits.policy import NANOS_PER_SECOND, mask_url, parse_store, url_secrets
 from ..limits.windows import WindowedOutcome, Windows
 from .base import Slot, StoreError
 
@@ -58,10 +60,16 @@ __all__ = [
 ]
 
 
+_T = TypeVar("_T")
+
 DEFAULT_KEY = "default"
 KEY_PREFIX = "pytest-ratebatch:"
 IDLE_EXPIRY_MS = 60_000
 RETRY_SECONDS = 2.0  # how long a lost server is retried before the session stops
+CONNECT_TIMEOUT = 2.0  # seconds to connect (TCP)
+#: Seconds to wait for a reply (and for a TLS handshake): a script answers in microseconds,
+#: so a server this slow is as good as lost, and the retry above takes over.
+SOCKET_TIMEOUT = 2.0
 
 # Shared preamble: the server's clock and the bucket, in microseconds. The bucket is one
 # string of the eight numbers of ``BucketState`` joined by ":" (one GET, one SET with its
@@ -277,38 +285,82 @@ class Script:
 
 
 class RedisConnection:
-    """A redis-py client as the Redis parts use it: short timeouts, redis-py's own retry for
-    brief outages, scripts by their SHA1, and every error a ``StoreError`` that never shows
-    the password."""
+    """A redis-py client as the Redis parts use it: short timeouts, a retry for brief outages
+    bounded in time (not in attempts), scripts by their SHA1, and every error a
+    ``StoreError`` that never shows the password."""
 
-    def __init__(self, url: str, socket_timeout: float = 5) -> None:
+    def __init__(self, url: str, socket_timeout: float = SOCKET_TIMEOUT) -> None:
         try:
             import redis
-            from redis.backoff import ExponentialBackoff
+            from redis.backoff import NoBackoff
             from redis.retry import Retry
         except ImportError:
             raise StoreError(
                 "the Redis store needs redis-py: pip install 'pytest-ratebatch[redis]'"
             ) from None
-        self._secret = urlsplit(url).password or ""
+        self._secrets = url_secrets(url)
+        try:
+            parse_store(url)  # as the option is checked: redis-py never reads a misshapen URL
+        except ValueError as error:
+            raise StoreError(f"bad Redis URL {mask_url(url)}: {error}") from None
+        self._tls = url.startswith("rediss://")
         self.errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        # Worth another attempt: the server restarting, a connection reset. Not a refusal
+        # (a wrong password is a ConnectionError too, and will not heal).
+        self._transient: tuple[type[BaseException], ...] = (
+            redis.ConnectionError,
+            redis.TimeoutError,
+            OSError,
+        )
+        self._timeout = redis.TimeoutError
+        self._refused: tuple[type[BaseException], ...] = (
+            redis.exceptions.AuthenticationError,
+            redis.exceptions.AuthorizationError,
+        )
         self.watch_error: type[BaseException] = redis.exceptions.WatchError
         self._noscript = redis.exceptions.NoScriptError
-        backoff = ExponentialBackoff(cap=0.5, base=0.05)
         try:
+            # redis-py's own retry counts attempts, each up to the socket timeout (a TLS
+            # handshake with a plain port waits all of it): ``call`` retries by time instead.
             self.client = redis.Redis.from_url(
                 url,
                 socket_timeout=socket_timeout,
-                socket_connect_timeout=2,
-                retry=Retry(backoff, retries=max(1, math.ceil(RETRY_SECONDS / 0.25))),
-                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
             )
         except ValueError as error:
             raise StoreError(self.clean(f"bad Redis URL {mask_url(url)}: {error}")) from None
 
     def clean(self, message: str) -> str:
         """No output, report or error ever contains the password."""
-        return message.replace(self._secret, "***") if self._secret else message
+        for secret in self._secrets:
+            message = message.replace(secret, "***")
+        return message
+
+    def call(self, operation: Callable[[], _T], where: Callable[[], str]) -> _T:
+        """``operation()``, tried again for ``RETRY_SECONDS`` while the server cannot be
+        reached; then, or on any other error, a ``StoreError`` that starts with ``where()``."""
+        deadline = time.monotonic() + RETRY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                return operation()
+            except self._refused as error:
+                raise StoreError(self.clean(f"{where()}: {error}")) from None
+            except self._transient as error:
+                left = deadline - time.monotonic()
+                if left <= delay:
+                    raise StoreError(self.clean(f"{where()}: {self._explain(error)}")) from None
+                time.sleep(delay)
+                delay = min(2 * delay, 0.5)
+            except self.errors as error:
+                raise StoreError(self.clean(f"{where()}: {error}")) from None
+
+    def _explain(self, error: BaseException) -> str:
+        text = str(error) or type(error).__name__
+        if self._tls and isinstance(error, self._timeout):
+            text += " (no TLS handshake: is the port a TLS one? rediss:// speaks TLS)"
+        return text
 
     def run(
         self, script: Script, keys: Sequence[str], args: Sequence[object], where: Callable[[], str]
@@ -316,13 +368,14 @@ class RedisConnection:
         """One EVALSHA (the script is sent once per server, on its first NOSCRIPT); an error
         is a ``StoreError`` that starts with ``where()``."""
         execute: Callable[..., Any] = self.client.execute_command
-        try:
+
+        def evaluate() -> Any:
             try:
                 return execute("EVALSHA", script.sha, len(keys), *keys, *args)
             except self._noscript:
                 return execute("EVAL", script.source, len(keys), *keys, *args)
-        except self.errors as error:
-            raise StoreError(self.clean(f"{where()}: {error}")) from None
+
+        return self.call(evaluate, where)
 
 
 class RedisBucketStore:
@@ -335,7 +388,6 @@ class RedisBucketStore:
         self.key = KEY_PREFIX + key
         self._redis = RedisConnection(url)
         self._client = self._redis.client
-        self._errors = self._redis.errors
         self._watch_error = self._redis.watch_error
         self._take = Script(TAKE_SCRIPT)
         self._commit = Script(COMMIT_SCRIPT)
@@ -425,7 +477,8 @@ class RedisBucketStore:
     ) -> tuple[int, int, int, int]:
         """Read, adapt and write the state under WATCH, retried if another client wrote it
         meanwhile: rare (a throttle), so the arithmetic stays ``limits.bucket``'s own."""
-        try:
+
+        def attempt() -> tuple[int, int, int, int]:
             with self._client.pipeline() as pipe:
                 while True:
                     try:
@@ -441,8 +494,8 @@ class RedisBucketStore:
                         return (now, *result)
                     except self._watch_error:
                         continue
-        except self._errors as error:
-            raise StoreError(self._redis.clean(f"{self.describe()}: {error}")) from None
+
+        return self._redis.call(attempt, self.describe)
 
     def describe(self) -> str:
         return f"redis {mask_url(self.url)} key {self.key}"
@@ -607,9 +660,9 @@ class RedisSlotPool:
         self.lease_seconds = lease_seconds
         self._poll = poll_seconds
         self._clock = clock
-        self._redis = RedisConnection(url, socket_timeout=5)  # longer than any BLPOP below
+        # Replies wait as long as a BLPOP below, and the usual margin beyond.
+        self._redis = RedisConnection(url, socket_timeout=poll_seconds + SOCKET_TIMEOUT)
         self._client = self._redis.client
-        self._errors = self._redis.errors
         base = f"{KEY_PREFIX}{key}:slots"
         self.keys = (f"{base}:leases", f"{base}:line", f"{base}:alive", f"{base}:counter")
         self._wake_prefix = f"{base}:wake:"
@@ -666,10 +719,9 @@ class RedisSlotPool:
 
     def _wait_for_wake(self, token: str, seconds: float) -> None:
         # BLPOP reads its timeout to the millisecond, and 0 would mean "forever".
-        try:
-            self._client.blpop([self._wake_prefix + token], max(0.001, round(seconds, 3)))
-        except self._errors as error:
-            raise StoreError(self._redis.clean(f"{self.describe()}: {error}")) from None
+        wake = [self._wake_prefix + token]
+        timeout = max(0.001, round(seconds, 3))
+        self._redis.call(lambda: self._client.blpop(wake, timeout), self.describe)
 
     def _leased(self, token: str) -> Slot:
         slot = Slot(-1, token)
