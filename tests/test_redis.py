@@ -13,10 +13,15 @@ from typing import Any
 
 import pytest
 
+from pytest_ratebatch.engine.limiter import UNLIMITED
 from pytest_ratebatch.limits import gcra
 from pytest_ratebatch.limits.policy import RateLimit
 from pytest_ratebatch.stores.base import StoreError
-from pytest_ratebatch.stores.redis import KEY_PREFIX, RedisBucketStore
+from pytest_ratebatch.stores.redis import (
+    KEY_PREFIX,
+    RedisBucketStore,
+    RedisSlotPool,
+)
 from pytest_ratebatch.views.report import worst_excess
 from tests.redis_server import RedisServer, free_port
 
@@ -233,6 +238,208 @@ def test_store_lost_mid_run_cancels_the_rest(
     result.stdout.fnmatch_lines(["*ratebatch: cancelled (store unavailable: *"])
     assert (private_redis.password or "") not in result.stdout.str()
     assert "stop: store unavailable" in result.stdout.str()
+
+
+# --- a store that lost its state (a restart without persistence) ---------------------------
+
+LOST_LINE = (
+    "ratebatch: the Redis store lost its state (restarted?); resuming as if the bucket were empty"
+)
+
+
+def test_a_restarted_store_resumes_as_if_the_bucket_were_empty(
+    private_redis: RedisServer,
+) -> None:
+    store = RedisBucketStore(private_redis.url, "lost")
+    found: list[int] = []
+    store.on_lost = found.append
+    interval = RateLimit(60, 3).interval_ns  # one token per second, burst 3
+    for _ in range(3):
+        assert store.take(1, interval, 3, None, True)[0] == gcra.ADMITTED
+    private_redis.restart()  # killed: the bucket, spent, is gone
+    status, now, wait = store.take(1, interval, 3, None, True)
+    # Not a fresh burst: the next token one interval after the loss was found.
+    assert status == gcra.RESERVED
+    assert interval - 50_000_000 < wait <= interval
+    assert found == [now]
+    assert store.losses == 1
+    # Said once: the bucket, emptied, is the one this client now knows.
+    status, now2, wait2 = store.take(1, interval, 3, None, True)
+    assert now2 + wait2 - (now + wait) == interval
+    assert store.losses == 1
+    store.close()
+
+
+def test_an_idle_expiry_is_no_loss(private_redis: RedisServer) -> None:
+    store = RedisBucketStore(private_redis.url, "idle", idle_expiry_ms=100)
+    interval = RateLimit(600, 3).interval_ns
+    assert store.take(1, interval, 3, None, True)[0] == gcra.ADMITTED
+    client = private_redis.client()
+    deadline = time.monotonic() + 10
+    while client.exists(KEY_PREFIX + "idle"):  # full and idle: the key expires by itself
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # Nothing to tell it from a loss but the time: no warning, a start at once, no burst.
+    assert store.take(1, interval, 3, None, True)[0] == gcra.ADMITTED
+    assert store.take(1, interval, 3, None, True)[0] == gcra.RESERVED
+    assert store.losses == 0
+    store.close()
+
+
+def test_a_loss_found_by_one_client_is_told_to_the_others(private_redis: RedisServer) -> None:
+    interval = RateLimit(60, 2).interval_ns
+    first = RedisBucketStore(private_redis.url, "shared")
+    second = RedisBucketStore(private_redis.url, "shared")
+    first.take(1, interval, 2, None, True)
+    second.take(1, interval, 2, None, True)
+    private_redis.restart()
+    # A session that starts now knows nothing: it sees a fresh bucket (the limit of what
+    # can be told), and takes its burst.
+    fresh = RedisBucketStore(private_redis.url, "shared")
+    assert fresh.take(1, interval, 2, None, True)[0] == gcra.ADMITTED
+    # The first that saw the key before finds the loss and empties the bucket ...
+    status, now, wait = second.take(1, interval, 2, None, True)
+    assert status == gcra.RESERVED
+    assert wait > interval - 50_000_000
+    # ... the other finds it too, and queues behind, without emptying it again.
+    status, now2, wait2 = first.take(1, interval, 2, None, True)
+    assert now2 + wait2 - (now + wait) == interval
+    assert (first.losses, second.losses, fresh.losses) == (1, 1, 0)
+    for store in (first, second, fresh):
+        store.close()
+
+
+def test_a_state_gone_back_in_time_is_a_loss(private_redis: RedisServer) -> None:
+    """A server restarted from an older snapshot (RDB): the bucket's time went back."""
+    store = RedisBucketStore(private_redis.url, "snapshot")
+    interval = RateLimit(60, 2).interval_ns
+    client = private_redis.client()
+    store.take(1, interval, 2, None, True)
+    snapshot = client.get(KEY_PREFIX + "snapshot")
+    assert snapshot is not None
+    store.take(1, interval, 2, None, True)
+    client.set(KEY_PREFIX + "snapshot", snapshot)
+    status, _, wait = store.take(1, interval, 2, None, True)
+    assert status == gcra.RESERVED
+    assert wait > interval - 50_000_000
+    assert store.losses == 1
+    store.close()
+
+
+def test_a_throttle_keeps_the_state_a_loss_is_told_by(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    store = RedisBucketStore(redis_server.url, unique_key(request))
+    interval = RateLimit(600, 2).interval_ns
+    store.take(1, interval, 2, None, True)
+    store.throttle(SECOND // 10, interval, 2, True)
+    other = RedisBucketStore(redis_server.url, unique_key(request))
+    other.take(1, interval, 2, None, True)
+    store.take(1, interval, 2, None, True)
+    assert (store.losses, other.losses) == (0, 0)  # the throttle's write kept the epoch
+    store.close()
+    other.close()
+
+
+def test_a_throttle_after_a_restart_finds_the_loss(private_redis: RedisServer) -> None:
+    store = RedisBucketStore(private_redis.url, "throttled")
+    interval = RateLimit(600, 2).interval_ns
+    store.take(1, interval, 2, None, True)
+    private_redis.restart()
+    _at, _, _, until = store.throttle(SECOND // 10, interval, 2, True)
+    assert store.losses == 1
+    status, now, wait = store.take(1, interval, 2, None, True)
+    assert status == gcra.RESERVED
+    assert now + wait >= until
+    store.close()
+
+
+def test_windows_count_as_full_after_a_loss(private_redis: RedisServer) -> None:
+    store = RedisBucketStore(private_redis.url, "windowed")
+    interval = UNLIMITED.interval_ns
+    windows = ((5, 2 * SECOND),)  # 5 per 2 s
+    status, _, _, _ = store.take_windowed(1, interval, UNLIMITED.burst, None, True, windows)
+    assert status == gcra.ADMITTED
+    private_redis.restart()
+    status, _now, wait, bound = store.take_windowed(
+        1, interval, UNLIMITED.burst, None, True, windows
+    )
+    # The window may have been filled by starts the server forgot: full at the loss.
+    assert (status, bound) == (gcra.RESERVED, 1)
+    assert 2 * SECOND - 50_000_000 < wait <= 2 * SECOND
+    assert store.level(interval, UNLIMITED.burst, windows) == 0
+    assert store.losses == 1
+    store.close()
+
+
+def test_a_restart_mid_run_is_said_once_and_sends_no_second_burst(
+    pytester: pytest.Pytester, private_redis: RedisServer, dist: list[str]
+) -> None:
+    restart_at = 5
+    pytester.makepyfile(
+        test_calls=f"""
+        import pathlib, time, pytest
+
+        @pytest.mark.parametrize("n", range(12))
+        def test_call(n):
+            if n == {restart_at}:
+                pathlib.Path("restart-now").touch()
+                deadline = time.monotonic() + 60
+                while not pathlib.Path("restarted").exists():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+        """
+    )
+    command = [
+        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly", *dist,
+        "--rate-per-minute=600", "--burst=3", f"--ratebatch-store={private_redis.url}",
+        "--ratebatch-report=r.json",
+    ]  # fmt: skip
+    session = subprocess.Popen(
+        command, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (pytester.path / "restart-now").exists():
+        assert session.poll() is None
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    private_redis.restart()
+    (pytester.path / "restarted").touch()
+    output, _ = session.communicate(timeout=120)
+    assert session.returncode == 0, output
+    assert output.count(LOST_LINE) == 1, output
+    report = load_report(pytester.path / "r.json")
+    admissions = [(test["store_ns"], test["tokens"]) for test in report["tests"]]
+    assert len(admissions) == 12
+    # G1 across the restart: no second burst.
+    assert worst_excess(admissions, RateLimit(600, 3).interval_ns, 3) <= 0
+    assert "store_lost" in {event["event"] for event in report["events"]}
+    assert (private_redis.password or "") not in output
+
+
+@pytest.fixture(params=["one process", "xdist"])
+def dist(request: pytest.FixtureRequest) -> list[str]:
+    return [] if request.param == "one process" else ["-n", "2"]
+
+
+def test_slots_come_back_after_a_restart_and_their_holders_lease_them_again(
+    private_redis: RedisServer,
+) -> None:
+    pool = RedisSlotPool(private_redis.url, "slots", 1, lease_seconds=0.6)
+    slot = pool.acquire()
+    assert slot is not None
+    private_redis.restart()
+    assert pool.in_use() == 0  # the lease went with the server's state
+    # The holder's test still runs: its next renewal (a third of a lease) leases it again.
+    deadline = time.monotonic() + 10
+    while pool.in_use() == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert pool.lost == 1
+    assert pool.acquire(0) is None  # the cap holds again
+    pool.release(slot)
+    assert pool.in_use() == 0
+    pool.close()
 
 
 # --- a slow or misaddressed server ---------------------------------------------------------
