@@ -346,3 +346,27 @@ def test_store_urls_that_redis_would_misread_are_refused(url: str, problem: str)
         parse_value("ratebatch_store", RawValue(url, COMMAND_LINE))
     assert problem in str(error.value)
     assert SECRET not in str(error.value)
+
+
+# --- the limits sessions sharing a key must agree on --------------------------------------
+
+
+def test_shared_limits_are_the_rate_the_windows_and_the_cap() -> None:
+    base = build_policy(cli(rate_per_minute="120", burst="5", rate_limit="10/s"))
+    same = build_policy(
+        cli(rate_per_minute="120", burst="5", rate_limit="10/s", batch_size="2", max_failures="3")
+    )
+    assert base.shared_limits() == same.shared_limits()  # batches and stops stay per session
+    assert base.shared_limits()[1] == "rate 120/min, burst 5, limits 10/1s"
+    others = [
+        cli(rate_per_minute="600", burst="5", rate_limit="10/s"),
+        cli(rate_per_minute="120", burst="4", rate_limit="10/s"),
+        cli(rate_per_minute="120", burst="5", rate_limit="10/2s"),
+        cli(rate_per_minute="120", burst="5"),
+        cli(rate_per_minute="120", burst="5", rate_limit="10/s", max_concurrency="2"),
+        cli(rate_limit="10/s"),
+    ]
+    prints = {build_policy(values).shared_limits()[0] for values in others}
+    assert len(prints) == len(others)
+    assert base.shared_limits()[0] not in prints
+    assert ExecutionPolicy().shared_limits()[1] == "no rate"

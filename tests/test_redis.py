@@ -15,10 +15,12 @@ import pytest
 
 from pytest_ratebatch.engine.limiter import UNLIMITED
 from pytest_ratebatch.limits import gcra
-from pytest_ratebatch.limits.policy import RateLimit
+from pytest_ratebatch.limits.policy import RateLimit, build_policy
+from pytest_ratebatch.plugin.options import COMMAND_LINE, RawValue
 from pytest_ratebatch.stores.base import StoreError
 from pytest_ratebatch.stores.redis import (
     KEY_PREFIX,
+    PolicyConflict,
     RedisBucketStore,
     RedisSlotPool,
 )
@@ -34,6 +36,10 @@ def load_report(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text())
     assert isinstance(data, dict)
     return data
+
+
+def cli(**values: str) -> dict[str, RawValue]:
+    return {name: RawValue(text, COMMAND_LINE) for name, text in values.items()}
 
 
 def unique_key(request: pytest.FixtureRequest) -> str:
@@ -442,6 +448,99 @@ def test_slots_come_back_after_a_restart_and_their_holders_lease_them_again(
     pool.close()
 
 
+# --- one key, one limit -----------------------------------------------------------------
+
+
+def test_a_key_held_with_other_limits_is_refused(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    key = unique_key(request)
+    strict = build_policy(cli(rate_per_minute="120")).shared_limits()
+    loose = build_policy(cli(rate_per_minute="600")).shared_limits()
+    first = RedisBucketStore(redis_server.url, key)
+    first.claim(*strict)
+    same = RedisBucketStore(redis_server.url, key)
+    same.claim(*strict)  # the same limits: shared, as ever
+    other = RedisBucketStore(redis_server.url, key)
+    with pytest.raises(PolicyConflict) as conflict:
+        other.claim(*loose)
+    assert (conflict.value.key, conflict.value.theirs, conflict.value.ours) == (
+        key,
+        "rate 120/min, burst 1",
+        "rate 600/min, burst 1",
+    )
+    first.close()
+    with pytest.raises(PolicyConflict):
+        other.claim(*loose)  # one session still holds it
+    same.close()
+    other.claim(*loose)  # once they ended, the key is free for other limits
+    other.close()
+
+
+def test_a_killed_sessions_claim_lapses(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    key = unique_key(request)
+    killed = RedisBucketStore(redis_server.url, key, claim_lease_seconds=0.5)
+    killed.claim(*build_policy(cli(rate_per_minute="120")).shared_limits())
+    killed._closing.set()  # its renewals stop, and nobody gives the claim back
+    other = RedisBucketStore(redis_server.url, key)
+    loose = build_policy(cli(rate_per_minute="600")).shared_limits()
+    with pytest.raises(PolicyConflict):
+        other.claim(*loose)
+    time.sleep(0.6)
+    other.claim(*loose)
+    other.close()
+
+
+def test_sessions_with_other_limits_on_one_key_are_refused(
+    pytester: pytest.Pytester, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    pytester.makepyfile(
+        test_calls="""
+        import pathlib, time
+
+        def test_waits_for_the_other_session():
+            pathlib.Path("running").touch()
+            deadline = time.monotonic() + 60
+            while not pathlib.Path("done").exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        """
+    )
+    common = [
+        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+        f"--ratebatch-store={redis_server.url}", f"--ratebatch-key={unique_key(request)}",
+    ]  # fmt: skip
+    first = subprocess.Popen(
+        [*common, "--rate-per-minute=120"], cwd=pytester.path, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not (pytester.path / "running").exists():
+        assert first.poll() is None
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pytester.makepyfile(test_other="def test_other(): pass")
+    second = subprocess.run(
+        [*common, "--rate-per-minute=600", "test_other.py"],
+        cwd=pytester.path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    (pytester.path / "done").touch()
+    output, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, output
+    assert second.returncode == pytest.ExitCode.USAGE_ERROR, second.stdout + second.stderr
+    assert "Traceback" not in second.stderr
+    message = second.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"ERROR: ratebatch: the Redis key {unique_key(request)!r} ")
+    assert "it holds rate 120/min, burst 1, this session states rate 600/min, burst 1" in message
+    # The first session ended: the key is free for other limits.
+    third = subprocess.run(
+        [*common, "--rate-per-minute=600", "test_other.py"],
+        cwd=pytester.path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert third.returncode == 0, third.stdout + third.stderr
+
+
 # --- a slow or misaddressed server ---------------------------------------------------------
 
 
@@ -523,3 +622,21 @@ def test_no_output_shows_a_password_whatever_the_url(
     else:
         assert result.ret == pytest.ExitCode.USAGE_ERROR
         result.stderr.fnmatch_lines(["ERROR: ratebatch: *"])
+
+
+def test_other_limits_claimed_after_a_restart_are_told(private_redis: RedisServer) -> None:
+    ours = RedisBucketStore(private_redis.url, "claims", claim_lease_seconds=0.6)
+    told: list[str] = []
+    ours.on_conflict = told.append
+    ours.claim(*build_policy(cli(rate_per_minute="120")).shared_limits())
+    private_redis.restart()  # the claims are gone: another session may claim the key
+    theirs = RedisBucketStore(private_redis.url, "claims")
+    theirs.claim(*build_policy(cli(rate_per_minute="600")).shared_limits())
+    deadline = time.monotonic() + 10
+    while not told:  # our next renewal (a third of a lease) finds theirs
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.5)  # and later renewals say nothing more
+    assert told == ["rate 600/min, burst 1"]
+    ours.close()
+    theirs.close()

@@ -217,8 +217,20 @@ class ExecutionPolicy(Value):
             bounds.append((self.rate_limit.burst, "the burst"))
         return min(bounds) if bounds else None
 
-    def describe(self) -> str:
-        """One line for the session header, e.g. ``rate 60/min, burst 5, batch size 5``."""
+    def shared_limits(self) -> tuple[str, str]:
+        """What every session sharing a store's key must agree on (the rate and burst, the
+        window limits, the concurrency cap): exactly, to compare, and as text for messages,
+        e.g. ``rate 120/min, burst 1``."""
+        rate = self.rate_limit
+        exact = [
+            f"interval {rate.interval_ns} burst {rate.burst}" if rate is not None else "no rate",
+            " ".join(f"{window.count}/{window.window_ns}" for window in self.windows),
+            f"cap {self.max_concurrency}",
+        ]
+        text = ", ".join(self._limit_parts()) or "no rate"
+        return "; ".join(exact), text
+
+    def _limit_parts(self) -> list[str]:
         parts = []
         rate = self.rate_limit
         if rate is not None:
@@ -229,6 +241,11 @@ class ExecutionPolicy(Value):
             parts.append("limits " + ", ".join(window.describe() for window in self.windows))
         if self.max_concurrency is not None:
             parts.append(f"max concurrency {self.max_concurrency}")
+        return parts
+
+    def describe(self) -> str:
+        """One line for the session header, e.g. ``rate 60/min, burst 5, batch size 5``."""
+        parts = self._limit_parts()
         if self.batch_size is not None:
             parts.append(f"batch size {self.batch_size}")
             parts.append(f"backoff {format_duration(self.batch_backoff)}")

@@ -144,7 +144,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
         KEY_OPTION,
         "NAME",
         "Name of the shared bucket in a Redis store: sessions with the same store and key "
-        "share one rate and burst. Default: default.",
+        "share one rate and burst. A key names one limit: a session whose rate, burst, "
+        "--rate-limit or --max-concurrency differ from those of a session using the key "
+        "fails to start. Default: default.",
     ),
     OptionSpec(
         REPORT_OPTION,

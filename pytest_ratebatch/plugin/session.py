@@ -145,14 +145,24 @@ def open_store(
             shared = SharedSession.create()  # a file store for this process alone
             config.add_cleanup(shared.close)
         return shared.bucket()
-    from ..stores.redis import DEFAULT_KEY, RedisBucketStore
+    from ..stores.redis import DEFAULT_KEY, PolicyConflict, RedisBucketStore
     from .session_dir import SharedSession
 
     try:
         store = RedisBucketStore(choice, settings.key or DEFAULT_KEY)
         config.add_cleanup(store.close)
         if shared is None or isinstance(shared, SharedSession):
-            store.check()  # once per session, before any test: the workers trust it
+            # Once per session, before any test (the workers trust it): the server answers,
+            # and the key is not in use with other limits.
+            store.check()
+            store.claim(*settings.policy.shared_limits())
+    except PolicyConflict as conflict:
+        raise pytest.UsageError(
+            f"ratebatch: the Redis key {conflict.key!r} is in use by another session with "
+            f"other limits: it holds {conflict.theirs}, this session states {conflict.ours}. "
+            "A key names one limit: give every session on it the same --rate-per-minute, "
+            "--burst, --rate-limit and --max-concurrency, or another --ratebatch-key"
+        ) from None
     except StoreError as error:
         raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
     return store
@@ -239,6 +249,7 @@ def configure(
     throttles = _throttles(config, pacer, settings)
     reporter.events = throttles.events
     _watch_for_loss(store, policy, throttles.events, start_ns, reporter.warn_once)
+    _watch_for_conflicts(store, reporter.warn_once)
     parts: list[object] = [reporter, pacer, throttles]
     if reporter.records is not None:
         parts.append(OutcomeRecorder(reporter))
@@ -281,6 +292,20 @@ def _watch_for_loss(
     redis_store.on_lost = lost
 
 
+def _watch_for_conflicts(store: BucketStore, warn: Callable[[str], None]) -> None:
+    """Where the session claimed its Redis key: another policy found on it later (after the
+    server lost the claims) is a warning; the session already runs."""
+    redis_store = _redis_store(store)
+    if redis_store is None:
+        return
+    key = redis_store.name
+
+    def conflict(theirs: str) -> None:
+        warn(f"the Redis key {key!r} is also in use with other limits ({theirs})")
+
+    redis_store.on_conflict = conflict
+
+
 def _throttles(config: pytest.Config, pacer: Pacer, settings: Settings) -> Throttles:
     """The handling of throttled tests beside the pacer."""
     throttling = settings.policy.throttling
@@ -313,6 +338,7 @@ def _configure_controller(config: pytest.Config, settings: Settings) -> None:
         shared, config, settings.policy, settings.report_path, store, shared.ledger(),
         shared.start_ns, settings.timeline_path,
     )  # fmt: skip
+    _watch_for_conflicts(store, reporter.warn_once)
     parts: list[object] = [reporter]
     if reporter.records is not None:
         parts.append(WorkerRecords(reporter))

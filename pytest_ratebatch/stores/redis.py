@@ -14,6 +14,10 @@ keeps the bucket's epoch and time as it last saw them and sends them with each o
 the script tells a key that cannot have expired by itself yet, and the bucket resumes as if
 it had just been emptied, the windows as if full (``_READ``).
 
+**One limit per key**: each session claims the key for its limits (``claim``, a renewed
+lease beside the key); a session that states other limits while the key is held fails to
+start (``PolicyConflict``).
+
 **Slots** (``--max-concurrency``) are leases. A held slot is a member of a sorted set
 (``pytest-ratebatch:<key>:slots:leases``) scored by its expiry on the server's clock. The
 process holding it renews it every third of its length (``LEASE_SECONDS``, 30 s by default)
@@ -57,9 +61,11 @@ from .base import Slot, StoreError
 
 __all__ = [
     "ALIVE_POLLS",
+    "CLAIM_LEASE_SECONDS",
     "DEFAULT_KEY",
     "LEASE_SECONDS",
     "POLL_SECONDS",
+    "PolicyConflict",
     "RedisBucketStore",
     "RedisConnection",
     "RedisSlotPool",
@@ -436,6 +442,43 @@ class RedisConnection:
         return self.call(evaluate, where)
 
 
+#: How long a session's claim on a key lasts unless renewed; renewed every third of that.
+CLAIM_LEASE_SECONDS = 30.0
+
+# A session's claim on a key: KEYS[1] a sorted set of ``id<TAB>limits<TAB>text`` scored by
+# expiry (server µs). ARGV[1] the member, ARGV[2] the lease (µs), ARGV[3] the set's expiry
+# (ms), ARGV[4] '1' to renew whatever the others hold. Returns another live member whose
+# limits differ ('' if none); without ARGV[4], the claim is then not made.
+CLAIM_SCRIPT = """
+local clock = redis.call('TIME')
+local now = clock[1] * 1000000 + clock[2]
+local claims, member = KEYS[1], ARGV[1]
+local limits = string.match(member, '^[^\t]*\t([^\t]*)\t')
+redis.call('ZREMRANGEBYSCORE', claims, '-inf', now)
+local other = ''
+for _, held in ipairs(redis.call('ZRANGE', claims, 0, -1)) do
+  if held ~= member and string.match(held, '^[^\t]*\t([^\t]*)\t') ~= limits then
+    other = held
+    break
+  end
+end
+if other ~= '' and ARGV[4] ~= '1' then return other end
+redis.call('ZADD', claims, now + tonumber(ARGV[2]), member)
+redis.call('PEXPIRE', claims, tonumber(ARGV[3]))
+return other
+"""
+
+
+class PolicyConflict(StoreError):
+    """A live session holds the key with other limits than this one states."""
+
+    def __init__(self, key: str, ours: str, theirs: str) -> None:
+        super().__init__(f"the key {key!r} is held with other limits ({theirs}) than {ours}")
+        self.key = key
+        self.ours = ours
+        self.theirs = theirs
+
+
 class RedisBucketStore:
     """GCRA in Redis: ``take`` and ``commit`` are one script call (one round trip) each."""
 
@@ -447,8 +490,10 @@ class RedisBucketStore:
         key: str = DEFAULT_KEY,
         *,
         idle_expiry_ms: int = IDLE_EXPIRY_MS,
+        claim_lease_seconds: float = CLAIM_LEASE_SECONDS,
     ) -> None:
         self.url = url
+        self.name = key
         self.key = KEY_PREFIX + key
         self._idle_ms = idle_expiry_ms
         self._redis = RedisConnection(url)
@@ -469,6 +514,17 @@ class RedisBucketStore:
         self.losses = 0
         #: Called with the store's clock (ns) when this client finds the state lost.
         self.on_lost: Callable[[int], None] | None = None
+        # The session's claim on the key (``claim``): its member, renewed by a thread.
+        self._claim_script = Script(CLAIM_SCRIPT)
+        self._claims_key = f"{self.key}:sessions"
+        self._claim_lease_us = max(1, int(claim_lease_seconds * 1_000_000))
+        self._claim_every = claim_lease_seconds / 3
+        self._claimed = ""
+        self._closing = threading.Event()
+        self._renewer: threading.Thread | None = None
+        #: Called with the other policy's text when a renewal finds the key held with other
+        #: limits (only after the server lost the claims, or this process stalled a lease).
+        self.on_conflict: Callable[[str], None] | None = None
 
     def _call(self, script: Script, *args: int, windows: Windows = ()) -> Any:
         """One script call on the bucket's key (and the windows' logs) that judges and keeps
@@ -597,10 +653,56 @@ class RedisBucketStore:
 
         return self._redis.call(attempt, self.describe)
 
+    # --- the key's policy ------------------------------------------------------------
+
+    def claim(self, fingerprint: str, text: str) -> None:
+        """Hold the key for this session's limits (``ExecutionPolicy.shared_limits``) until
+        ``close``: a lease renewed by a thread, so a killed session's claim lapses by itself.
+        ``PolicyConflict`` if a live session holds it with other limits."""
+        member = f"{secrets.token_hex(8)}\t{fingerprint}\t{text}"
+        other = self._call_claim(member, force=False)
+        if other:
+            raise PolicyConflict(self.name, text, other)
+        self._claimed = member
+        self._renewer = threading.Thread(
+            target=self._renew_claim, name="ratebatch-key-claim", daemon=True
+        )
+        self._renewer.start()
+
+    def _call_claim(self, member: str, force: bool) -> str:
+        """The claim script: the text of another live session's policy if it differs."""
+        other = self._redis.run(
+            self._claim_script,
+            [self._claims_key],
+            (member, self._claim_lease_us, self._claim_lease_us // 1000 + self._idle_ms,
+             int(force)),
+            self.describe,
+        )  # fmt: skip
+        return _text(other).split("\t", 2)[-1] if other else ""
+
+    def _renew_claim(self) -> None:
+        warned = set()
+        while not self._closing.wait(self._claim_every):
+            try:
+                other = self._call_claim(self._claimed, force=True)
+            except StoreError:
+                continue  # try again next time; the claim may lapse if it stays down
+            if other and other not in warned and self.on_conflict is not None:
+                warned.add(other)
+                self.on_conflict(other)
+
     def describe(self) -> str:
         return f"redis {mask_url(self.url)} key {self.key}"
 
     def close(self) -> None:
+        """Give up the claim on the key (a session after this one may state other limits)."""
+        self._closing.set()
+        renewer = self._renewer
+        if renewer is not None:
+            renewer.join(timeout=5)
+        if self._claimed:
+            with contextlib.suppress(*self._redis.errors):  # lost: the lease lapses by itself
+                self._client.zrem(self._claims_key, self._claimed)
         self._client.close()
 
 
