@@ -64,10 +64,12 @@ def test_a_shorter_total_timeout_is_announced_before_anything_runs(
     pytester: pytest.Pytester,
 ) -> None:
     write_tests(pytester, 4)
-    result = pytester.runpytest("--rate-per-minute=1", "--burst=3", "--total-timeout=0.5s")
+    # The fourth test would wait a minute: cancelled at once, whatever the timeout's length, so
+    # a long one costs nothing and a loaded machine still starts the first three in time.
+    result = pytester.runpytest("--rate-per-minute=1", "--burst=3", "--total-timeout=20s")
     assert forecast_lines(result) == [
         "ratebatch: forecast: 5 tests take at least 2m by the policy (test durations add to "
-        "it); the total timeout (0.5s) passes first: about 2 tests will be cancelled"
+        "it); the total timeout (20s) passes first: about 2 tests will be cancelled"
     ]
     result.assert_outcomes(passed=3, skipped=2)
 
