@@ -177,6 +177,29 @@ def test_sessions_under_xdist_share_the_key_too(
     assert {test["worker"] for test in report["tests"]} == {"gw0", "gw1"}
 
 
+def test_every_worker_takes_from_the_named_key(
+    pytester: pytest.Pytester, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    # Eight tests within a burst of eight, at a token a minute: the key's bucket is empty
+    # after the run only if every worker took its tokens from it. A worker on a key of its
+    # own would leave one token in it per test it ran, whichever tests it got.
+    pytester.makepyfile(
+        test_calls="import pytest\n@pytest.mark.parametrize('n', range(8))\ndef test_call(n): pass"
+    )
+    key = unique_key(request)
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--rate-per-minute=1", "--burst=8", f"--ratebatch-store={redis_server.url}",
+        f"--ratebatch-key={key}", "--ratebatch-report=r.json",
+    )  # fmt: skip
+    result.assert_outcomes(passed=8)
+    report = load_report(pytester.path / "r.json")
+    assert {test["worker"] for test in report["tests"]} == {"gw0", "gw1"}
+    store = RedisBucketStore(redis_server.url, key)
+    left = store.level(RateLimit(1, 8).interval_ns, 8)
+    store.close()
+    assert 0 <= left < 1  # a minute refills one token: the run took less
+
+
 # --- faults ------------------------------------------------------------------------------
 
 

@@ -509,12 +509,19 @@ class FileSlotPool:
 
     _LAYOUT = struct.Struct("<qq")  # the next ticket; the oldest ticket whose file may remain
 
-    def __init__(self, directory: Path, capacity: int, clock: Clock = MONOTONIC) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        capacity: int,
+        clock: Clock = MONOTONIC,
+        rescan_seconds: float = RESCAN_SECONDS,
+    ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an integer >= 1, not {capacity!r}")
         self.directory = directory
         self.capacity = capacity
         self._clock = clock
+        self._rescan_seconds = rescan_seconds
         self._queue = SharedFile(directory / QUEUE_FILE, self._LAYOUT)
         self._slot_fds: list[int] = []  # one per slot file, opened on first use, kept open
         self._held: set[int] = set()  # slots this process holds (flock cannot tell threads apart)
@@ -592,7 +599,7 @@ class FileSlotPool:
                 slot = self._scan()  # again: a release may have rung before the bell existed
                 if slot is not None:
                     return slot
-                wait = RESCAN_SECONDS if bell is not None else POLL_SECONDS
+                wait = self._rescan_seconds if bell is not None else POLL_SECONDS
                 if deadline is not None:
                     left = deadline - self._clock.now_ns()
                     if left <= 0:
