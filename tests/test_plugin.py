@@ -285,11 +285,11 @@ def test_plays_along_with_xdist_timeout_and_rerunfailures(pytester: pytest.Pytes
 
 
 BAD_VALUES = [
-    (["--rate-per-minute=0"], "", "--rate-per-minute='0' (command line): must be > 0 (or auto*"),
+    (["--rate-per-minute=0"], "", "--rate-per-minute='0' (command line): must be from 0.001 *"),
     (["--rate-per-minute", "nan"], "", "--rate-per-minute='nan' (command line): must be a finite*"),
     (["--batch-size=2.5"], "", "--batch-size='2.5' (command line): not a whole number"),
     (["--total-timeout=10y"], "", "--total-timeout='10y' (command line): not a duration*"),
-    (["--max-failures=-1"], "", "--max-failures='-1' (command line): must be >= 1"),
+    (["--max-failures=-1"], "", "--max-failures='-1' (command line): must be a whole number *"),
     (["--batch-backoff=inf"], "batch_size = 2", "--batch-backoff='inf' (command line): not a dur*"),
     (
         ["--burst=2", "--batch-size=3", "--rate-per-minute=60"],
@@ -298,7 +298,7 @@ BAD_VALUES = [
     ),
     ([], "rate_per_minute = fast", "rate_per_minute='fast' (ini file */tox.ini): not a number*"),
     ([], "burst = 4", "burst='4' (ini file */tox.ini): a burst needs a rate*"),
-    (["-o", "batch_size=0"], "", "batch_size='0' (-o/--override-ini): must be >= 1"),
+    (["-o", "batch_size=0"], "", "batch_size='0' (-o/--override-ini): must be a whole number*"),
     (["--ratebatch-report= "], "", "--ratebatch-report=' ' (command line): must not be empty"),
 ]
 
