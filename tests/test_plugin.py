@@ -343,6 +343,43 @@ def test_command_line_wins_over_the_ini_file(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["ratebatch: rate 120/min, burst 3, batch size 3*"])
 
 
+def test_a_flag_wins_over_override_ini_which_wins_over_the_ini_file(
+    pytester: pytest.Pytester,
+) -> None:
+    # pytest's -o overrides ini values, not flags (as with pytest-timeout's --timeout).
+    pytester.makeini("[pytest]\nrate_per_minute = 60\n")
+    write_tests(pytester, 1)
+    result = pytester.runpytest("--rate-per-minute=3000", "-o", "rate_per_minute=1500")
+    result.stdout.fnmatch_lines(["ratebatch: rate 3000/min, burst 1; store: *"])
+    result = pytester.runpytest("-o", "rate_per_minute=1500")
+    result.stdout.fnmatch_lines(["ratebatch: rate 1500/min, burst 1; store: *"])
+    # A bad -o value hidden by a flag is not read; a bad flag is named as the flag.
+    result = pytester.runpytest("--rate-per-minute=3000", "-o", "rate_per_minute=fast")
+    assert result.ret == pytest.ExitCode.OK
+    result = pytester.runpytest("--rate-per-minute=fast", "-o", "rate_per_minute=1500")
+    result.stderr.fnmatch_lines(["ERROR: ratebatch: --rate-per-minute='fast' (command line): *"])
+
+
+@pytest.mark.parametrize(
+    ("args", "source"),
+    [
+        (["-o", "rate_per_minute=fast"], "(-o/--override-ini)"),
+        (["-o", "rate_per_minute=1500", "-o", "rate_per_minute=fast"], "(-o/--override-ini)"),
+        # pytest reads the key before "=" as written: this -o overrides nothing of ours.
+        (["-o", "rate_per_minute =1500"], "(ini file */tox.ini)"),
+    ],
+)
+def test_errors_say_whether_a_value_came_from_override_ini(
+    pytester: pytest.Pytester, args: list[str], source: str
+) -> None:
+    ini = "[pytest]\nrate_per_minute = fast\n" if "ini file" in source else "[pytest]\n"
+    pytester.makeini(ini)
+    write_tests(pytester, 1)
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: ratebatch: rate_per_minute='fast' {source}: not a *"])
+
+
 def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
     write_tests(pytester, 2)
     assert pytester.runpytest("-p", "no:ratebatch", "--rate-per-minute=60").ret == (

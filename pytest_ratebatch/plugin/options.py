@@ -1,8 +1,9 @@
 """The options: one flag and one ini key per setting, sharing one help text.
 
 This module is imported on every pytest run, policy or not, so it holds only the table and
-reads raw values; parsing and validation live in ``limits.policy``. The command line wins over the
-ini file; ``-o key=value`` is reported as its own source.
+reads raw values; parsing and validation live in ``limits.policy``. A flag wins over
+``-o key=value``, which wins over the ini file (pytest's rule for ``-o``, which overrides ini
+values, not flags); ``-o`` is reported as its own source.
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def add_options(parser: pytest.Parser) -> None:
 
 
 def read_raw_options(config: pytest.Config) -> dict[str, RawValue]:
-    """Each option the user set, as written: the command line wins over the ini file.
+    """Each option the user set, as written: a flag wins over ``-o``, which wins over the ini
+    file.
 
     Empty when nothing is set, which is what keeps an unconfigured session free.
     """
@@ -235,9 +237,8 @@ def read_raw_options(config: pytest.Config) -> dict[str, RawValue]:
                 f'write the value as a string, e.g. {spec.name} = "60"'
             ) from None
         if ini_value not in (None, ""):
-            overrides = {
-                entry.split("=", 1)[0].strip() for entry in config.option.override_ini or ()
-            }
+            # The keys as pytest reads them: the text before the first "=", unstripped.
+            overrides = {entry.split("=", 1)[0] for entry in config.option.override_ini or ()}
             source = "-o/--override-ini" if spec.name in overrides else ini_source
             raw[spec.name] = RawValue(str(ini_value), source)
     return raw
