@@ -380,6 +380,25 @@ def test_errors_say_whether_a_value_came_from_override_ini(
     result.stderr.fnmatch_lines([f"ERROR: ratebatch: rate_per_minute='fast' {source}: not a *"])
 
 
+def test_qq_prints_nothing_of_ours_when_the_run_went_as_planned(
+    pytester: pytest.Pytester,
+) -> None:
+    write_tests(pytester, 3)
+    result = pytester.runpytest("-qq", "--rate-per-minute=6000", "--ratebatch-report=r.json")
+    assert result.ret == pytest.ExitCode.OK
+    assert not [line for line in result.stdout.lines if "ratebatch" in line]
+    result = pytester.runpytest("-q", "--rate-per-minute=6000")
+    result.stdout.fnmatch_lines(["*= ratebatch =*", "stop: none, every test was started"])
+
+
+def test_qq_prints_one_line_when_something_needs_attention(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 4, body="assert n != 1")
+    result = pytester.runpytest("-qq", "--rate-per-minute=6000", "--max-failures=1")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    ours = [line for line in result.stdout.lines if "ratebatch" in line]
+    assert ours == ["ratebatch: stop: max failures (1) reached; 2 cancelled"]
+
+
 def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
     write_tests(pytester, 2)
     assert pytester.runpytest("-p", "no:ratebatch", "--rate-per-minute=60").ret == (
