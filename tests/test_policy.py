@@ -47,6 +47,7 @@ def cli(**values: str) -> dict[str, RawValue]:
         ("250ms", 0.25),
         ("10m", 600.0),
         ("2h", 7200.0),
+        ("1d", 86400.0),
         ("1h30m", 5400.0),
         ("1m 30s", 90.0),
         (" 2H ", 7200.0),
@@ -57,7 +58,8 @@ def test_parse_duration_accepts_seconds_and_units(text: str, seconds: float) -> 
 
 
 @pytest.mark.parametrize(
-    "text", ["", "abc", "10x", "-5", "5m5", "nan", "inf", "1e400", "m", "1.2.3s"]
+    "text",
+    ["", "abc", "10x", "-5", "5m5", "nan", "inf", "1e400", "m", "1.2.3s", "\u0663s", "1_0s"],
 )
 def test_parse_duration_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError, match="duration"):
