@@ -26,6 +26,7 @@ from pytest_ratebatch.limits.policy import (
     MIN_RATE_PER_MINUTE,
     RateLimit,
     WindowLimit,
+    parse_cost,
 )
 from pytest_ratebatch.stores.base import BucketStore
 from pytest_ratebatch.stores.files import FileBucketStore, FileSlotPool
@@ -367,3 +368,26 @@ def test_a_large_cap_under_xdist_opens_a_file_per_test_in_flight(
     assert "Too many open files" not in output
     assert "INTERNALERROR" not in output
     result.assert_outcomes(passed=6)
+
+
+def test_a_marker_cost_past_the_bounds_is_refused_without_any_limit(
+    pytester: pytest.Pytester,
+) -> None:
+    # Without a rate or a window nothing bounded a cost, and 10**30 reached the bucket.
+    with pytest.raises(ValueError, match="cost must be at most 1000000, not 1000001"):
+        parse_cost((), {"cost": MAX_COUNT + 1}, None)
+    assert parse_cost((MAX_COUNT,), {}, None) == MAX_COUNT
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.ratebatch(cost=10**30)
+        def test_costly():
+            pass
+        """
+    )
+    result = pytester.runpytest("--max-failures=1", "-rE")
+    output = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in output
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*cost must be at most 1000000, not *"])

@@ -326,8 +326,6 @@ def test_rates_read_at_a_glance(per_minute: float, text: str) -> None:
         ("rate_limit", "10/0.0000001s", "the window must be from 1us to 365d"),
         ("rate_limit", "10/" + "9" * 400 + "s", "the window must be from 1us to 365d"),
         ("rate_limit", "٣/s", "is not a whole number (write numbers with the digits 0-9)"),
-        ("ratebatch_store", "redis://127.0.0.1:99999/0", "Port out of range"),
-        ("ratebatch_store", "redis://127.0.0.1:0/0", "port 0 cannot be connected to"),
         ("ratebatch_report", "report\0.json", "a path cannot hold a NUL character"),
         ("ratebatch_timeline", "\0", "a path cannot hold a NUL character"),
     ],

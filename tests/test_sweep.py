@@ -395,8 +395,8 @@ def session_values(name: str) -> st.SearchStrategy[str]:
     )
 
 
-#: For each option, a value past its bounds that once ended a session with a traceback (or
-#: would have), tried on the command line and in the ini file besides the drawn ones.
+#: For each option, a value past its bounds (or unusable) that once ended a session with a
+#: traceback or would have, tried on the command line and in the ini file besides the drawn ones.
 PAST_BOUNDS = {
     "rate_per_minute": "1e-300",
     "burst": "99999999999999999999",

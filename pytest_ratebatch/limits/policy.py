@@ -484,8 +484,6 @@ def _store(text: str) -> str:
         raise ValueError(
             "not a store (use memory, file, redis://[user:password@]host:port/db or rediss://...)"
         )
-    if parts.port is not None and parts.port < 1:  # ``port`` raises past 65535 or for text
-        raise ValueError("port 0 cannot be connected to")
     return value
 
 
@@ -511,6 +509,9 @@ def parse_cost(
     cost = kwargs.get("cost", args[0] if args else 1)
     if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
         raise ValueError(f"cost must be a whole number >= 0, not {cost!r}")
+    if cost > MAX_COUNT:  # what any burst or window holds at most, limits or not
+        shown = str(cost) if len(str(cost)) <= 40 else f"{str(cost)[:40]}..."
+        raise ValueError(f"cost must be at most {MAX_COUNT}, not {shown}")
     if burst is not None and cost > burst:
         remedy = "raise --burst" if bound == "the burst" else f"raise {bound}"
         raise ValueError(
