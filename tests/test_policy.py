@@ -18,8 +18,10 @@ from pytest_ratebatch.limits.policy import (
     build_policy,
     format_duration,
     format_rate,
+    mask_url,
     parse_duration,
     parse_value,
+    url_secrets,
 )
 from pytest_ratebatch.plugin.options import (
     COMMAND_LINE,
@@ -470,3 +472,101 @@ def test_good_throttle_values_are_kept() -> None:
     assert throttling.retries == 5
     assert throttling.max_wait == 90.0
     assert throttling.exceptions == ("myclient.errors:QuotaError", "other:Outer.Inner")
+
+
+# --- store URLs: never a password in a message --------------------------------------------
+
+SECRET = "Pa55-w0rd"
+
+#: Store URLs of every shape a password can take, well formed or not.
+SECRET_URLS = [
+    f"redis://:{SECRET}@127.0.0.1:6379/0",
+    f"redis://user:{SECRET}@127.0.0.1:6379/0",
+    f"rediss://user:{SECRET}@redis.example:6380/1",
+    f"redis://{SECRET}@127.0.0.1:6379/0",  # the password where the user name goes
+    f"redis://127.0.0.1:6379/0?password={SECRET}",
+    f"redis://127.0.0.1:6379/0?db=1&ssl_password={SECRET}",
+    f"redis://:{SECRET}@[::1:6379/0",  # a bracket missing
+    f"redis://:{SECRET}@127.0.0.1:notaport/0",
+    f"redis://:pa/{SECRET}@127.0.0.1:6379/0",  # an unencoded '/' in the password
+    f"redis://:pa?{SECRET}@127.0.0.1:6379/0",
+    f"redis://:pa#{SECRET}@127.0.0.1:6379/0",
+    f"redis://:pa@{SECRET}@127.0.0.1:6379/0",
+    f"redis://:{SECRET}@",
+    f"unix://:{SECRET}@/run/redis.sock?db=0",
+    f"redis:{SECRET}@host",
+]
+
+
+@pytest.mark.parametrize("url", SECRET_URLS)
+def test_mask_url_hides_the_password_whatever_the_shape(url: str) -> None:
+    masked = mask_url(url)
+    assert SECRET not in masked
+    assert "***" in masked
+    # What a message from elsewhere must not show either:
+    assert any(SECRET in secret for secret in url_secrets(url))
+
+
+def test_mask_url_keeps_what_is_not_secret() -> None:
+    assert mask_url(f"redis://user:{SECRET}@h:6379/0") == "redis://user:***@h:6379/0"
+    assert mask_url(f"redis://:{SECRET}@h:6379/0") == "redis://:***@h:6379/0"
+    assert mask_url(f"redis://h:6379/0?password={SECRET}&db=2") == (
+        "redis://h:6379/0?password=***&db=2"
+    )
+    assert mask_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert url_secrets("redis://h:6379/0") == []
+
+
+@pytest.mark.parametrize("url", SECRET_URLS)
+def test_a_bad_store_url_is_refused_without_its_password(url: str) -> None:
+    """Either accepted (redis-py reads it as the user meant), or refused naming the option,
+    never quoting the password."""
+    message = ""
+    try:
+        parse_value("ratebatch_store", RawValue(url, COMMAND_LINE))
+    except PolicyError as error:
+        message = str(error)
+    assert SECRET not in message
+    assert not message or message.startswith("ratebatch: --ratebatch-store='")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (f"redis://:{SECRET}@[::1:6379/0", "malformed host or port"),
+        (f"redis://:{SECRET}@127.0.0.1:notaport/0", "malformed host or port"),
+        (f"redis://:pa/{SECRET}@127.0.0.1:6379/0", "must be percent-encoded"),
+        (f"redis://:pa#{SECRET}@127.0.0.1:6379/0", "must be percent-encoded"),
+        (f"redis:{SECRET}@host", "not a store"),
+        ("redis://", "no host"),
+    ],
+)
+def test_store_urls_that_redis_would_misread_are_refused(url: str, problem: str) -> None:
+    with pytest.raises(PolicyError) as error:
+        parse_value("ratebatch_store", RawValue(url, COMMAND_LINE))
+    assert problem in str(error.value)
+    assert SECRET not in str(error.value)
+
+
+# --- the limits sessions sharing a key must agree on --------------------------------------
+
+
+def test_shared_limits_are_the_rate_the_windows_and_the_cap() -> None:
+    base = build_policy(cli(rate_per_minute="120", burst="5", rate_limit="10/s"))
+    same = build_policy(
+        cli(rate_per_minute="120", burst="5", rate_limit="10/s", batch_size="2", max_failures="3")
+    )
+    assert base.shared_limits() == same.shared_limits()  # batches and stops stay per session
+    assert base.shared_limits()[1] == "rate 120/min, burst 5, limits 10/1s"
+    others = [
+        cli(rate_per_minute="600", burst="5", rate_limit="10/s"),
+        cli(rate_per_minute="120", burst="4", rate_limit="10/s"),
+        cli(rate_per_minute="120", burst="5", rate_limit="10/2s"),
+        cli(rate_per_minute="120", burst="5"),
+        cli(rate_per_minute="120", burst="5", rate_limit="10/s", max_concurrency="2"),
+        cli(rate_limit="10/s"),
+    ]
+    prints = {build_policy(values).shared_limits()[0] for values in others}
+    assert len(prints) == len(others)
+    assert base.shared_limits()[0] not in prints
+    assert ExecutionPolicy().shared_limits()[1] == "no rate"

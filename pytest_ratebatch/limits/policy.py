@@ -6,11 +6,12 @@ into ``pytest.UsageError``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .values import Value
 
@@ -33,8 +34,10 @@ __all__ = [
     "mask_url",
     "parse_cost",
     "parse_duration",
+    "parse_store",
     "parse_value",
     "parse_windows",
+    "url_secrets",
 ]
 
 NANOS_PER_SECOND = 1_000_000_000
@@ -219,8 +222,20 @@ class ExecutionPolicy(Value):
             bounds.append((self.rate_limit.burst, "the burst"))
         return min(bounds) if bounds else None
 
-    def describe(self) -> str:
-        """One line for the session header, e.g. ``rate 60/min, burst 5, batch size 5``."""
+    def shared_limits(self) -> tuple[str, str]:
+        """What every session sharing a store's key must agree on (the rate and burst, the
+        window limits, the concurrency cap): exactly, to compare, and as text for messages,
+        e.g. ``rate 120/min, burst 1``."""
+        rate = self.rate_limit
+        exact = [
+            f"interval {rate.interval_ns} burst {rate.burst}" if rate is not None else "no rate",
+            " ".join(f"{window.count}/{window.window_ns}" for window in self.windows),
+            f"cap {self.max_concurrency}",
+        ]
+        text = ", ".join(self._limit_parts()) or "no rate"
+        return "; ".join(exact), text
+
+    def _limit_parts(self) -> list[str]:
         parts = []
         rate = self.rate_limit
         if rate is not None:
@@ -231,6 +246,11 @@ class ExecutionPolicy(Value):
             parts.append("limits " + ", ".join(window.describe() for window in self.windows))
         if self.max_concurrency is not None:
             parts.append(f"max concurrency {self.max_concurrency}")
+        return parts
+
+    def describe(self) -> str:
+        """One line for the session header, e.g. ``rate 60/min, burst 5, batch size 5``."""
+        parts = self._limit_parts()
         if self.batch_size is not None:
             parts.append(f"batch size {self.batch_size}")
             parts.append(f"backoff {format_duration(self.batch_backoff)}")
@@ -475,15 +495,34 @@ STORE_KINDS = ("memory", "file")
 STORE_SCHEMES = ("redis", "rediss", "unix")
 
 
-def _store(text: str) -> str:
+def parse_store(text: str) -> str:
+    """``memory``, ``file`` or a Redis URL that splits as the user meant (else ``ValueError``
+    with a reason that never quotes the URL)."""
     value = text.strip()
     if value in STORE_KINDS:
         return value
-    parts = urlsplit(value)
-    if parts.scheme not in STORE_SCHEMES or not (parts.hostname or parts.path):
+    if not value.startswith(tuple(f"{scheme}://" for scheme in STORE_SCHEMES)):
         raise ValueError(
             "not a store (use memory, file, redis://[user:password@]host:port/db or rediss://...)"
         )
+    # Checked here, so that redis-py never reads (nor quotes in its errors) a URL that
+    # splits elsewhere than the user meant.
+    rest = value.partition("://")[2]
+    if "@" in rest[_authority_end(rest) :]:
+        raise ValueError(
+            "'@' after the host: a '/', '?', '#' or '@' in the user or password must be "
+            "percent-encoded (%2F, %3F, %23, %40)"
+        )
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError:
+        raise ValueError(
+            "malformed host or port (host:port, a port from 0 to 65535, an IPv6 address in "
+            "brackets: redis://[::1]:6379/0)"
+        ) from None
+    if not (parts.hostname or parts.path):
+        raise ValueError("no host (redis://host:port/db, or unix:///path/to/socket)")
     return value
 
 
@@ -582,17 +621,65 @@ def _window_seconds(entry: str, text: str) -> float:
         ) from None
 
 
+#: Query parameters of a store URL that hold a secret (redis-py hands every parameter to
+#: the connection: ``?password=...`` authenticates).
+_SECRET_PARAMETER = r"(?i)([?&][^=&#]*(?:pass|secret|token|auth|credential)[^=&#]*=)([^&#]*)"
+
+
+def _authority_end(rest: str) -> int:
+    """Where the host part of ``rest`` (a URL after its ``scheme://``) ends."""
+    ends = [index for index in (rest.find(mark) for mark in "/?#") if index >= 0]
+    return min(ends, default=len(rest))
+
+
+def _user_info(url: str) -> tuple[int, int] | None:
+    """Where the user information lies in ``url`` (after the scheme, up to its last '@'),
+    whatever the URL's shape; ``None`` without an '@'."""
+    marker = url.find("://")
+    start = marker + 3 if marker >= 0 else url.find(":") + 1
+    end = url.rfind("@")
+    return (start, end) if end >= start else None
+
+
 def mask_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``: safe to print."""
+    """``url`` with its secrets replaced by ``***``, whatever its shape: safe to print.
+
+    A password (``user:***@host``, ``:***@host``), a user name alone (often a password
+    written in the wrong place: ``***@host``), and query parameters such as ``?password=``.
+    A URL that does not split cleanly (an '@' after its host part, a malformed host or port)
+    loses everything from its scheme to its last '@'.
+    """
+    masked = re.sub(_SECRET_PARAMETER, r"\1***", url)
+    span = _user_info(masked)
+    if span is None:
+        return masked
     try:
-        parts = urlsplit(url)
-        password = parts.password
+        parts = urlsplit(masked)
+        parts.port  # noqa: B018 (raises for a malformed port)
+        clean = "@" in parts.netloc and "@" not in parts.path + parts.query + parts.fragment
     except ValueError:
-        return url
-    if password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+        clean = False
+    if clean:
+        host = parts.netloc.rsplit("@", 1)[1]
+        user = f"{parts.username or ''}:" if parts.password is not None else ""
+        return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+    start, end = span
+    return f"{masked[:start]}***{masked[end:]}"
+
+
+def url_secrets(url: str) -> list[str]:
+    """Every text of ``url`` that ``mask_url`` hides, as written and percent-decoded,
+    longest first: what an error message from elsewhere (redis-py) must not show."""
+    found = [match.group(2) for match in re.finditer(_SECRET_PARAMETER, url)]
+    span = _user_info(url)
+    if span is not None:
+        info = url[span[0] : span[1]]
+        found += [info, info.partition(":")[2] or info]
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(url)
+        found.append(parts.password if parts.password is not None else parts.username or "")
+    found += [unquote(secret) for secret in found]
+    return sorted({secret for secret in found if secret}, key=len, reverse=True)
 
 
 class RawValue(Protocol):
@@ -619,7 +706,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "throttle_max_wait": _positive_duration,
     "throttle_adapt": _switch,
     "ratebatch_throttle_exceptions": _class_names,
-    "ratebatch_store": _store,
+    "ratebatch_store": parse_store,
     "ratebatch_key": _key,
     "ratebatch_report": _path,
     "ratebatch_timeline": _path,

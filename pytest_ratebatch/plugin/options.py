@@ -143,14 +143,17 @@ OPTIONS: tuple[OptionSpec, ...] = (
         STORE_OPTION,
         "URL",
         "Where the token bucket lives: memory (one process), file (the workers of one "
-        "pytest-xdist session), or redis://[user:password@]host:port/db (rediss:// for TLS) "
-        "to share one rate across sessions and machines. Default: memory, file under xdist.",
+        "pytest-xdist session), or redis://[user:password@]host:port/db (rediss:// for TLS; "
+        "a / ? # or @ in the password percent-encoded) to share one rate across sessions and "
+        "machines. Default: memory, file under xdist.",
     ),
     OptionSpec(
         KEY_OPTION,
         "NAME",
         "Name of the shared bucket in a Redis store: sessions with the same store and key "
-        "share one rate and burst. Default: default.",
+        "share one rate and burst. A key names one limit: a session whose rate, burst, "
+        "--rate-limit or --max-concurrency differ from those of a session using the key "
+        "fails to start. Default: default.",
     ),
     OptionSpec(
         REPORT_OPTION,

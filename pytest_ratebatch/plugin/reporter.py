@@ -90,6 +90,7 @@ class Reporter:
         self._forecast_line = ""
         self.progress: ProgressLine | None = None
         self.output_lock = threading.RLock()
+        self._warned: set[str] = set()
 
     def _record(self, nodeid: str) -> TestRecord:
         assert self.records is not None
@@ -229,6 +230,14 @@ class Reporter:
                 paused += until - since
                 reach = until
         return paused
+
+    def warn_once(self, text: str) -> None:
+        """A warning line for the session, printed once however many processes send it."""
+        with self.output_lock:
+            if text in self._warned:
+                return
+            self._warned.add(text)
+        self._write_announcement(text)
 
     def _write_announcement(self, text: str) -> None:
         terminal = self._terminal

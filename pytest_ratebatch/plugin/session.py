@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -38,6 +38,7 @@ from .reporter import OutcomeRecorder, Reporter, wants_forecast
 
 if TYPE_CHECKING:
     from ..stores.base import SlotPool
+    from ..stores.redis import RedisBucketStore
     from .session_dir import SessionDirectory
 
 __all__ = [
@@ -153,14 +154,24 @@ def open_store(
             shared = SharedSession.create()  # a file store for this process alone
             config.add_cleanup(shared.close)
         return shared.bucket()
-    from ..stores.redis import DEFAULT_KEY, RedisBucketStore
+    from ..stores.redis import DEFAULT_KEY, PolicyConflict, RedisBucketStore
     from .session_dir import SharedSession
 
     try:
         store = RedisBucketStore(choice, settings.key or DEFAULT_KEY)
         config.add_cleanup(store.close)
         if shared is None or isinstance(shared, SharedSession):
-            store.check()  # once per session, before any test: the workers trust it
+            # Once per session, before any test (the workers trust it): the server answers,
+            # and the key is not in use with other limits.
+            store.check()
+            store.claim(*settings.policy.shared_limits())
+    except PolicyConflict as conflict:
+        raise pytest.UsageError(
+            f"ratebatch: the Redis key {conflict.key!r} is in use by another session with "
+            f"other limits: it holds {conflict.theirs}, this session states {conflict.ours}. "
+            "A key names one limit: give every session on it the same --rate-per-minute, "
+            "--burst, --rate-limit and --max-concurrency, or another --ratebatch-key"
+        ) from None
     except StoreError as error:
         raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
     return store
@@ -224,6 +235,7 @@ def configure(
                 worker_pacer.costs_to = (worker.directory, worker.worker_id)
             config.stash[pacer_key] = worker_pacer
             throttles = _throttles(config, worker_pacer, settings)
+            _watch_for_loss(store, policy, throttles.events, worker.start_ns, worker.warn)
             # xdist runs the worker's loop: pacing wraps each test's protocol instead.
             protocol = ProtocolPacing(worker_pacer)
             register_hooks(
@@ -245,10 +257,62 @@ def configure(
     config.stash[pacer_key] = pacer
     throttles = _throttles(config, pacer, settings)
     reporter.events = throttles.events
+    _watch_for_loss(store, policy, throttles.events, start_ns, reporter.warn_once)
+    _watch_for_conflicts(store, reporter.warn_once)
     parts: list[object] = [reporter, pacer, throttles]
     if reporter.records is not None:
         parts.append(OutcomeRecorder(reporter))
     register_hooks(config.pluginmanager, "ratebatch-session", *parts)
+
+
+#: The warning line when a shared store is found to have lost its state.
+STORE_LOST = "the Redis store lost its state (restarted?); resuming as if the bucket were empty"
+
+
+def _redis_store(store: BucketStore) -> RedisBucketStore | None:
+    """The store if it is a Redis one (memory and file stores live and die with the session,
+    and need no watching)."""
+    if store.local_clock:
+        return None
+    from ..stores.redis import RedisBucketStore
+
+    return store if isinstance(store, RedisBucketStore) else None
+
+
+def _watch_for_loss(
+    store: BucketStore,
+    policy: ExecutionPolicy,
+    events: list[dict[str, Any]],
+    start_ns: int,
+    warn: Callable[[str], None],
+) -> None:
+    """A Redis store that finds its state lost (a restart) warns once and leaves an event
+    for the report."""
+    redis_store = _redis_store(store)
+    if redis_store is None:
+        return
+    text = STORE_LOST + (" and every window full" if policy.windows else "")
+
+    def lost(store_ns: int) -> None:
+        at = MONOTONIC.now_ns() - start_ns
+        events.append({"event": "store_lost", "store_ns": store_ns, "at_ns": at})
+        warn(text)
+
+    redis_store.on_lost = lost
+
+
+def _watch_for_conflicts(store: BucketStore, warn: Callable[[str], None]) -> None:
+    """Where the session claimed its Redis key: another policy found on it later (after the
+    server lost the claims) is a warning; the session already runs."""
+    redis_store = _redis_store(store)
+    if redis_store is None:
+        return
+    key = redis_store.name
+
+    def conflict(theirs: str) -> None:
+        warn(f"the Redis key {key!r} is also in use with other limits ({theirs})")
+
+    redis_store.on_conflict = conflict
 
 
 def _throttles(config: pytest.Config, pacer: Pacer, settings: Settings) -> Throttles:
@@ -283,6 +347,7 @@ def _configure_controller(config: pytest.Config, settings: Settings) -> None:
         shared, config, settings.policy, settings.report_path, store, shared.ledger(),
         shared.start_ns, settings.timeline_path,
     )  # fmt: skip
+    _watch_for_conflicts(store, reporter.warn_once)
     parts: list[object] = [reporter]
     if reporter.records is not None:
         parts.append(WorkerRecords(reporter))

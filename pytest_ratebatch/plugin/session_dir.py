@@ -35,6 +35,8 @@ __all__ = [
 
 WORKERINPUT_KEY = "ratebatch"
 ANNOUNCE_SOCKET = "announce"
+#: In place of a wait's seconds: the announcement is a warning, printed once per session.
+WARNING = "warning"
 
 
 class SessionDirectory:
@@ -148,6 +150,12 @@ class WorkerSession(SessionDirectory):
         text = f"{self.worker_id}\t{seconds!r}\t{what}"
         with contextlib.suppress(OSError):
             self._sender.sendto(text.encode(), str(self.directory / ANNOUNCE_SOCKET))
+
+    def warn(self, text: str) -> None:
+        """Ask the controller to print a warning line (once for the session)."""
+        message = f"{self.worker_id}\t{WARNING}\t{text}"
+        with contextlib.suppress(OSError):
+            self._sender.sendto(message.encode(), str(self.directory / ANNOUNCE_SOCKET))
 
     def close(self) -> None:
         self._sender.close()

@@ -19,6 +19,7 @@ from ..limits.clock import MONOTONIC
 from ..views.report import CANCELLED_PREFIX, Tally, TestRecord
 from .pacing import Pacer
 from .reporter import Reporter
+from .session_dir import WARNING
 
 if TYPE_CHECKING:
     from .session_dir import SharedSession
@@ -99,9 +100,13 @@ class ControllerReporter(Reporter):
         self.shared.start_announcer(self._announced)
 
     def _announced(self, message: str) -> None:
-        """A worker's announcement: ``worker<TAB>seconds<TAB>what``, a wait it begins."""
+        """A worker's announcement: ``worker<TAB>seconds<TAB>what``, a wait it begins, or
+        ``worker<TAB>warning<TAB>text``."""
         try:
             worker, seconds, what = message.split("\t", 2)
+            if seconds == WARNING:
+                self.warn_once(what)
+                return
             self.announce_wait(what, float(seconds), worker)
         except ValueError:  # not from this version's workers: show it as it came
             self._write_announcement(message)
