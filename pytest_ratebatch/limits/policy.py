@@ -16,6 +16,11 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from .values import Value
 
 __all__ = [
+    "MAX_COUNT",
+    "MAX_RATE_PER_MINUTE",
+    "MAX_SECONDS",
+    "MIN_RATE_PER_MINUTE",
+    "MIN_SECONDS",
     "PARSERS",
     "ExecutionPolicy",
     "PolicyError",
@@ -293,22 +298,46 @@ class PolicyError(ValueError):
 
 # --- value parsers: each takes the raw text and raises ValueError with a short reason ---
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# The bounds of the options' values. Every store keeps what they allow exactly: the memory
+# and file stores in 64-bit integer nanoseconds, Redis in microseconds held in Lua's doubles
+# (exact to 2**53, about 230 years past today's clock); every wait they lead to is one the
+# OS can sleep; a window's state stays small. No real use comes near them.
+
+#: The largest whole number an option takes: a burst, a batch size, failures, a concurrency
+#: cap, retries, the N of "N per window".
+MAX_COUNT = 1_000_000
+#: Rates per minute: one start per 1000 minutes at least (fewer: a window limit such as
+#: 1/day), one per microsecond at most (the grain of Redis's clock).
+MIN_RATE_PER_MINUTE = 0.001
+MAX_RATE_PER_MINUTE = 60_000_000
+#: Durations (a backoff, a timeout, a wait, a window): from a microsecond (the finest grain
+#: of every store's clock) to 365 days; a burst refills within 365 days too.
+MIN_SECONDS = 0.000_001
+MAX_SECONDS = 365 * 86_400.0
+MAX_SECONDS_TEXT = "365d"
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # Patterns, not compiled objects: re compiles them on first use (and caches them), so a
-# session without a duration option never pays for it.
-_DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)"
-_PLAIN_NUMBER = r"\d+(?:\.\d*)?|\.\d+"
+# session without a duration option never pays for it. ASCII digits only: ``\d`` would take
+# any script's digits, which nobody types into a policy on purpose.
+_DURATION_PART = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h|d)"
+_PLAIN_NUMBER = r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"
+_DECIMAL = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_WHOLE = r"[+-]?[0-9]+"
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from ``90``, ``1.5s``, ``250ms``, ``10m``, ``2h`` or ``1h30m``."""
+    """Seconds from ``90``, ``1.5s``, ``250ms``, ``10m``, ``2h``, ``1d`` or ``1h30m``."""
     compact = text.strip().lower().replace(" ", "")
     if re.fullmatch(_PLAIN_NUMBER, compact):
         seconds = float(compact)
     else:
         parts = re.findall(_DURATION_PART, compact)
         if not parts or "".join(number + unit for number, unit in parts) != compact:
-            raise ValueError("not a duration (use seconds or a unit: 90, 1.5s, 250ms, 10m, 2h)")
+            raise ValueError(
+                "not a duration (use seconds or a unit: 90, 1.5s, 250ms, 10m, 2h, 1d)"
+                + _digits_hint(compact)
+            )
         seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
     if not math.isfinite(seconds):
         raise ValueError("not a finite duration")
@@ -338,40 +367,72 @@ def _format_number(value: float) -> str:
     return f"{value:.6f}".rstrip("0").rstrip(".") or "0"
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("not a number") from None
-    if not math.isfinite(value):
+def _quote(text: str) -> str:
+    """``text`` quoted for a message, cut short if long (a value can be any length)."""
+    return repr(text) if len(text) <= 40 else f"{text[:40]!r}..."
+
+
+def _digits_hint(text: str) -> str:
+    """A hint for digits of other scripts (Arabic-Indic, full-width...), which look like
+    numbers but are not what anyone means to type into a policy."""
+    if any(character.isdigit() and not character.isascii() for character in text):
+        return " (write numbers with the digits 0-9)"
+    return ""
+
+
+def _decimal(text: str) -> float:
+    """A plain decimal number, with an optional exponent: ``60``, ``0.5``, ``1e3``."""
+    compact = text.strip()
+    if re.fullmatch(_DECIMAL, compact):
+        return float(compact)  # a huge exponent gives inf or 0: the bounds refuse both
+    if compact.lower().lstrip("+-") in ("inf", "infinity", "nan"):
         raise ValueError("must be a finite number")
-    if value <= 0:
-        raise ValueError("must be > 0")
+    raise ValueError("not a number" + _digits_hint(compact))
+
+
+def _whole_number(text: str, low: int) -> int:
+    """A whole number from ``low`` to ``MAX_COUNT``."""
+    compact = text.strip()
+    if not re.fullmatch(_WHOLE, compact):
+        raise ValueError("not a whole number" + _digits_hint(compact))
+    value = _within_count(compact, low)
+    if value is None:
+        raise ValueError(f"must be a whole number from {low} to {MAX_COUNT}")
     return value
+
+
+def _within_count(whole: str, low: int) -> int | None:
+    """``whole`` (matching ``_WHOLE``) as an int if from ``low`` to ``MAX_COUNT``, else None."""
+    digits = whole.lstrip("+-").lstrip("0")
+    if len(digits) > len(str(MAX_COUNT)):
+        return None  # not int() on thousands of digits (Python refuses past 4300)
+    value = int(whole)
+    return value if low <= value <= MAX_COUNT else None
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError("not a whole number") from None
-    if value < 1:
-        raise ValueError("must be >= 1")
-    return value
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _bounded_seconds(seconds: float, zero_allowed: bool) -> float:
+    if seconds == 0 and zero_allowed:
+        return 0.0
+    if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+        allowed = f"from 1us to {MAX_SECONDS_TEXT}"
+        raise ValueError(f"must be 0 or {allowed}" if zero_allowed else f"must be {allowed}")
+    return seconds
 
 
 def _non_negative_duration(text: str) -> float:
-    value = parse_duration(text)
-    if value < 0:
-        raise ValueError("must be >= 0")
-    return value
+    return _bounded_seconds(parse_duration(text), zero_allowed=True)
 
 
 def _positive_duration(text: str) -> float:
-    value = parse_duration(text)
-    if value <= 0:
-        raise ValueError("must be > 0")
-    return value
+    return _bounded_seconds(parse_duration(text), zero_allowed=False)
 
 
 def _rate(text: str) -> float:
@@ -379,18 +440,14 @@ def _rate(text: str) -> float:
     if text.strip().lower() == "auto":
         return math.inf
     try:
-        return _positive_float(text)
+        value = _decimal(text)
     except ValueError as error:
         raise ValueError(f"{error} (or auto: learn the rate from the server)") from None
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError("not a whole number") from None
-    if value < 0:
-        raise ValueError("must be >= 0")
+    if not MIN_RATE_PER_MINUTE <= value <= MAX_RATE_PER_MINUTE:
+        raise ValueError(
+            f"must be from {_format_number(MIN_RATE_PER_MINUTE)} to {MAX_RATE_PER_MINUTE} "
+            "(or auto); for fewer starts, state a window limit (--rate-limit 1/day)"
+        )
     return value
 
 
@@ -402,15 +459,21 @@ def _switch(text: str) -> bool:
     try:
         return _SWITCHES[text.strip().lower()]
     except KeyError:
-        raise ValueError("not on or off") from None
+        raise ValueError("not on or off (also true/false, yes/no, 1/0)") from None
+
+
+def _dotted_name(text: str) -> bool:
+    return all(part.isidentifier() for part in text.split("."))
 
 
 def _class_names(text: str) -> tuple[str, ...]:
     """``module:Class`` entries, separated by commas, spaces or lines."""
     names = tuple(name for name in re.split(r"[\s,]+", text.strip()) if name)
+    if not names:
+        raise ValueError("no module:Class given (e.g. myclient.errors:QuotaError)")
     for name in names:
         module, _, attribute = name.partition(":")
-        if not module or not attribute:
+        if not (_dotted_name(module) and _dotted_name(attribute)):
             raise ValueError(f"{name!r} is not module:Class (e.g. myclient.errors:QuotaError)")
     return names
 
@@ -419,6 +482,13 @@ def _any_text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
     return text.strip()
+
+
+def _path(text: str) -> str:
+    value = _any_text(text)
+    if "\0" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    return value
 
 
 STORE_KINDS = ("memory", "file")
@@ -478,6 +548,9 @@ def parse_cost(
     cost = kwargs.get("cost", args[0] if args else 1)
     if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
         raise ValueError(f"cost must be a whole number >= 0, not {cost!r}")
+    if cost > MAX_COUNT:  # what any burst or window holds at most, limits or not
+        shown = str(cost) if len(str(cost)) <= 40 else f"{str(cost)[:40]}..."
+        raise ValueError(f"cost must be at most {MAX_COUNT}, not {shown}")
     if burst is not None and cost > burst:
         remedy = "raise --burst" if bound == "the burst" else f"raise {bound}"
         raise ValueError(
@@ -500,31 +573,32 @@ _WINDOW_UNITS = {
     "d": 86400.0,
     "day": 86400.0,
 }
-_WINDOW = r"(\d+(?:\.\d*)?|\.\d+)?([a-z]+)"
+_WINDOW = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)?([a-z]+)"
 
 
 def parse_windows(text: str) -> tuple[WindowLimit, ...]:
-    """``N/DURATION`` limits, separated by commas or semicolons: ``10/s``, ``100/15min``,
-    ``10/2s; 5000/h``, ``10000/day``. A window without a number is one unit long."""
-    entries = [entry.strip() for entry in re.split(r"[,;]", text) if entry.strip()]
+    """``N/DURATION`` limits, separated by commas, semicolons or lines: ``10/s``,
+    ``100/15min``, ``10/2s; 5000/h``, ``10000/day``. A window without a number is one unit
+    long. N is at most ``MAX_COUNT``, a window from 1us to 365 days."""
+    entries = [entry.strip() for entry in re.split(r"[,;\n]", text) if entry.strip()]
     if not entries:
         raise ValueError("no limit given (use N/DURATION, e.g. 10/s, 100/15min, 5000/h)")
     windows = []
     for entry in entries:
         count_text, slash, window_text = entry.partition("/")
         if not slash:
-            raise ValueError(f"{entry!r} is not N/DURATION (e.g. 10/2s, 5000/h, 10000/day)")
-        try:
-            count = int(count_text.strip())
-        except ValueError:
-            raise ValueError(f"{entry!r}: {count_text.strip()!r} is not a whole number") from None
-        if count < 1:
-            raise ValueError(f"{entry!r}: the number of starts must be >= 1")
+            raise ValueError(f"{_quote(entry)} is not N/DURATION (e.g. 10/2s, 5000/h, 10000/day)")
+        count_text = count_text.strip()
+        if not re.fullmatch(_WHOLE, count_text):
+            hint = _digits_hint(count_text)
+            raise ValueError(f"{_quote(entry)}: {_quote(count_text)} is not a whole number{hint}")
+        count = _within_count(count_text, 1)
+        if count is None:
+            raise ValueError(f"{_quote(entry)}: the number of starts must be from 1 to {MAX_COUNT}")
         seconds = _window_seconds(entry, window_text.strip().lower().replace(" ", ""))
-        window_ns = round(seconds * NANOS_PER_SECOND)
-        if window_ns < 1:
-            raise ValueError(f"{entry!r}: the window must be longer than 0")
-        windows.append(WindowLimit(count, window_ns))
+        if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+            raise ValueError(f"{_quote(entry)}: the window must be from 1us to {MAX_SECONDS_TEXT}")
+        windows.append(WindowLimit(count, round(seconds * NANOS_PER_SECOND)))
     return tuple(windows)
 
 
@@ -532,14 +606,18 @@ def _window_seconds(entry: str, text: str) -> float:
     match = re.fullmatch(_WINDOW, text)
     if match and match.group(2) in _WINDOW_UNITS:
         number, unit = match.groups()
-        return (float(number) if number else 1.0) * _WINDOW_UNITS[unit]
+        seconds = (float(number) if number else 1.0) * _WINDOW_UNITS[unit]
+        if not math.isfinite(seconds):
+            raise ValueError(f"{_quote(entry)}: the window must be from 1us to {MAX_SECONDS_TEXT}")
+        return seconds
     if re.fullmatch(_PLAIN_NUMBER, text):
-        raise ValueError(f"{entry!r}: the window needs a unit (e.g. {text}s)")
+        raise ValueError(f"{_quote(entry)}: the window needs a unit (e.g. {text[:20]}s)")
     try:
         return parse_duration(text)  # compound spellings: 1h30m
     except ValueError:
         raise ValueError(
-            f"{entry!r}: {text!r} is not a duration (ms, s, min, h, day: 10/s, 100/15min)"
+            f"{_quote(entry)}: {_quote(text)} is not a duration (ms, s, min, h, day: 10/s, "
+            f"100/15min){_digits_hint(text)}"
         ) from None
 
 
@@ -630,8 +708,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "ratebatch_throttle_exceptions": _class_names,
     "ratebatch_store": parse_store,
     "ratebatch_key": _key,
-    "ratebatch_report": _any_text,
-    "ratebatch_timeline": _any_text,
+    "ratebatch_report": _path,
+    "ratebatch_timeline": _path,
 }
 
 
@@ -674,6 +752,15 @@ def build_policy(raw: Mapping[str, RawValue]) -> ExecutionPolicy:
     rate_limit = None
     if rate is not None:
         rate_limit = RateLimit(rate, burst if burst is not None else (batch_size or 1))
+        refill = rate_limit.burst * rate_limit.interval_ns / NANOS_PER_SECOND
+        if refill > MAX_SECONDS:  # the bucket's times would run centuries ahead
+            name = "burst" if burst is not None else "batch_size"
+            raise conflict(
+                name,
+                f"a burst of {rate_limit.burst} takes {format_duration(round(refill))} to "
+                f"refill at {_format_number(rate)}/min, more than {MAX_SECONDS_TEXT}: lower "
+                "it or raise the rate",
+            )
     throttling = ThrottlePolicy(
         retries=values.get("throttle_retries", DEFAULT_THROTTLING.retries),
         max_wait=values.get("throttle_max_wait", DEFAULT_THROTTLING.max_wait),

@@ -291,7 +291,25 @@ class Reporter:
     def summary_lines(self) -> list[str]:
         return describe_summary(self.policy, self.tally, self.stop_reason, self.events)
 
+    def attention_line(self) -> str:
+        """What needs attention, in one line (a stop, cancelled tests, throttles); empty
+        when the run went as planned."""
+        parts = []
+        if self.stop_reason:
+            parts.append(f"stop: {self.stop_reason}")
+        if self.tally.cancelled:
+            parts.append(f"{self.tally.cancelled} cancelled")
+        throttles = sum(event.get("event") == "throttle" for event in self.events)
+        if throttles:
+            parts.append(f"throttled {throttles} times" if throttles > 1 else "throttled once")
+        return "; ".join(parts)
+
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
+        if self.config.get_verbosity() < -1:  # -qq: quiet, unless something needs attention
+            line = self.attention_line()
+            if line:
+                terminalreporter.line(f"ratebatch: {line}")
+            return
         terminalreporter.section("ratebatch")
         for line in self.summary_lines():
             terminalreporter.line(line)

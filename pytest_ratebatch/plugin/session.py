@@ -48,6 +48,7 @@ __all__ = [
     "load_settings",
     "open_slots",
     "open_store",
+    "parse_settings",
     "store_choice",
 ]
 
@@ -85,6 +86,15 @@ class Settings(Value):
 
 def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
     """The validated settings, or ``pytest.UsageError`` naming the bad value."""
+    try:
+        return parse_settings(raw, config.invocation_params.dir, config.rootpath)
+    except PolicyError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def parse_settings(raw: dict[str, RawValue], invocation_dir: Path, rootpath: Path) -> Settings:
+    """The validated settings, or ``PolicyError`` naming the bad value: paths on the command
+    line are relative to ``invocation_dir``, in the ini file to ``rootpath``."""
     written = raw
     raw = dict(raw)
     extra = {
@@ -92,17 +102,16 @@ def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
         for name in (REPORT_OPTION, TIMELINE_OPTION, STORE_OPTION, KEY_OPTION)
         if name in raw
     }
-    try:
-        policy = build_policy(raw)
-        values = {name: parse_value(name, value) for name, value in extra.items()}
-    except PolicyError as error:
-        raise pytest.UsageError(str(error)) from None
+    policy = build_policy(raw)
+    values = {name: parse_value(name, value) for name, value in extra.items()}
     paths: dict[str, Path] = {}
     for name in (REPORT_OPTION, TIMELINE_OPTION):
         if name in values:
-            from_cli = extra[name].source == COMMAND_LINE
-            base = config.invocation_params.dir if from_cli else config.rootpath
-            paths[name] = base / Path(values[name]).expanduser()
+            base = invocation_dir if extra[name].source == COMMAND_LINE else rootpath
+            try:
+                paths[name] = base / Path(values[name]).expanduser()
+            except RuntimeError as error:  # ~user of no such user: no home to expand
+                raise PolicyError(f"ratebatch: {extra[name].describe(name)}: {error}") from None
     return Settings(
         policy,
         paths.get(REPORT_OPTION),

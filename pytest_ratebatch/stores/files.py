@@ -16,7 +16,9 @@ and one write; all waiting happens outside the lock:
 
 **Slots** (``--max-concurrency``) are lock files in the same directory. Slot *i* is held by
 holding the exclusive ``flock`` of the file ``slot-<i>``. The kernel releases such a lock
-when its process dies, so a crashed worker never keeps a slot.
+when its process dies, so a crashed worker never keeps a slot. A slot's file is created
+when a search for a free slot first reaches it: as many files as tests were ever in flight
+at once, plus one, whatever the cap.
 
 Waiters form a line, so that a freed slot goes to the longest waiter and only one process
 at a time looks for one:
@@ -616,25 +618,25 @@ class FileSlotPool:
                 self._unbind_bell(bell)
 
     def _scan(self) -> Slot | None:
+        """The first free slot. Slot files are opened (and created) as the scan reaches them
+        and kept open: it stops at the first free one, so a process holds a file per slot
+        in flight, plus one, whatever the cap."""
         with self._lock:
-            fds = self._slot_fds or self._open_slots()
+            fds = self._slot_fds
             held = self._held
-            for index, fd in enumerate(fds):
+            for index in range(self.capacity):
+                if index == len(fds):
+                    path = self.directory / f"slot-{index}"
+                    fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
                 if index in held:
                     continue
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fds[index], fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue
                 held.add(index)
                 return Slot(index)
         return None
-
-    def _open_slots(self) -> list[int]:
-        for index in range(self.capacity):
-            path = self.directory / f"slot-{index}"
-            self._slot_fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        return self._slot_fds
 
     def _bind_bell(self) -> socket.socket | None:
         bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -672,8 +674,8 @@ class FileSlotPool:
         """Slots held right now by any process (for tests and diagnostics: it briefly takes
         each free slot to find out)."""
         busy = 0
-        for index in range(self.capacity):
-            fd = os.open(self.directory / f"slot-{index}", os.O_RDWR | os.O_CREAT, 0o600)
+        for path in self.directory.glob("slot-*"):  # a slot never reached has no file
+            fd = os.open(path, os.O_RDWR)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -231,9 +231,16 @@ local function entry(list, k, c)
   return tonumber(redis.call('LINDEX', list, c - missing - 1))
 end
 local function log(list, k, at, c)
-  local text, values = string.format('%.0f', at), {}
-  for i = 1, c do values[i] = text end
-  if redis.call('RPUSH', list, unpack(values)) > count_of(k) then
+  local text, values, length = string.format('%.0f', at), {}, 0
+  c = math.min(c, count_of(k))
+  -- in chunks: unpack() takes at most a few thousand values (a start may cost a million)
+  for i = 1, math.min(c, 1000) do values[i] = text end
+  while c > 0 do
+    local chunk = math.min(c, 1000)
+    length = redis.call('RPUSH', list, unpack(values, 1, chunk))
+    c = c - chunk
+  end
+  if length > count_of(k) then
     redis.call('LTRIM', list, -count_of(k), -1)
   end
   redis.call('PEXPIRE', list, math.ceil(length_of(k) / 1000) + idle_ms)
@@ -729,8 +736,10 @@ def _dump(state: BucketState, tail: Sequence[str] = ()) -> str:
 
 
 def _micros(interval_ns: int) -> int:
-    """The interval in whole microseconds, rounded up: the server's clock has no finer grain."""
-    return max(1, -(-interval_ns // 1000))
+    """The interval in whole microseconds, rounded up: the server's clock has no finer grain.
+    0 stays 0 (a bucket without a rate): as 1 us, a burst of 2**31 would be 36 minutes of
+    credit, past any pause a throttle set."""
+    return -(-interval_ns // 1000)
 
 
 # --- slots -------------------------------------------------------------------------------
