@@ -9,6 +9,7 @@ a plain session never loads the xdist or Redis parts.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -101,7 +102,13 @@ def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
         if name in values:
             from_cli = extra[name].source == COMMAND_LINE
             base = config.invocation_params.dir if from_cli else config.rootpath
-            paths[name] = base / Path(values[name]).expanduser()
+            path = paths[name] = base / Path(values[name]).expanduser()
+            # Known before any test runs (pytest refuses --junitxml=DIR too); any other
+            # problem shows when the file is written (os.path, unlike pathlib, never raises).
+            if os.path.isdir(path):
+                raise pytest.UsageError(
+                    f"ratebatch: {extra[name].describe(name)}: a directory; name a file in it"
+                )
     return Settings(
         policy,
         paths.get(REPORT_OPTION),

@@ -6,8 +6,6 @@ Pure data and arithmetic: the plugin fills ``TestRecord``s from pytest's reports
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -323,14 +321,11 @@ def build_report(
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8"
-    ) as handle:
-        json.dump(data, handle, indent=1)
-        handle.write("\n")
-    os.replace(handle.name, path)
+    """Write ``data`` as JSON atomically (a reader never sees half a file); ``OutputError``
+    (``views.output``) naming the path if it cannot be written, leaving nothing behind."""
+    from .output import write_atomically  # at the session's end only
+
+    write_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
 def write_report(
