@@ -39,7 +39,7 @@ from .reporter import OutcomeRecorder, Reporter, wants_forecast
 
 if TYPE_CHECKING:
     from ..stores.base import SlotPool
-    from .session_dir import SessionDirectory
+    from .session_dir import SessionDirectory, SharedSession
 
 __all__ = [
     "Settings",
@@ -146,9 +146,7 @@ def open_store(
         return MemoryBucketStore()
     if choice == "file":
         if shared is None:
-            from .session_dir import SharedSession
-
-            shared = SharedSession.create()  # a file store for this process alone
+            shared = _create_shared()  # a file store for this process alone
             config.add_cleanup(shared.close)
         return shared.bucket()
     from ..stores.redis import DEFAULT_KEY, RedisBucketStore
@@ -271,10 +269,9 @@ def _throttles(config: pytest.Config, pacer: Pacer, settings: Settings) -> Throt
 
 def _configure_controller(config: pytest.Config, settings: Settings) -> None:
     """The xdist controller runs no test: it shares the session and reports."""
-    from .session_dir import SharedSession
     from .xdist import ControllerReporter, WorkerRecords
 
-    shared = SharedSession.create()
+    shared = _create_shared()
     config.add_cleanup(shared.close)
     store = open_store(config, settings, shared)
     reporter = ControllerReporter(
@@ -285,6 +282,16 @@ def _configure_controller(config: pytest.Config, settings: Settings) -> None:
     if reporter.records is not None:
         parts.append(WorkerRecords(reporter))
     register_hooks(config.pluginmanager, "ratebatch-session", *parts)
+
+
+def _create_shared() -> SharedSession:
+    """A new session directory, or a usage error saying why there can be none."""
+    from .session_dir import SharedSession
+
+    try:
+        return SharedSession.create()
+    except StoreError as error:
+        raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
 
 
 def _scheduler(

@@ -22,10 +22,12 @@ from typing import Any
 import pytest
 
 from ..limits.clock import MONOTONIC
+from ..stores.base import StoreError
 from ..stores.files import FileBucketStore, FileLedger
 from .reporter import ANNOUNCE_WAITS_FROM
 
 __all__ = [
+    "DIRECTORY_PREFIX",
     "SessionDirectory",
     "SharedSession",
     "WorkerSession",
@@ -35,6 +37,8 @@ __all__ = [
 
 WORKERINPUT_KEY = "ratebatch"
 ANNOUNCE_SOCKET = "announce"
+#: The start of every session directory's name, in the temporary directory.
+DIRECTORY_PREFIX = "pytest-ratebatch-"
 
 
 class SessionDirectory:
@@ -78,7 +82,15 @@ class SharedSession(SessionDirectory):
 
     @classmethod
     def create(cls) -> SharedSession:
-        return cls(Path(tempfile.mkdtemp(prefix="pytest-ratebatch-")), MONOTONIC.now_ns())
+        """A fresh directory; ``StoreError`` if none can be created."""
+        try:
+            directory = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX))
+        except OSError as error:
+            raise StoreError(
+                f"no session directory can be created in {tempfile.gettempdir()}: "
+                f"{error.strerror or error}"
+            ) from None
+        return cls(directory, MONOTONIC.now_ns())
 
     def workerinput(self, send_records: bool) -> dict[str, Any]:
         """What each worker needs; ``send_records``: whether the controller keeps records."""
@@ -91,9 +103,15 @@ class SharedSession(SessionDirectory):
         }
 
     def start_announcer(self, write: Callable[[str], None]) -> None:
-        """Print each worker's announcement with ``write``, holding ``output_lock``."""
+        """Print each worker's announcement with ``write``, holding ``output_lock``. Where no
+        socket can be bound (a full disk, a path too long for a socket's address) there are
+        no announcements: they are a courtesy, the run goes on without them."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind(str(self.directory / ANNOUNCE_SOCKET))
+        try:
+            sock.bind(str(self.directory / ANNOUNCE_SOCKET))
+        except OSError:
+            sock.close()
+            return
         self._socket = sock
 
         def relay() -> None:
@@ -115,11 +133,12 @@ class SharedSession(SessionDirectory):
         self._socket = self._thread = None
         if sock is None or thread is None:
             return
-        with (
-            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender,
-            contextlib.suppress(OSError),
-        ):
-            sender.sendto(b"", str(self.directory / ANNOUNCE_SOCKET))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            try:
+                sender.sendto(b"", str(self.directory / ANNOUNCE_SOCKET))
+            except OSError:  # the socket's file is gone (the directory removed): wake it so
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
         thread.join(timeout=5)
         sock.close()
 

@@ -7,6 +7,7 @@ each test's account on its reports; the controller merges them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -59,12 +60,20 @@ def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
 COSTS_FILE = "costs-{worker}.json"
 
 
-def write_worker_costs(directory: Path, worker: str, costs: dict[str, int]) -> None:
-    """A worker's costs other than 1, by node id, written whole before its collection ends."""
+def write_worker_costs(directory: Path, worker: str, costs: dict[str, int]) -> bool:
+    """A worker's costs other than 1, by node id, written whole before its collection ends;
+    ``False`` if they cannot be (the session directory failed: the forecast then counts 1 a
+    test, and the store's own failure stops the session with the reason)."""
     path = directory / COSTS_FILE.format(worker=worker)
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(costs), encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(costs), encoding="utf-8")
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        return False
+    return True
 
 
 def read_worker_costs(directory: Path, worker: str) -> dict[str, int] | None:
@@ -86,6 +95,7 @@ class ControllerReporter(Reporter):
         self.shared = shared
         self._collected: dict[str, int] = {}  # worker -> tests it collected
         self._lost: list[str] = []  # workers that died before sending their totals
+        self._worker_stop = ""  # a stop a worker saw that the shared ledger may not hold
         self._started = 0  # tests the workers started (for the progress line)
         self.output_lock = shared.output_lock
 
@@ -149,8 +159,15 @@ class ControllerReporter(Reporter):
         if output is not None:
             self.tally.merge(output["tally"])
             self.events.extend(output["events"])
+            self._worker_stop = self._worker_stop or output.get("stop", "")
         else:
             self._lost.append(str(node.gateway.id))
+
+    @property
+    def stop_reason(self) -> str:
+        # A worker whose session directory failed may have stopped alone (``FileLedger``).
+        reason = self.ledger.snapshot().stop_reason or self._worker_stop
+        return reason or ("interrupted" if self.interrupted else "")
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport) -> None:
@@ -219,7 +236,11 @@ class WorkerPacer(Pacer):
         workeroutput = getattr(session.config, "workeroutput", None)
         if workeroutput is not None:
             events = self.throttles.events if self.throttles is not None else []
-            workeroutput[WORKEROUTPUT_KEY] = {"tally": self._tally.to_list(), "events": events}
+            workeroutput[WORKEROUTPUT_KEY] = {
+                "tally": self._tally.to_list(),
+                "events": events,
+                "stop": self.scheduler.ledger.snapshot().stop_reason,
+            }
 
 
 class RecordingWorkerPacer(WorkerPacer):

@@ -1,0 +1,162 @@
+"""The session directory and the processes that share it, under faults: a full TMPDIR (a real
+tmpfs filled to its last byte, in a private mount namespace), the directory removed mid-run
+(as temporary-file cleaners do). Real pytest sessions and real pytest-xdist workers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+import pytest
+import xdist  # noqa: F401  (the tests need pytest-xdist: fail, don't skip, without it)
+
+from pytest_ratebatch.plugin.session_dir import DIRECTORY_PREFIX
+from tests.mounts import FILL_SCRIPT, in_mount_namespace
+
+pytest_plugins = ["pytester"]
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def assert_summary_agrees_with_the_tests(report: dict[str, Any]) -> None:
+    """The report's totals are those of its own test list."""
+    tests = report["tests"]
+    summary = report["summary"]
+    outcomes = Counter(test["outcome"] for test in tests)
+    assert summary["run"] == sum(test["start_ns"] is not None for test in tests)
+    assert summary["cancelled"] == outcomes["cancelled"]
+    assert summary["not_run"] == outcomes["not run"]
+    assert summary["run"] + summary["cancelled"] + summary["not_run"] == len(tests)
+
+
+def assert_every_test_accounted_for(result: pytest.RunResult, junit: Path, count: int) -> None:
+    output = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in output
+    assert "Traceback" not in output
+    outcomes = result.parseoutcomes()
+    assert sum(outcomes.get(kind, 0) for kind in ("passed", "failed", "skipped")) == count
+    cases = ElementTree.parse(junit).getroot().findall(".//testcase")
+    assert len(cases) == count
+
+
+def session_directories(tmpdir: Path) -> list[Path]:
+    return sorted(tmpdir.glob(f"{DIRECTORY_PREFIX}*"))
+
+
+# --- a full TMPDIR ------------------------------------------------------------------------
+
+FILL_TMPDIR = f"""
+import os, subprocess
+
+def pytest_sessionstart(session):
+    # The session directory exists (the plugin made it while pytest configured itself):
+    # now the disk it is on fills up, before any test starts.
+    if not hasattr(session.config, "workerinput"):
+        subprocess.run(["sh", "-c", {FILL_SCRIPT!r}, "sh", os.environ["TMPDIR"]], check=True)
+"""
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["-n", "2", "--rate-per-minute=6000", "--batch-size=2"],
+        ["-n", "2", "--max-concurrency=1"],
+        ["-p", "no:xdist", "--ratebatch-store=file", "--rate-per-minute=6000"],
+    ],
+    ids=["xdist-rate-batches", "xdist-cap", "one-process-file-store"],
+)
+def test_a_full_tmpdir_cancels_every_test_with_the_reason(
+    pytester: pytest.Pytester, options: list[str]
+) -> None:
+    pytester.makeconftest(FILL_TMPDIR)
+    pytester.makepyfile(
+        test_a="import pytest\n@pytest.mark.parametrize('n', range(6))\ndef test_a(n): pass\n"
+    )
+    tmpdir = pytester.mkdir("tmp")
+    command = [
+        "env", f"TMPDIR={tmpdir}", sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+        "-rs", "--junitxml=junit.xml", "--ratebatch-report=r.json", *options,
+    ]  # fmt: skip
+    result = pytester.run(*in_mount_namespace(command, empty=tmpdir), timeout=120)
+    assert_every_test_accounted_for(result, pytester.path / "junit.xml", 6)
+    assert result.parseoutcomes() == {"skipped": 6}
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    directory = f"the session directory {tmpdir}/{DIRECTORY_PREFIX}*"
+    reason = f"store unavailable: {directory}: No space left on device"
+    result.stdout.fnmatch_lines(
+        [f"stop: {reason}", f"SKIPPED ?6? *ratebatch: cancelled ({reason})"]
+    )
+    report = load_report(pytester.path / "r.json")
+    assert {test["outcome"] for test in report["tests"]} == {"cancelled"}
+    assert report["summary"]["cancelled"] == 6
+    assert report["session"]["stop_reason"].endswith(": No space left on device")
+
+
+# --- the session directory removed mid-run ---------------------------------------------------
+
+REMOVES_THE_DIRECTORY = f"""
+import glob, os, shutil, time
+import pytest
+
+@pytest.mark.parametrize("n", range(30))
+def test_c(n):
+    time.sleep(0.05)
+    if n == 8:  # as a temporary-file cleaner would, mid-run
+        for directory in glob.glob(os.path.join(os.environ["TMPDIR"], "{DIRECTORY_PREFIX}*")):
+            shutil.rmtree(directory)
+"""
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--batch-size=3"], ["--max-concurrency=1"], ["--batch-size=2", "--max-concurrency=1"]],
+    ids=["batches", "cap", "batches-and-cap"],
+)
+def test_a_session_directory_removed_mid_run_cancels_the_rest(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, options: list[str]
+) -> None:
+    pytester.makepyfile(test_c=REMOVES_THE_DIRECTORY)
+    tmpdir = pytester.mkdir("tmp")
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "-p", "no:randomly", "-rs", "--junitxml=junit.xml", "--ratebatch-report=r.json",
+        *options, timeout=120,
+    )  # fmt: skip
+    assert_every_test_accounted_for(result, pytester.path / "junit.xml", 30)
+    outcomes = result.parseoutcomes()
+    assert outcomes["passed"] >= 9  # up to the one that removed it, at least
+    assert outcomes["skipped"] >= 10
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    directory = f"the session directory {tmpdir}/{DIRECTORY_PREFIX}*"
+    reason = f"store unavailable: {directory} was removed while the session ran"
+    result.stdout.fnmatch_lines([f"stop: {reason}", f"SKIPPED * ratebatch: cancelled ({reason})"])
+    report = load_report(pytester.path / "r.json")
+    assert len(report["tests"]) == 30
+    assert Counter(test["outcome"] for test in report["tests"]) == {
+        "passed": outcomes["passed"],
+        "cancelled": outcomes["skipped"],
+    }
+    assert_summary_agrees_with_the_tests(report)
+    assert session_directories(tmpdir) == []
+
+
+def test_the_bucket_outlives_its_directory_where_nothing_else_is_needed(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without batches or a cap, every process keeps its bucket and ledger open: they go on.
+    pytester.makepyfile(test_c=REMOVES_THE_DIRECTORY)
+    tmpdir = pytester.mkdir("tmp")
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--rate-per-minute=6000", "--junitxml=junit.xml", timeout=120
+    )
+    assert_every_test_accounted_for(result, pytester.path / "junit.xml", 30)
+    assert result.parseoutcomes() == {"passed": 30}
