@@ -1,10 +1,14 @@
 """The session directory and the processes that share it, under faults: a full TMPDIR (a real
 tmpfs filled to its last byte, in a private mount namespace), the directory removed mid-run
-(as temporary-file cleaners do). Real pytest sessions and real pytest-xdist workers."""
+(as temporary-file cleaners do), xdist workers killed with SIGKILL, Ctrl-C. Real pytest
+sessions and real pytest-xdist workers throughout."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -18,6 +22,9 @@ from pytest_ratebatch.plugin.session_dir import DIRECTORY_PREFIX
 from tests.mounts import FILL_SCRIPT, in_mount_namespace
 
 pytest_plugins = ["pytester"]
+
+#: xdist and this plugin alone: others installed here may take their time on an interrupt.
+ONLY_OURS = ["-p", "xdist.plugin", "-p", "pytest_ratebatch_entry.plugin"]
 
 
 def load_report(path: Path) -> dict[str, Any]:
@@ -160,3 +167,88 @@ def test_the_bucket_outlives_its_directory_where_nothing_else_is_needed(
     )
     assert_every_test_accounted_for(result, pytester.path / "junit.xml", 30)
     assert result.parseoutcomes() == {"passed": 30}
+
+
+# --- workers killed, Ctrl-C: the totals agree with the test list -------------------------
+
+KILLS_ITS_WORKER = """
+import os, signal, time
+import pytest
+
+@pytest.mark.parametrize("n", range(30))
+def test_d(n):
+    time.sleep(0.02)
+    if n == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_report_agrees_with_itself_after_a_worker_is_killed(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_d=KILLS_ITS_WORKER)
+    result = pytester.runpytest_subprocess(
+        "-n", "3", "-p", "no:randomly", "--rate-per-minute=60000", "--ratebatch-report=r.json",
+        "--junitxml=junit.xml", timeout=120,
+    )  # fmt: skip
+    assert_every_test_accounted_for(result, pytester.path / "junit.xml", 30)
+    assert result.parseoutcomes() == {"passed": 29, "failed": 1}
+    report = load_report(pytester.path / "r.json")
+    assert_summary_agrees_with_the_tests(report)
+    assert report["summary"]["run"] == 30
+    result.stdout.fnmatch_lines(["tests: 30 run, 0 cancelled"])
+
+
+def test_without_a_report_a_killed_workers_tests_are_not_called_not_run(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_d=KILLS_ITS_WORKER)
+    result = pytester.runpytest_subprocess(
+        "-n", "3", "-p", "no:randomly", "--rate-per-minute=60000", timeout=120
+    )
+    assert result.parseoutcomes() == {"passed": 29, "failed": 1}
+    (tests,) = [line for line in result.stdout.lines if line.startswith("tests: ")]
+    assert "not run" not in tests  # every test ran: the crashed worker's are not counted
+    result.stdout.fnmatch_lines(["(without the tests of gw?, which crashed)"])
+
+
+def interrupt_while_waiting(pytester: pytest.Pytester, *options: str) -> str:
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) once a worker waits."""
+    pytester.makepyfile(
+        test_e="import pytest\n@pytest.mark.parametrize('n', range(6))\ndef test_e(n): pass\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest", *ONLY_OURS, "-n", "2", "--rate-per-minute=2",
+         "--burst=3", *options],
+        cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )  # fmt: skip
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if "waiting 30s for rate tokens" in line:
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == pytest.ExitCode.INTERRUPTED, output
+    return "".join(seen) + output
+
+
+def test_the_report_agrees_with_itself_after_ctrl_c(pytester: pytest.Pytester) -> None:
+    output = interrupt_while_waiting(pytester, "--ratebatch-report=r.json")
+    report = load_report(pytester.path / "r.json")
+    assert_summary_agrees_with_the_tests(report)
+    passed = sum(test["outcome"] == "passed" for test in report["tests"])
+    assert passed >= 1
+    assert report["summary"]["run"] >= passed
+    assert f"tests: {report['summary']['run']} run, 0 cancelled" in output
+    assert report["session"]["stop_reason"] == "interrupted"
+
+
+def test_without_a_report_ctrl_c_claims_no_test_not_run(pytester: pytest.Pytester) -> None:
+    output = interrupt_while_waiting(pytester)
+    (tests,) = [line for line in output.splitlines() if line.startswith("tests: ")]
+    assert "not run" not in tests
+    assert "which did not send their totals)" in output
