@@ -1,15 +1,18 @@
 """The session directory and the processes that share it, under faults: a full TMPDIR (a real
 tmpfs filled to its last byte, in a private mount namespace), the directory removed mid-run
-(as temporary-file cleaners do), xdist workers killed with SIGKILL, Ctrl-C. Real pytest
-sessions and real pytest-xdist workers throughout."""
+(as temporary-file cleaners do), xdist workers killed with SIGKILL, Ctrl-C, a controller
+killed with SIGKILL. Real pytest sessions and real pytest-xdist workers throughout."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,13 @@ from xml.etree import ElementTree
 import pytest
 import xdist  # noqa: F401  (the tests need pytest-xdist: fail, don't skip, without it)
 
-from pytest_ratebatch.plugin.session_dir import DIRECTORY_PREFIX
+from pytest_ratebatch.plugin.session_dir import (
+    DIRECTORY_PREFIX,
+    OWNER_FILE,
+    process_start,
+    remove_stale,
+    this_machine,
+)
 from tests.mounts import FILL_SCRIPT, in_mount_namespace
 
 pytest_plugins = ["pytester"]
@@ -252,3 +261,117 @@ def test_without_a_report_ctrl_c_claims_no_test_not_run(pytester: pytest.Pyteste
     (tests,) = [line for line in output.splitlines() if line.startswith("tests: ")]
     assert "not run" not in tests
     assert "which did not send their totals)" in output
+
+
+# --- a controller killed: its directory goes at a later start ----------------------------
+
+SLOW_TESTS = """
+import os, pathlib, time
+import pytest
+
+@pytest.mark.parametrize("n", range(4))
+def test_slow(n):
+    pathlib.Path(os.environ["STARTED"]).touch()
+    time.sleep(60)
+"""
+
+
+def start_slow_session(pytester: pytest.Pytester, tmpdir: Path, name: str) -> subprocess.Popen[str]:
+    """A session under ``-n 2`` whose tests run for a minute; returned once one runs."""
+    started = pytester.path / f"started-{name}"
+    pytester.makepyfile(**{f"test_{name}": SLOW_TESTS})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2",
+         "--rate-per-minute=6000", f"test_{name}.py"],
+        cwd=pytester.path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+        start_new_session=True, env={**os.environ, "TMPDIR": str(tmpdir), "STARTED": str(started)},
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not started.exists():
+        assert process.poll() is None, "the session ended before its tests started"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return process
+
+
+def test_a_killed_controllers_directory_goes_at_the_next_start(
+    pytester: pytest.Pytester,
+) -> None:
+    tmpdir = pytester.mkdir("tmp")
+    live = start_slow_session(pytester, tmpdir, "live")
+    (kept,) = session_directories(tmpdir)
+    killed = start_slow_session(pytester, tmpdir, "killed")
+    try:
+        (left,) = set(session_directories(tmpdir)) - {kept}
+        assert (left / OWNER_FILE).exists()
+        killed.send_signal(signal.SIGKILL)  # the controller alone: its workers go on a while
+        killed.wait(timeout=30)
+        # A killed controller cannot remove its directory: it stays until a later start.
+        time.sleep(0.5)
+        assert left.exists()
+        os.killpg(killed.pid, signal.SIGKILL)  # the orphaned workers, for a clean test
+        pytester.makepyfile(test_quick="def test_quick(): pass")
+        result = pytester.run(
+            "env", f"TMPDIR={tmpdir}", sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+            "-n", "2", "--rate-per-minute=6000", "test_quick.py", timeout=120,
+        )  # fmt: skip
+        assert result.ret == pytest.ExitCode.OK
+        # The dead owner's directory went; the live session's stayed (and so did it).
+        assert session_directories(tmpdir) == [kept]
+        assert live.poll() is None
+    finally:
+        for session in (live, killed):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(session.pid, signal.SIGKILL)
+            session.wait(timeout=30)
+
+
+def make_directory(parent: Path, name: str, owner: dict[str, Any] | None) -> Path:
+    directory = parent / f"{DIRECTORY_PREFIX}{name}"
+    directory.mkdir()
+    (directory / "bucket").write_bytes(b"\0" * 64)
+    if owner is not None:
+        (directory / OWNER_FILE).write_text(json.dumps(owner))
+    return directory
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and was reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_only_directories_provably_abandoned_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    machine = this_machine()
+    assert machine is not None  # Linux: /proc tells the boot and the pid namespace
+    me = {"pid": os.getpid(), "started": process_start(os.getpid()), **machine}
+    dead = {**me, "pid": dead_pid()}
+    dead_owner = make_directory(tmp_path, "dead", dead)
+    # The same pid, but another process: the owner died and its pid went to another.
+    reused_pid = make_directory(tmp_path, "reused", {**me, "started": "1"})
+    alive = make_directory(tmp_path, "alive", me)
+    unowned = make_directory(tmp_path, "unowned", None)  # an older version's, or not ours
+    garbled = make_directory(tmp_path, "garbled", None)
+    (garbled / OWNER_FILE).write_text("{not json")
+    other_boot = make_directory(tmp_path, "otherboot", {**dead, "boot": "another boot"})
+    other_pids = make_directory(tmp_path, "otherns", {**dead, "pid_namespace": "pid:[1]"})
+    not_ours = tmp_path / "pytest-of-someone"
+    not_ours.mkdir()
+    locked = make_directory(tmp_path, "locked", dead)  # a dead pid, but the lock is held
+    holder = os.open(locked / OWNER_FILE, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        # Another user's directories are never touched, whatever their owner record says.
+        monkeypatch.setattr(os, "getuid", lambda: os.geteuid() + 1)
+        assert remove_stale(tmp_path) == []
+        monkeypatch.undo()
+        assert sorted(remove_stale(tmp_path)) == sorted([dead_owner, reused_pid])
+    finally:
+        os.close(holder)
+    kept = [alive, unowned, garbled, other_boot, other_pids, not_ours, locked]
+    assert sorted(path for path in tmp_path.iterdir()) == sorted(kept)
+    # Once its lock is free, the dead owner's directory goes too.
+    assert remove_stale(tmp_path) == [locked]
