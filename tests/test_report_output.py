@@ -198,6 +198,19 @@ def test_a_pipe_or_device_is_written_through(tmp_path: Path) -> None:
     assert received == [b'{\n "format": 2\n}\n']
 
 
+def test_a_symbolic_link_is_written_through(tmp_path: Path) -> None:
+    # The link stays (root could otherwise replace /dev/stdout itself); its target is written.
+    target = tmp_path / "elsewhere" / "report.json"
+    target.parent.mkdir()
+    target.write_text("old, longer than what replaces it" * 10)
+    link = tmp_path / "r.json"
+    link.symlink_to(target)
+    write_json(link, {"format": 2})
+    assert link.is_symlink()
+    assert json.loads(target.read_text()) == {"format": 2}
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["elsewhere", "r.json"]
+
+
 def test_a_failed_write_says_where_and_why(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(OutputError) as raised:

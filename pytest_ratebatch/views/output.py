@@ -4,8 +4,10 @@ A reader never sees half a file: the text goes to a temporary file beside the ta
 then replaces it. Whatever fails on the way (a full disk, a read-only or missing directory, a
 name too long, a directory in the way) is one ``OutputError`` naming the path, and the
 temporary file is gone. A new file gets the permissions the user's umask gives any new file;
-a file written again keeps its own. A target that is neither a file nor a directory (a
-character device or a pipe: ``/dev/stdout``) is written through, not replaced.
+a file written again keeps its own. A path that is neither a regular file nor a directory —
+a symbolic link, a character device, a pipe (``/dev/stdout`` is all three in turn) — is
+written through, as a shell's ``>`` would, never replaced: replacing ``/dev/stdout`` (a
+root user may) would break the machine, not write the report.
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` whole, or raise ``OutputError`` leaving nothing."""
     data = text.encode("utf-8")
     try:
-        existing = os.stat(path)
+        existing = os.lstat(path)
     except FileNotFoundError:
         existing = None
     except OSError as error:  # a name too long, a parent that is a file, ...
         raise OutputError(path, _reason(error)) from None
-    if existing is not None and stat.S_ISDIR(existing.st_mode):
+    if existing is not None and (stat.S_ISDIR(existing.st_mode) or os.path.isdir(path)):
         raise OutputError(path, "a directory")
     try:
         if existing is not None and not stat.S_ISREG(existing.st_mode):
@@ -79,7 +81,8 @@ def _replace(path: Path, data: bytes, mode: int | None) -> None:
 
 
 def _write_through(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    # As ``>`` does: a link's target is created if missing and emptied first.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
         _write_all(fd, data)
     finally:
