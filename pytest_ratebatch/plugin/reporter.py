@@ -7,6 +7,7 @@ builds on this one, in ``xdist``.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -82,6 +83,9 @@ class Reporter:
         drawn = report_path is not None or timeline_path is not None
         self.records: dict[str, TestRecord] | None = {} if drawn else None
         self.interrupted = False
+        #: Our files that could not be written (``report``, ``timeline``): a line for each,
+        #: naming the path and why.
+        self.output_errors: dict[str, str] = {}
         self._terminal: TerminalReporter | None = None
         #: The least time the policy imposes on the collected tests (``None``: no rate, no
         #: windows, or not known yet).
@@ -281,12 +285,33 @@ class Reporter:
             duration_ns=MONOTONIC.now_ns() - self.start_ns,
             forecast=None if forecast is None else forecast_json(forecast),
         )
+        self._write_outputs(data)
+        if self.output_errors:
+            if session.exitstatus == pytest.ExitCode.OK:
+                # Something other than the tests went wrong; tests that failed or an
+                # interrupt keep their status (the error line is printed either way).
+                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+            if self._terminal is None:  # no terminal summary to print them in
+                for line in self.output_errors.values():
+                    sys.stderr.write(f"{line}\n")
+
+    def _write_outputs(self, data: dict[str, Any]) -> None:
+        """The JSON report and the timeline; a file that cannot be written costs nothing
+        else (pytest's JUnit XML and summary come after this hook): one line says why."""
+        from ..views.output import OutputError
+
         if self.report_path is not None:
-            write_json(self.report_path, data)
+            try:
+                write_json(self.report_path, data)
+            except OutputError as error:
+                self.output_errors["report"] = f"ERROR: ratebatch: report {error}"
         if self.timeline_path is not None:
             from ..views.timeline import write_timeline
 
-            write_timeline(self.timeline_path, [data])
+            try:
+                write_timeline(self.timeline_path, [data])
+            except OutputError as error:
+                self.output_errors["timeline"] = f"ERROR: ratebatch: timeline {error}"
 
     def summary_lines(self) -> list[str]:
         return describe_summary(self.policy, self.tally, self.stop_reason, self.events)
@@ -309,14 +334,18 @@ class Reporter:
             line = self.attention_line()
             if line:
                 terminalreporter.line(f"ratebatch: {line}")
+            for error in self.output_errors.values():  # a file of ours not written
+                terminalreporter.line(error, red=True, bold=True)
             return
         terminalreporter.section("ratebatch")
         for line in self.summary_lines():
             terminalreporter.line(line)
-        if self.report_path is not None:
-            terminalreporter.line(f"report: {self.report_path}")
-        if self.timeline_path is not None:
-            terminalreporter.line(f"timeline: {self.timeline_path}")
+        for kind, path in (("report", self.report_path), ("timeline", self.timeline_path)):
+            error = self.output_errors.get(kind)
+            if error is not None:
+                terminalreporter.line(error, red=True, bold=True)
+            elif path is not None:
+                terminalreporter.line(f"{kind}: {path}")
 
 
 class OutcomeRecorder:

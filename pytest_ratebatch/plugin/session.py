@@ -9,6 +9,7 @@ a plain session never loads the xdist or Redis parts.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,7 @@ from .reporter import OutcomeRecorder, Reporter, wants_forecast
 if TYPE_CHECKING:
     from ..stores.base import SlotPool
     from ..stores.redis import RedisBucketStore
-    from .session_dir import SessionDirectory
+    from .session_dir import SessionDirectory, SharedSession
 
 __all__ = [
     "Settings",
@@ -109,9 +110,15 @@ def parse_settings(raw: dict[str, RawValue], invocation_dir: Path, rootpath: Pat
         if name in values:
             base = invocation_dir if extra[name].source == COMMAND_LINE else rootpath
             try:
-                paths[name] = base / Path(values[name]).expanduser()
+                path = paths[name] = base / Path(values[name]).expanduser()
             except RuntimeError as error:  # ~user of no such user: no home to expand
                 raise PolicyError(f"ratebatch: {extra[name].describe(name)}: {error}") from None
+            # Known before any test runs (pytest refuses --junitxml=DIR too); any other
+            # problem shows when the file is written (os.path, unlike pathlib, never raises).
+            if os.path.isdir(path):
+                raise PolicyError(
+                    f"ratebatch: {extra[name].describe(name)}: a directory; name a file in it"
+                )
     return Settings(
         policy,
         paths.get(REPORT_OPTION),
@@ -149,9 +156,7 @@ def open_store(
         return MemoryBucketStore()
     if choice == "file":
         if shared is None:
-            from .session_dir import SharedSession
-
-            shared = SharedSession.create()  # a file store for this process alone
+            shared = _create_shared()  # a file store for this process alone
             config.add_cleanup(shared.close)
         return shared.bucket()
     from ..stores.redis import DEFAULT_KEY, PolicyConflict, RedisBucketStore
@@ -337,10 +342,9 @@ def _throttles(config: pytest.Config, pacer: Pacer, settings: Settings) -> Throt
 
 def _configure_controller(config: pytest.Config, settings: Settings) -> None:
     """The xdist controller runs no test: it shares the session and reports."""
-    from .session_dir import SharedSession
     from .xdist import ControllerReporter, WorkerRecords
 
-    shared = SharedSession.create()
+    shared = _create_shared()
     config.add_cleanup(shared.close)
     store = open_store(config, settings, shared)
     reporter = ControllerReporter(
@@ -352,6 +356,16 @@ def _configure_controller(config: pytest.Config, settings: Settings) -> None:
     if reporter.records is not None:
         parts.append(WorkerRecords(reporter))
     register_hooks(config.pluginmanager, "ratebatch-session", *parts)
+
+
+def _create_shared() -> SharedSession:
+    """A new session directory, or a usage error saying why there can be none."""
+    from .session_dir import SharedSession
+
+    try:
+        return SharedSession.create()
+    except StoreError as error:
+        raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
 
 
 def _scheduler(
