@@ -334,8 +334,8 @@ class Reporter:
             line = self.attention_line()
             if line:
                 terminalreporter.line(f"ratebatch: {line}")
-            for error in self.output_errors.values():  # a file of ours not written
-                terminalreporter.line(error, red=True, bold=True)
+            for message in self.output_errors.values():  # a file of ours not written
+                terminalreporter.line(message, red=True, bold=True)
             return
         terminalreporter.section("ratebatch")
         for line in self.summary_lines():
