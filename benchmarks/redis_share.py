@@ -12,17 +12,26 @@ Starts its own ``redis-server`` on a free 127.0.0.1 port (Debian package ``redis
    merged: the span of starts against the ideal ``(S*N - B) * interval``, and the worst
    excess over ``B + R*w`` in any window (<= 0 means the bound held across all sessions).
 
-Targets (Redis issue): reservation <= 1.3x PING; sharing within 2% of ideal, zero excess.
+3. *Restart*: one session of T tests (default 20) under ``--rate-per-minute 120 --burst 5``
+   (0.5 s apart after the burst); when test ``burst + 3`` runs (the burst spent), the
+   ``redis-server`` is killed (SIGKILL, no persistence: its state is lost) and started again
+   on the same port. The worst excess over ``B + R*w`` across the restart, the starts in the
+   first ``B`` intervals after it, and whether the session said so (one warning line).
+
+Targets (Redis issue): reservation <= 1.3x PING; sharing within 2% of ideal, zero excess;
+restart: zero excess (no second burst), one warning line.
 
 Reproduce from the repository root::
 
     python benchmarks/redis_share.py
     python benchmarks/redis_share.py --sessions 4 --tests 100
+    python benchmarks/redis_share.py --only restart --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -126,6 +135,84 @@ def run_sessions(server: RedisServer, args: argparse.Namespace) -> list[tuple[in
         return admissions
 
 
+RESTART_RATE = 120.0
+RESTART_BURST = 5
+LOST_WARNING = "the Redis store lost its state"
+
+
+def run_restart(server: RedisServer, tests: int) -> tuple[list[tuple[int, int]], int, str]:
+    """One session whose server is killed and started again while test ``burst + 3`` runs:
+    its admissions (server clock), the restart's moment (server clock, ns), its output."""
+    restart_at = RESTART_BURST + 3
+    with tempfile.TemporaryDirectory(prefix="redis-restart-") as directory:
+        path = Path(directory)
+        (path / "test_calls.py").write_text(
+            "import pathlib, time\nimport pytest\n\n"
+            f"@pytest.mark.parametrize('n', range({tests}))\n"
+            "def test_call(n):\n"
+            f"    if n == {restart_at}:\n"
+            "        pathlib.Path('restart-now').touch()\n"
+            "        deadline = time.monotonic() + 60\n"
+            "        while time.monotonic() < deadline:\n"
+            "            if pathlib.Path('restarted').exists():\n"
+            "                break\n"
+            "            time.sleep(0.01)\n"
+        )
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        }
+        command = [
+            sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+            str(path), f"--rate-per-minute={RESTART_RATE:g}", f"--burst={RESTART_BURST}",
+            f"--ratebatch-store={server.url}", f"--ratebatch-key=bench-restart-{os.getpid()}",
+            f"--ratebatch-report={path / 'r.json'}",
+        ]  # fmt: skip
+        session = subprocess.Popen(
+            command, cwd=path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.monotonic() + 120
+        while not (path / "restart-now").exists():
+            if session.poll() is not None or time.monotonic() > deadline:
+                session.kill()
+                raise SystemExit(
+                    f"the session never reached the restart:\n{session.communicate()[0]}"
+                )
+            time.sleep(0.01)
+        server.restart()
+        client = server.client()
+        seconds, micros = client.time()
+        client.close()
+        restarted_ns = (seconds * 1_000_000 + micros) * 1000
+        (path / "restarted").touch()
+        output, _ = session.communicate(timeout=300)
+        if session.returncode != 0:
+            raise SystemExit(f"the session failed:\n{output}")
+        report = json.loads((path / "r.json").read_text())
+        admissions = [(test["store_ns"], test["tokens"]) for test in report["tests"]]
+        return admissions, restarted_ns, output
+
+
+def measure_restart(server: RedisServer, args: argparse.Namespace) -> None:
+    interval = RateLimit(RESTART_RATE, RESTART_BURST).interval_ns
+    print(
+        f"restart: 1 session x {args.restart_tests} tests, {RESTART_RATE:g}/min, burst "
+        f"{RESTART_BURST}; redis-server killed and started again during test {RESTART_BURST + 3}"
+    )
+    for repeat in range(args.repeats):
+        admissions, restarted_ns, output = run_restart(server, args.restart_tests)
+        excess = worst_excess(admissions, interval, RESTART_BURST)
+        after = sorted(at for at, _ in admissions if at >= restarted_ns)
+        # 0.5 s apart when the rate held across the restart; a second burst starts at once.
+        gaps = [later - earlier for earlier, later in itertools.pairwise(after)]
+        closest = min(gaps, default=0) / 1e6
+        warnings = output.count(LOST_WARNING)
+        print(
+            f"  run {repeat + 1}: worst excess {excess:+.3f} tokens; after the restart the "
+            f"closest starts {closest:.0f} ms apart; warning lines: {warnings}"
+        )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -136,8 +223,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tests", type=int, default=60, help="tests per session")
     parser.add_argument("--rate-per-minute", type=float, default=1200.0, help="shared rate")
     parser.add_argument("--burst", type=int, default=5, help="shared burst")
-    parser.add_argument("--repeats", type=int, default=3, help="sharing runs")
+    parser.add_argument("--repeats", type=int, default=3, help="sharing and restart runs")
+    parser.add_argument("--restart-tests", type=int, default=20, help="tests of the restart run")
+    parser.add_argument(
+        "--only", choices=("cost", "share", "restart"), help="run one part of the benchmark"
+    )
     return parser.parse_args(argv)
+
+
+def measure_costs(server: RedisServer, args: argparse.Namespace) -> None:
+    costs = measure_cost(server, args.calls, args.rounds)
+    ping = statistics.median(costs["PING"])
+    print(f"cost per call (median of {args.rounds} rounds of {args.calls} calls)")
+    for name, values in costs.items():
+        if not values:
+            print(f"  {name:24} not installed")
+            continue
+        median = statistics.median(values)
+        print(f"  {name:24} {median:7.1f} µs   {median / ping:4.2f}x PING")
+
+
+def measure_sharing(server: RedisServer, args: argparse.Namespace) -> None:
+    interval = RateLimit(args.rate_per_minute, args.burst).interval_ns
+    total = args.sessions * args.tests
+    ideal = (total - args.burst) * interval
+    print(
+        f"{args.sessions} sessions x {args.tests} tests on one key, "
+        f"{args.rate_per_minute:g}/min, burst {args.burst}: ideal span {ideal / 1e9:.3f} s"
+    )
+    deviations = []
+    for repeat in range(args.repeats):
+        admissions = run_sessions(server, args)
+        times = sorted(time for time, _ in admissions)
+        span = times[-1] - times[0]
+        deviation = (span - ideal) / ideal
+        deviations.append(deviation)
+        excess = worst_excess(admissions, interval, args.burst)
+        print(
+            f"  run {repeat + 1}: {len(admissions)} starts, span {span / 1e9:.3f} s "
+            f"({deviation:+.2%} vs ideal), worst excess {excess:+.6f} tokens"
+        )
+    print(f"  median deviation {statistics.median(deviations):+.2%}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,35 +276,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             version = server.client().info()["redis_version"]
             print(f"redis-server {version} on 127.0.0.1:{server.port}")
-            costs = measure_cost(server, args.calls, args.rounds)
-            ping = statistics.median(costs["PING"])
-            print(f"cost per call (median of {args.rounds} rounds of {args.calls} calls)")
-            for name, values in costs.items():
-                if not values:
-                    print(f"  {name:24} not installed")
-                    continue
-                median = statistics.median(values)
-                print(f"  {name:24} {median:7.1f} µs   {median / ping:4.2f}x PING")
-            interval = RateLimit(args.rate_per_minute, args.burst).interval_ns
-            total = args.sessions * args.tests
-            ideal = (total - args.burst) * interval
-            print(
-                f"{args.sessions} sessions x {args.tests} tests on one key, "
-                f"{args.rate_per_minute:g}/min, burst {args.burst}: ideal span {ideal / 1e9:.3f} s"
-            )
-            deviations = []
-            for repeat in range(args.repeats):
-                admissions = run_sessions(server, args)
-                times = sorted(time for time, _ in admissions)
-                span = times[-1] - times[0]
-                deviation = (span - ideal) / ideal
-                deviations.append(deviation)
-                excess = worst_excess(admissions, interval, args.burst)
-                print(
-                    f"  run {repeat + 1}: {len(admissions)} starts, span {span / 1e9:.3f} s "
-                    f"({deviation:+.2%} vs ideal), worst excess {excess:+.6f} tokens"
-                )
-            print(f"  median deviation {statistics.median(deviations):+.2%}")
+            if args.only in (None, "cost"):
+                measure_costs(server, args)
+            if args.only in (None, "share"):
+                measure_sharing(server, args)
+            if args.only in (None, "restart"):
+                measure_restart(server, args)
         finally:
             server.stop()
     return 0

@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
             print("\n".join(lines))
             return 0
+        from .views.output import OutputError
         from .views.timeline import write_timeline
 
         reports = [(path.stem, load_report(path)) for path in arguments.reports]
@@ -73,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
         try:
             write_timeline(arguments.output, reports)
-        except OSError as error:
-            raise ReportError(f"{arguments.output}: cannot be written ({error.strerror})") from None
+        except OutputError as error:
+            raise ReportError(str(error)) from None
         print(f"timeline: {arguments.output}")
         return 0
     except ReportError as error:

@@ -66,5 +66,17 @@ class RedisServer:
             self.process.wait(timeout=15)
         self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, and (without persistence) its data with it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=15)
+        self.process = None
+
+    def restart(self) -> None:
+        """Killed and started again on the same port, empty: a restart without persistence."""
+        self.kill()
+        self.start()
+
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)

@@ -103,11 +103,43 @@ def test_the_cap_with_a_rate_and_batches(pytester: pytest.Pytester) -> None:
 
 
 def test_one_process_with_a_cap(pytester: pytest.Pytester) -> None:
+    # pytest runs one test at a time here, so the timeline alone cannot show a cap. Each test
+    # therefore asks, from another thread, whether a second test could start now: never while
+    # it is in flight (set-up, call, teardown), since it holds the only slot; at the session's
+    # end, yes.
+    pytester.makeconftest(
+        """
+        import threading
+        import pytest
+        from pytest_ratebatch.plugin.hooks import PACER_KEY
+
+        def another_could_start(config):
+            slots = config.stash[PACER_KEY].scheduler.slots
+            got = []
+            thread = threading.Thread(target=lambda: got.append(slots.acquire(0)))
+            thread.start()
+            thread.join()
+            if got[0] is None:
+                return False
+            slots.release(got[0])
+            return True
+
+        @pytest.fixture(autouse=True)
+        def holds_the_slot(request):
+            assert not another_could_start(request.config), "set-up"
+            yield
+            assert not another_could_start(request.config), "teardown"
+
+        def pytest_sessionfinish(session):
+            print("after the run, another could start:", another_could_start(session.config))
+        """
+    )
     timeline = write_suite(pytester, 3, sleep=0)
-    result = pytester.runpytest_subprocess("--max-concurrency=1", "-p", "no:xdist")
+    result = pytester.runpytest_subprocess("--max-concurrency=1", "-p", "no:xdist", "-s")
     result.assert_outcomes(passed=3)
     assert most_in_flight(timeline) == (1, 3)
     result.stdout.fnmatch_lines(["ratebatch: max concurrency 1; store: memory"])
+    assert "after the run, another could start: True" in result.stdout.str()
 
 
 def test_a_worker_killed_mid_test_does_not_keep_its_slot(pytester: pytest.Pytester) -> None:

@@ -285,11 +285,11 @@ def test_plays_along_with_xdist_timeout_and_rerunfailures(pytester: pytest.Pytes
 
 
 BAD_VALUES = [
-    (["--rate-per-minute=0"], "", "--rate-per-minute='0' (command line): must be > 0 (or auto*"),
+    (["--rate-per-minute=0"], "", "--rate-per-minute='0' (command line): must be from 0.001 *"),
     (["--rate-per-minute", "nan"], "", "--rate-per-minute='nan' (command line): must be a finite*"),
     (["--batch-size=2.5"], "", "--batch-size='2.5' (command line): not a whole number"),
     (["--total-timeout=10y"], "", "--total-timeout='10y' (command line): not a duration*"),
-    (["--max-failures=-1"], "", "--max-failures='-1' (command line): must be >= 1"),
+    (["--max-failures=-1"], "", "--max-failures='-1' (command line): must be a whole number *"),
     (["--batch-backoff=inf"], "batch_size = 2", "--batch-backoff='inf' (command line): not a dur*"),
     (
         ["--burst=2", "--batch-size=3", "--rate-per-minute=60"],
@@ -298,7 +298,7 @@ BAD_VALUES = [
     ),
     ([], "rate_per_minute = fast", "rate_per_minute='fast' (ini file */tox.ini): not a number*"),
     ([], "burst = 4", "burst='4' (ini file */tox.ini): a burst needs a rate*"),
-    (["-o", "batch_size=0"], "", "batch_size='0' (-o/--override-ini): must be >= 1"),
+    (["-o", "batch_size=0"], "", "batch_size='0' (-o/--override-ini): must be a whole number*"),
     (["--ratebatch-report= "], "", "--ratebatch-report=' ' (command line): must not be empty"),
 ]
 
@@ -341,6 +341,62 @@ def test_command_line_wins_over_the_ini_file(pytester: pytest.Pytester) -> None:
     write_tests(pytester, 1)
     result = pytester.runpytest("--rate-per-minute=120")
     result.stdout.fnmatch_lines(["ratebatch: rate 120/min, burst 3, batch size 3*"])
+
+
+def test_a_flag_wins_over_override_ini_which_wins_over_the_ini_file(
+    pytester: pytest.Pytester,
+) -> None:
+    # pytest's -o overrides ini values, not flags (as with pytest-timeout's --timeout).
+    pytester.makeini("[pytest]\nrate_per_minute = 60\n")
+    write_tests(pytester, 1)
+    result = pytester.runpytest("--rate-per-minute=3000", "-o", "rate_per_minute=1500")
+    result.stdout.fnmatch_lines(["ratebatch: rate 3000/min, burst 1; store: *"])
+    result = pytester.runpytest("-o", "rate_per_minute=1500")
+    result.stdout.fnmatch_lines(["ratebatch: rate 1500/min, burst 1; store: *"])
+    # A bad -o value hidden by a flag is not read; a bad flag is named as the flag.
+    result = pytester.runpytest("--rate-per-minute=3000", "-o", "rate_per_minute=fast")
+    assert result.ret == pytest.ExitCode.OK
+    result = pytester.runpytest("--rate-per-minute=fast", "-o", "rate_per_minute=1500")
+    result.stderr.fnmatch_lines(["ERROR: ratebatch: --rate-per-minute='fast' (command line): *"])
+
+
+@pytest.mark.parametrize(
+    ("args", "source"),
+    [
+        (["-o", "rate_per_minute=fast"], "(-o/--override-ini)"),
+        (["-o", "rate_per_minute=1500", "-o", "rate_per_minute=fast"], "(-o/--override-ini)"),
+        # pytest reads the key before "=" as written: this -o overrides nothing of ours.
+        (["-o", "rate_per_minute =1500"], "(ini file */tox.ini)"),
+    ],
+)
+def test_errors_say_whether_a_value_came_from_override_ini(
+    pytester: pytest.Pytester, args: list[str], source: str
+) -> None:
+    ini = "[pytest]\nrate_per_minute = fast\n" if "ini file" in source else "[pytest]\n"
+    pytester.makeini(ini)
+    write_tests(pytester, 1)
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: ratebatch: rate_per_minute='fast' {source}: not a *"])
+
+
+def test_qq_prints_nothing_of_ours_when_the_run_went_as_planned(
+    pytester: pytest.Pytester,
+) -> None:
+    write_tests(pytester, 3)
+    result = pytester.runpytest("-qq", "--rate-per-minute=6000", "--ratebatch-report=r.json")
+    assert result.ret == pytest.ExitCode.OK
+    assert not [line for line in result.stdout.lines if "ratebatch" in line]
+    result = pytester.runpytest("-q", "--rate-per-minute=6000")
+    result.stdout.fnmatch_lines(["*= ratebatch =*", "stop: none, every test was started"])
+
+
+def test_qq_prints_one_line_when_something_needs_attention(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, 4, body="assert n != 1")
+    result = pytester.runpytest("-qq", "--rate-per-minute=6000", "--max-failures=1")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    ours = [line for line in result.stdout.lines if "ratebatch" in line]
+    assert ours == ["ratebatch: stop: max failures (1) reached; 2 cancelled"]
 
 
 def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:

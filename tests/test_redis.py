@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from pytest_ratebatch.engine.limiter import UNLIMITED
 from pytest_ratebatch.limits import gcra
-from pytest_ratebatch.limits.policy import RateLimit
+from pytest_ratebatch.limits.policy import RateLimit, build_policy
+from pytest_ratebatch.plugin.options import COMMAND_LINE, RawValue
 from pytest_ratebatch.stores.base import StoreError
-from pytest_ratebatch.stores.redis import KEY_PREFIX, RedisBucketStore
+from pytest_ratebatch.stores.redis import (
+    KEY_PREFIX,
+    PolicyConflict,
+    RedisBucketStore,
+    RedisSlotPool,
+)
 from pytest_ratebatch.views.report import worst_excess
 from tests.redis_server import RedisServer, free_port
 
@@ -27,6 +36,10 @@ def load_report(path: Path) -> dict[str, Any]:
     data = json.loads(path.read_text())
     assert isinstance(data, dict)
     return data
+
+
+def cli(**values: str) -> dict[str, RawValue]:
+    return {name: RawValue(text, COMMAND_LINE) for name, text in values.items()}
 
 
 def unique_key(request: pytest.FixtureRequest) -> str:
@@ -164,6 +177,29 @@ def test_sessions_under_xdist_share_the_key_too(
     assert {test["worker"] for test in report["tests"]} == {"gw0", "gw1"}
 
 
+def test_every_worker_takes_from_the_named_key(
+    pytester: pytest.Pytester, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    # Eight tests within a burst of eight, at a token a minute: the key's bucket is empty
+    # after the run only if every worker took its tokens from it. A worker on a key of its
+    # own would leave one token in it per test it ran, whichever tests it got.
+    pytester.makepyfile(
+        test_calls="import pytest\n@pytest.mark.parametrize('n', range(8))\ndef test_call(n): pass"
+    )
+    key = unique_key(request)
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--rate-per-minute=1", "--burst=8", f"--ratebatch-store={redis_server.url}",
+        f"--ratebatch-key={key}", "--ratebatch-report=r.json",
+    )  # fmt: skip
+    result.assert_outcomes(passed=8)
+    report = load_report(pytester.path / "r.json")
+    assert {test["worker"] for test in report["tests"]} == {"gw0", "gw1"}
+    store = RedisBucketStore(redis_server.url, key)
+    left = store.level(RateLimit(1, 8).interval_ns, 8)
+    store.close()
+    assert 0 <= left < 1  # a minute refills one token: the run took less
+
+
 # --- faults ------------------------------------------------------------------------------
 
 
@@ -196,7 +232,12 @@ def test_an_unusable_store_stops_the_run_before_any_test(
     pytester.makepyfile(test_one="def test_one(): raise AssertionError('ran')")
     result = pytester.runpytest_subprocess("--rate-per-minute=60", f"--ratebatch-store={url}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: ratebatch: the store cannot be used: *"])
+    if fault == "bad url":  # refused with the option, before any connection
+        result.stderr.fnmatch_lines(
+            ["ERROR: ratebatch: --ratebatch-store='*' (command line): malformed host*"]
+        )
+    else:
+        result.stderr.fnmatch_lines(["ERROR: ratebatch: the store cannot be used: *"])
     output = result.stdout.str() + result.stderr.str()
     assert "Traceback" not in output
     assert "n0pe-n0pe" not in output
@@ -226,3 +267,399 @@ def test_store_lost_mid_run_cancels_the_rest(
     result.stdout.fnmatch_lines(["*ratebatch: cancelled (store unavailable: *"])
     assert (private_redis.password or "") not in result.stdout.str()
     assert "stop: store unavailable" in result.stdout.str()
+
+
+# --- a store that lost its state (a restart without persistence) ---------------------------
+
+LOST_LINE = (
+    "ratebatch: the Redis store lost its state (restarted?); resuming as if the bucket were empty"
+)
+
+
+def test_a_restarted_store_resumes_as_if_the_bucket_were_empty(
+    private_redis: RedisServer,
+) -> None:
+    store = RedisBucketStore(private_redis.url, "lost")
+    found: list[int] = []
+    store.on_lost = found.append
+    interval = RateLimit(60, 3).interval_ns  # one token per second, burst 3
+    for _ in range(3):
+        assert store.take(1, interval, 3, None, True)[0] == gcra.ADMITTED
+    private_redis.restart()  # killed: the bucket, spent, is gone
+    status, now, wait = store.take(1, interval, 3, None, True)
+    # Not a fresh burst: the next token one interval after the loss was found.
+    assert status == gcra.RESERVED
+    assert interval - 50_000_000 < wait <= interval
+    assert found == [now]
+    assert store.losses == 1
+    # Said once: the bucket, emptied, is the one this client now knows.
+    status, now2, wait2 = store.take(1, interval, 3, None, True)
+    assert now2 + wait2 - (now + wait) == interval
+    assert store.losses == 1
+    store.close()
+
+
+def test_an_idle_expiry_is_no_loss(private_redis: RedisServer) -> None:
+    store = RedisBucketStore(private_redis.url, "idle", idle_expiry_ms=100)
+    interval = RateLimit(600, 3).interval_ns
+    assert store.take(1, interval, 3, None, True)[0] == gcra.ADMITTED
+    client = private_redis.client()
+    deadline = time.monotonic() + 10
+    while client.exists(KEY_PREFIX + "idle"):  # full and idle: the key expires by itself
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    # Nothing to tell it from a loss but the time: no warning, a start at once, no burst.
+    assert store.take(1, interval, 3, None, True)[0] == gcra.ADMITTED
+    assert store.take(1, interval, 3, None, True)[0] == gcra.RESERVED
+    assert store.losses == 0
+    store.close()
+
+
+def test_a_loss_found_by_one_client_is_told_to_the_others(private_redis: RedisServer) -> None:
+    interval = RateLimit(60, 2).interval_ns
+    first = RedisBucketStore(private_redis.url, "shared")
+    second = RedisBucketStore(private_redis.url, "shared")
+    first.take(1, interval, 2, None, True)
+    second.take(1, interval, 2, None, True)
+    private_redis.restart()
+    # A session that starts now knows nothing: it sees a fresh bucket (the limit of what
+    # can be told), and takes its burst.
+    fresh = RedisBucketStore(private_redis.url, "shared")
+    assert fresh.take(1, interval, 2, None, True)[0] == gcra.ADMITTED
+    # The first that saw the key before finds the loss and empties the bucket ...
+    status, now, wait = second.take(1, interval, 2, None, True)
+    assert status == gcra.RESERVED
+    assert wait > interval - 50_000_000
+    # ... the other finds it too, and queues behind, without emptying it again.
+    status, now2, wait2 = first.take(1, interval, 2, None, True)
+    assert now2 + wait2 - (now + wait) == interval
+    assert (first.losses, second.losses, fresh.losses) == (1, 1, 0)
+    for store in (first, second, fresh):
+        store.close()
+
+
+def test_a_state_gone_back_in_time_is_a_loss(private_redis: RedisServer) -> None:
+    """A server restarted from an older snapshot (RDB): the bucket's time went back."""
+    store = RedisBucketStore(private_redis.url, "snapshot")
+    interval = RateLimit(60, 2).interval_ns
+    client = private_redis.client()
+    store.take(1, interval, 2, None, True)
+    snapshot = client.get(KEY_PREFIX + "snapshot")
+    assert snapshot is not None
+    store.take(1, interval, 2, None, True)
+    client.set(KEY_PREFIX + "snapshot", snapshot)
+    status, _, wait = store.take(1, interval, 2, None, True)
+    assert status == gcra.RESERVED
+    assert wait > interval - 50_000_000
+    assert store.losses == 1
+    store.close()
+
+
+def test_a_throttle_keeps_the_state_a_loss_is_told_by(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    store = RedisBucketStore(redis_server.url, unique_key(request))
+    interval = RateLimit(600, 2).interval_ns
+    store.take(1, interval, 2, None, True)
+    store.throttle(SECOND // 10, interval, 2, True)
+    other = RedisBucketStore(redis_server.url, unique_key(request))
+    other.take(1, interval, 2, None, True)
+    store.take(1, interval, 2, None, True)
+    assert (store.losses, other.losses) == (0, 0)  # the throttle's write kept the epoch
+    store.close()
+    other.close()
+
+
+def test_a_throttle_after_a_restart_finds_the_loss(private_redis: RedisServer) -> None:
+    store = RedisBucketStore(private_redis.url, "throttled")
+    interval = RateLimit(600, 2).interval_ns
+    store.take(1, interval, 2, None, True)
+    private_redis.restart()
+    _at, _, _, until = store.throttle(SECOND // 10, interval, 2, True)
+    assert store.losses == 1
+    status, now, wait = store.take(1, interval, 2, None, True)
+    assert status == gcra.RESERVED
+    assert now + wait >= until
+    store.close()
+
+
+def test_windows_count_as_full_after_a_loss(private_redis: RedisServer) -> None:
+    store = RedisBucketStore(private_redis.url, "windowed")
+    interval = UNLIMITED.interval_ns
+    windows = ((5, 2 * SECOND),)  # 5 per 2 s
+    status, _, _, _ = store.take_windowed(1, interval, UNLIMITED.burst, None, True, windows)
+    assert status == gcra.ADMITTED
+    private_redis.restart()
+    status, _now, wait, bound = store.take_windowed(
+        1, interval, UNLIMITED.burst, None, True, windows
+    )
+    # The window may have been filled by starts the server forgot: full at the loss.
+    assert (status, bound) == (gcra.RESERVED, 1)
+    assert 2 * SECOND - 50_000_000 < wait <= 2 * SECOND
+    assert store.level(interval, UNLIMITED.burst, windows) == 0
+    assert store.losses == 1
+    store.close()
+
+
+def test_a_restart_mid_run_is_said_once_and_sends_no_second_burst(
+    pytester: pytest.Pytester, private_redis: RedisServer, dist: list[str]
+) -> None:
+    restart_at = 5
+    pytester.makepyfile(
+        test_calls=f"""
+        import pathlib, time, pytest
+
+        @pytest.mark.parametrize("n", range(12))
+        def test_call(n):
+            if n == {restart_at}:
+                pathlib.Path("restart-now").touch()
+                deadline = time.monotonic() + 60
+                while not pathlib.Path("restarted").exists():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+        """
+    )
+    command = [
+        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:randomly", *dist,
+        "--rate-per-minute=600", "--burst=3", f"--ratebatch-store={private_redis.url}",
+        "--ratebatch-report=r.json",
+    ]  # fmt: skip
+    session = subprocess.Popen(
+        command, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (pytester.path / "restart-now").exists():
+        assert session.poll() is None
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    private_redis.restart()
+    (pytester.path / "restarted").touch()
+    output, _ = session.communicate(timeout=120)
+    assert session.returncode == 0, output
+    assert output.count(LOST_LINE) == 1, output
+    report = load_report(pytester.path / "r.json")
+    admissions = [(test["store_ns"], test["tokens"]) for test in report["tests"]]
+    assert len(admissions) == 12
+    # G1 across the restart: no second burst.
+    assert worst_excess(admissions, RateLimit(600, 3).interval_ns, 3) <= 0
+    assert "store_lost" in {event["event"] for event in report["events"]}
+    assert (private_redis.password or "") not in output
+
+
+@pytest.fixture(params=["one process", "xdist"])
+def dist(request: pytest.FixtureRequest) -> list[str]:
+    return [] if request.param == "one process" else ["-n", "2"]
+
+
+def test_slots_come_back_after_a_restart_and_their_holders_lease_them_again(
+    private_redis: RedisServer,
+) -> None:
+    pool = RedisSlotPool(private_redis.url, "slots", 1, lease_seconds=0.6)
+    slot = pool.acquire()
+    assert slot is not None
+    private_redis.restart()
+    assert pool.in_use() == 0  # the lease went with the server's state
+    # The holder's test still runs: its next renewal (a third of a lease) leases it again.
+    deadline = time.monotonic() + 10
+    while pool.in_use() == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert pool.lost == 1
+    assert pool.acquire(0) is None  # the cap holds again
+    pool.release(slot)
+    assert pool.in_use() == 0
+    pool.close()
+
+
+# --- one key, one limit -----------------------------------------------------------------
+
+
+def test_a_key_held_with_other_limits_is_refused(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    key = unique_key(request)
+    strict = build_policy(cli(rate_per_minute="120")).shared_limits()
+    loose = build_policy(cli(rate_per_minute="600")).shared_limits()
+    first = RedisBucketStore(redis_server.url, key)
+    first.claim(*strict)
+    same = RedisBucketStore(redis_server.url, key)
+    same.claim(*strict)  # the same limits: shared, as ever
+    other = RedisBucketStore(redis_server.url, key)
+    with pytest.raises(PolicyConflict) as conflict:
+        other.claim(*loose)
+    assert (conflict.value.key, conflict.value.theirs, conflict.value.ours) == (
+        key,
+        "rate 120/min, burst 1",
+        "rate 600/min, burst 1",
+    )
+    first.close()
+    with pytest.raises(PolicyConflict):
+        other.claim(*loose)  # one session still holds it
+    same.close()
+    other.claim(*loose)  # once they ended, the key is free for other limits
+    other.close()
+
+
+def test_a_killed_sessions_claim_lapses(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    key = unique_key(request)
+    killed = RedisBucketStore(redis_server.url, key, claim_lease_seconds=0.5)
+    killed.claim(*build_policy(cli(rate_per_minute="120")).shared_limits())
+    killed._closing.set()  # its renewals stop, and nobody gives the claim back
+    other = RedisBucketStore(redis_server.url, key)
+    loose = build_policy(cli(rate_per_minute="600")).shared_limits()
+    with pytest.raises(PolicyConflict):
+        other.claim(*loose)
+    time.sleep(0.6)
+    other.claim(*loose)
+    other.close()
+
+
+def test_sessions_with_other_limits_on_one_key_are_refused(
+    pytester: pytest.Pytester, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    pytester.makepyfile(
+        test_calls="""
+        import pathlib, time
+
+        def test_waits_for_the_other_session():
+            pathlib.Path("running").touch()
+            deadline = time.monotonic() + 60
+            while not pathlib.Path("done").exists():
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        """
+    )
+    common = [
+        sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q",
+        f"--ratebatch-store={redis_server.url}", f"--ratebatch-key={unique_key(request)}",
+    ]  # fmt: skip
+    first = subprocess.Popen(
+        [*common, "--rate-per-minute=120"], cwd=pytester.path, stdout=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not (pytester.path / "running").exists():
+        assert first.poll() is None
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pytester.makepyfile(test_other="def test_other(): pass")
+    second = subprocess.run(
+        [*common, "--rate-per-minute=600", "test_other.py"],
+        cwd=pytester.path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    (pytester.path / "done").touch()
+    output, _ = first.communicate(timeout=60)
+    assert first.returncode == 0, output
+    assert second.returncode == pytest.ExitCode.USAGE_ERROR, second.stdout + second.stderr
+    assert "Traceback" not in second.stderr
+    message = second.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"ERROR: ratebatch: the Redis key {unique_key(request)!r} ")
+    assert "it holds rate 120/min, burst 1, this session states rate 600/min, burst 1" in message
+    # The first session ended: the key is free for other limits.
+    third = subprocess.run(
+        [*common, "--rate-per-minute=600", "test_other.py"],
+        cwd=pytester.path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert third.returncode == 0, third.stdout + third.stderr
+
+
+# --- a slow or misaddressed server ---------------------------------------------------------
+
+
+def test_tls_to_a_plain_port_fails_within_seconds(
+    pytester: pytest.Pytester, redis_server: RedisServer
+) -> None:
+    url = f"rediss://127.0.0.1:{redis_server.port}/0"  # a plain Redis port answers no TLS
+    pytester.makepyfile(test_one="def test_one(): pass")
+    began = time.monotonic()
+    result = pytester.runpytest_subprocess("--rate-per-minute=60", f"--ratebatch-store={url}")
+    elapsed = time.monotonic() - began
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: ratebatch: the store cannot be used: redis rediss://127.0.0.1:*: *TLS*"]
+    )
+    assert elapsed < 15  # the connection's few seconds, and pytest's start
+
+
+def test_a_hung_store_stops_the_run_within_seconds(
+    pytester: pytest.Pytester, private_redis: RedisServer
+) -> None:
+    """A server that stops answering (SIGSTOP: connections still accepted, no reply) is as
+    good as lost after a few seconds: the rest of the run is cancelled, nothing hangs."""
+    assert private_redis.process is not None
+    pid = private_redis.process.pid
+    pytester.makepyfile(
+        test_calls=f"""
+        import os, signal, pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_call(n):
+            if n == 2:
+                os.kill({pid}, signal.SIGSTOP)
+        """
+    )
+    began = time.monotonic()
+    try:
+        result = pytester.runpytest_subprocess(
+            "--rate-per-minute=6000", f"--ratebatch-store={private_redis.url}", "-rs",
+            "-p", "no:randomly",
+        )  # fmt: skip
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    elapsed = time.monotonic() - began
+    result.assert_outcomes(passed=3, skipped=3)
+    result.stdout.fnmatch_lines(["*ratebatch: cancelled (store unavailable: *"])
+    assert "stop: store unavailable" in result.stdout.str()
+    assert elapsed < 25
+
+
+# --- passwords ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape", ["query", "as user name", "unencoded", "malformed host", "malformed port"]
+)
+def test_no_output_shows_a_password_whatever_the_url(
+    pytester: pytest.Pytester, private_redis: RedisServer, shape: str
+) -> None:
+    secret, port = private_redis.password or "", private_redis.port
+    url = {
+        "query": f"redis://127.0.0.1:{port}/0?password={secret}",  # a working URL
+        "as user name": f"redis://{secret}@127.0.0.1:{port}/0",
+        "unencoded": f"redis://:a/{secret}@127.0.0.1:{port}/0",
+        "malformed host": f"redis://:{secret}@[::1:{port}/0",
+        "malformed port": f"redis://:{secret}@127.0.0.1:{port}x/0",
+    }[shape]
+    pytester.makepyfile(test_one="def test_one(): pass")
+    result = pytester.runpytest_subprocess(
+        "--rate-per-minute=600", f"--ratebatch-store={url}", "--ratebatch-report=r.json"
+    )
+    output = result.stdout.str() + result.stderr.str()
+    assert secret not in output
+    assert "Traceback" not in output
+    if shape == "query":
+        result.assert_outcomes(passed=1)
+        result.stdout.fnmatch_lines(["ratebatch: *; store: redis redis://*?password=*** key *"])
+        assert secret not in (pytester.path / "r.json").read_text()
+    else:
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        result.stderr.fnmatch_lines(["ERROR: ratebatch: *"])
+
+
+def test_other_limits_claimed_after_a_restart_are_told(private_redis: RedisServer) -> None:
+    ours = RedisBucketStore(private_redis.url, "claims", claim_lease_seconds=0.6)
+    told: list[str] = []
+    ours.on_conflict = told.append
+    ours.claim(*build_policy(cli(rate_per_minute="120")).shared_limits())
+    private_redis.restart()  # the claims are gone: another session may claim the key
+    theirs = RedisBucketStore(private_redis.url, "claims")
+    theirs.claim(*build_policy(cli(rate_per_minute="600")).shared_limits())
+    deadline = time.monotonic() + 10
+    while not told:  # our next renewal (a third of a lease) finds theirs
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.5)  # and later renewals say nothing more
+    assert told == ["rate 600/min, burst 1"]
+    ours.close()
+    theirs.close()

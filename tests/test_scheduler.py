@@ -270,3 +270,39 @@ def test_a_stop_in_another_process_wakes_a_test_waiting_for_tokens(tmp_path: Pat
     assert time.monotonic() - stopped < 1  # at once, not when its minute is over
     (ticket,) = tickets
     assert ticket.cancelled == "store unavailable: elsewhere"
+
+
+@pytest.mark.timeout(60)
+def test_processes_keep_the_barrier_between_batches(tmp_path: Path) -> None:
+    # Two ledgers on one directory are two processes (flock tells their open files apart).
+    # A test of the first runs in batch 1; the next test, on the second, opens batch 2 and
+    # waits at the barrier until that test finished, however long it runs: no rate spaces
+    # the batches here, only the barrier.
+    policy = ExecutionPolicy(batch_size=1)
+    first = TaskScheduler(policy, ledger=FileLedger(tmp_path))
+    second = TaskScheduler(policy, ledger=FileLedger(tmp_path))
+    running = first.admit()
+    assert (running.batch, running.cancelled) == (1, "")
+    finishing = threading.Event()
+    admitted: list[tuple[Ticket, bool]] = []
+
+    def next_test() -> None:
+        ticket = second.admit()
+        admitted.append((ticket, finishing.is_set()))
+
+    thread = threading.Thread(target=next_test, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while first.ledger.snapshot().batch != 2:  # batch 2 opened: its opener is at the barrier
+        assert time.monotonic() < deadline, "the next test never arrived"
+        time.sleep(0.005)
+    # A second there: past the barrier, what is left of an admission takes milliseconds.
+    thread.join(timeout=1)
+    assert not admitted, "batch 2 started while batch 1 still ran"
+    finishing.set()
+    first.finish(running, failed=False)
+    thread.join(timeout=10)
+    assert len(admitted) == 1
+    ticket, after_the_finish = admitted[0]
+    assert (ticket.batch, ticket.cancelled, after_the_finish) == (2, "", True)
+    assert ticket.start_ns >= first.ledger.snapshot().drained_ns > 0

@@ -149,28 +149,49 @@ def test_file_pools_share_the_cap(tmp_path: Path) -> None:
     assert FileSlotPool(tmp_path, 2).in_use() == 0
 
 
+class BellWatch:
+    """The real clock, for the head of a line with a deadline: it reads the clock once its bell
+    is bound and its last scan found no slot, just before it waits on the bell. ``waiting`` is
+    set from then on: a slot released later reaches it only by the bell (or a rescan)."""
+
+    def __init__(self, directory: Path) -> None:
+        self._bell = directory / "slots.bell"
+        self.waiting = threading.Event()
+
+    def now_ns(self) -> int:
+        if self._bell.exists():
+            self.waiting.set()
+        return time.monotonic_ns()
+
+    sleep = staticmethod(time.sleep)
+
+
 def test_file_pools_serve_the_longest_waiter_first(tmp_path: Path) -> None:
-    holder, *others = file_pools(tmp_path, 1, 4)
+    # The waiters rescan once an hour and the head gives up after a minute: within the test's
+    # 10 s, only the bell a release rings can wake the head.
+    watch = BellWatch(tmp_path)
+    holder = FileSlotPool(tmp_path, 1)
+    head_pool = FileSlotPool(tmp_path, 1, clock=watch, rescan_seconds=3600)
+    behind_pool = FileSlotPool(tmp_path, 1, rescan_seconds=3600)
     held = holder.acquire()
     assert held is not None
     log: list[str] = []
-    waiters = []
-    for index, pool in enumerate(others[:2]):
-        waiter = Waiter(pool, f"waiter {index}", log)
-        waiter.start()
-        eventually(lambda n: tickets(tmp_path) == n, index + 2)  # the holder took the first
-        waiters.append(waiter)
+    first = Waiter(head_pool, "waiter 0", log, max_wait_ns=60 * SECOND)
+    first.start()
+    assert watch.waiting.wait(timeout=10)  # its bell bound, past its last scan
+    second = Waiter(behind_pool, "waiter 1", log)
+    second.start()
+    eventually(lambda: tickets(tmp_path) == 3)  # the holder took the first ticket
     time.sleep(0.05)  # the second waiter is blocked behind the first, not in a race with it
-    assert others[2].acquire(0) is None  # a newcomer does not jump the line
+    assert FileSlotPool(tmp_path, 1).acquire(0) is None  # a newcomer does not jump the line
     released = time.monotonic()
     holder.release(held)
-    first, second = waiters
     first.join(timeout=10)
-    assert first.slot is not None
+    assert first.slot is not None, "the release did not wake the head of the line"
     assert first.got_at is not None
-    assert first.got_at - released < 1  # the release rang the head's bell (no 0.1 s poll)
+    assert first.got_at - released < 10
     assert second.slot is None
-    others[0].release(first.slot)
+    head_pool.release(first.slot)
     second.join(timeout=10)
     assert log == ["waiter 0", "waiter 1"]
     # Only the newest tickets' files remain: the head removes those of the waiters before it.

@@ -269,7 +269,7 @@ def test_the_module_runs_without_a_traceback(tmp_path: Path) -> None:
     assert "usage: python -m pytest_ratebatch" in usage.stderr
 
 
-def test_load_report_reads_what_the_plugin_writes(tmp_path: Path) -> None:
+def test_load_report_refuses_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="a directory"):
         load_report(tmp_path)
 

@@ -8,6 +8,9 @@ from xml.etree import ElementTree
 
 import pytest
 
+from pytest_ratebatch.__main__ import main
+from pytest_ratebatch.views.loading import load_report
+
 pytest_plugins = ["pytester"]
 
 
@@ -61,10 +64,12 @@ def test_a_shorter_total_timeout_is_announced_before_anything_runs(
     pytester: pytest.Pytester,
 ) -> None:
     write_tests(pytester, 4)
-    result = pytester.runpytest("--rate-per-minute=1", "--burst=3", "--total-timeout=0.5s")
+    # The fourth test would wait a minute: cancelled at once, whatever the timeout's length, so
+    # a long one costs nothing and a loaded machine still starts the first three in time.
+    result = pytester.runpytest("--rate-per-minute=1", "--burst=3", "--total-timeout=20s")
     assert forecast_lines(result) == [
         "ratebatch: forecast: 5 tests take at least 2m by the policy (test durations add to "
-        "it); the total timeout (0.5s) passes first: about 2 tests will be cancelled"
+        "it); the total timeout (20s) passes first: about 2 tests will be cancelled"
     ]
     result.assert_outcomes(passed=3, skipped=2)
 
@@ -134,3 +139,57 @@ def test_a_timeline_alone_needs_no_policy(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=3)
     assert forecast_lines(result) == []
     assert svg_lanes(pytester.path / "t.svg") == ["session"]
+
+
+# A session with something of everything a report holds: batches, an in-test acquisition, a
+# throttle and its retry, a failure and the stop it causes, cancelled tests.
+ROUND_TRIP = """
+import pytest
+
+@pytest.mark.parametrize("n", range(6))
+def test_call(n, ratebatch, tmp_path_factory):
+    ratebatch.acquire(1)
+    mark = tmp_path_factory.getbasetemp().parent / f"throttled-{n}"
+    if n == 2 and not mark.exists():
+        mark.touch()
+        ratebatch.throttled(0.05)
+    assert n != 4
+"""
+
+
+def summary_section(result: pytest.RunResult) -> list[str]:
+    """The lines of the session's ``ratebatch`` summary section, up to the report's path."""
+    lines = result.stdout.lines
+    start = next(i for i, line in enumerate(lines) if line.strip("= ") == "ratebatch") + 1
+    end = next(i for i, line in enumerate(lines) if line.startswith("report: "))
+    return lines[start:end]
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+def test_load_report_reads_what_the_plugin_writes(
+    pytester: pytest.Pytester, capsys: pytest.CaptureFixture[str], workers: list[str]
+) -> None:
+    pytester.makepyfile(test_round=ROUND_TRIP)
+    result = pytester.runpytest_subprocess(
+        "--rate-per-minute=6000", "--burst=2", "--batch-size=2", "--max-failures=1",
+        "--ratebatch-report=r.json", "-p", "no:randomly", *workers,
+    )  # fmt: skip
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    path = pytester.path / "r.json"
+    data = load_report(path)
+    assert data == json.loads(path.read_text())  # accepted as written
+    assert sorted(test["nodeid"] for test in data["tests"]) == [
+        f"test_round.py::test_call[{n}]" for n in range(6)
+    ]
+    assert data["throttling"]["throttles"] == 1
+    assert data["session"]["stop_reason"] == "max failures (1) reached"
+    # Read back, the summary is the one the session printed.
+    printed = summary_section(result)
+    assert any(line.startswith("throttled: 1 ") for line in printed)
+    capsys.readouterr()
+    assert main(["summary", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == printed
+    # And it draws: a lane per process that ran tests.
+    assert main(["timeline", str(path), "-o", str(pytester.path / "t.svg")]) == 0
+    lanes = sorted({test["worker"] or "session" for test in data["tests"] if test["start_ns"]})
+    assert svg_lanes(pytester.path / "t.svg") == lanes

@@ -22,6 +22,7 @@ above the server's rate costs a throttle.
 from __future__ import annotations
 
 __all__ = [
+    "MAX_REFILL_NS",
     "RECOVERY_PERIOD_NS",
     "RECOVERY_STEP",
     "UNSET",
@@ -31,6 +32,8 @@ __all__ = [
 ]
 
 UNSET = -1
+#: The longest a full burst may take to refill: 365 days (``limits.policy.MAX_SECONDS``).
+MAX_REFILL_NS = 365 * 86_400 * 1_000_000_000
 RECOVERY_STEP = 16  # the interval shortens by 1/16 per recovery period
 RECOVERY_PERIOD_NS = 1_000_000_000
 
@@ -125,7 +128,10 @@ def throttle(
             measured = 2 * before
         else:  # unlimited until now: what was accepted, spread over the server's wait
             measured = max(wait_ns, RECOVERY_PERIOD_NS) // max(1, accepted)
-        after = max(configured, measured, 1)
+        # However slow the server seemed, a full burst refills within MAX_REFILL_NS: the
+        # bucket's times stay where every store keeps them exactly (the policy holds the
+        # configured interval to the same bound).
+        after = max(configured, min(measured, MAX_REFILL_NS // burst), 1)
         state.interval = after
         state.mark_ns = now
         state.mark_count = state.count

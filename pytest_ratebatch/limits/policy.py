@@ -6,15 +6,21 @@ into ``pytest.UsageError``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .values import Value
 
 __all__ = [
+    "MAX_COUNT",
+    "MAX_RATE_PER_MINUTE",
+    "MAX_SECONDS",
+    "MIN_RATE_PER_MINUTE",
+    "MIN_SECONDS",
     "PARSERS",
     "ExecutionPolicy",
     "PolicyError",
@@ -28,8 +34,10 @@ __all__ = [
     "mask_url",
     "parse_cost",
     "parse_duration",
+    "parse_store",
     "parse_value",
     "parse_windows",
+    "url_secrets",
 ]
 
 NANOS_PER_SECOND = 1_000_000_000
@@ -214,8 +222,20 @@ class ExecutionPolicy(Value):
             bounds.append((self.rate_limit.burst, "the burst"))
         return min(bounds) if bounds else None
 
-    def describe(self) -> str:
-        """One line for the session header, e.g. ``rate 60/min, burst 5, batch size 5``."""
+    def shared_limits(self) -> tuple[str, str]:
+        """What every session sharing a store's key must agree on (the rate and burst, the
+        window limits, the concurrency cap): exactly, to compare, and as text for messages,
+        e.g. ``rate 120/min, burst 1``."""
+        rate = self.rate_limit
+        exact = [
+            f"interval {rate.interval_ns} burst {rate.burst}" if rate is not None else "no rate",
+            " ".join(f"{window.count}/{window.window_ns}" for window in self.windows),
+            f"cap {self.max_concurrency}",
+        ]
+        text = ", ".join(self._limit_parts()) or "no rate"
+        return "; ".join(exact), text
+
+    def _limit_parts(self) -> list[str]:
         parts = []
         rate = self.rate_limit
         if rate is not None:
@@ -226,6 +246,11 @@ class ExecutionPolicy(Value):
             parts.append("limits " + ", ".join(window.describe() for window in self.windows))
         if self.max_concurrency is not None:
             parts.append(f"max concurrency {self.max_concurrency}")
+        return parts
+
+    def describe(self) -> str:
+        """One line for the session header, e.g. ``rate 60/min, burst 5, batch size 5``."""
+        parts = self._limit_parts()
         if self.batch_size is not None:
             parts.append(f"batch size {self.batch_size}")
             parts.append(f"backoff {format_duration(self.batch_backoff)}")
@@ -273,22 +298,46 @@ class PolicyError(ValueError):
 
 # --- value parsers: each takes the raw text and raises ValueError with a short reason ---
 
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+# The bounds of the options' values. Every store keeps what they allow exactly: the memory
+# and file stores in 64-bit integer nanoseconds, Redis in microseconds held in Lua's doubles
+# (exact to 2**53, about 230 years past today's clock); every wait they lead to is one the
+# OS can sleep; a window's state stays small. No real use comes near them.
+
+#: The largest whole number an option takes: a burst, a batch size, failures, a concurrency
+#: cap, retries, the N of "N per window".
+MAX_COUNT = 1_000_000
+#: Rates per minute: one start per 1000 minutes at least (fewer: a window limit such as
+#: 1/day), one per microsecond at most (the grain of Redis's clock).
+MIN_RATE_PER_MINUTE = 0.001
+MAX_RATE_PER_MINUTE = 60_000_000
+#: Durations (a backoff, a timeout, a wait, a window): from a microsecond (the finest grain
+#: of every store's clock) to 365 days; a burst refills within 365 days too.
+MIN_SECONDS = 0.000_001
+MAX_SECONDS = 365 * 86_400.0
+MAX_SECONDS_TEXT = "365d"
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # Patterns, not compiled objects: re compiles them on first use (and caches them), so a
-# session without a duration option never pays for it.
-_DURATION_PART = r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)"
-_PLAIN_NUMBER = r"\d+(?:\.\d*)?|\.\d+"
+# session without a duration option never pays for it. ASCII digits only: ``\d`` would take
+# any script's digits, which nobody types into a policy on purpose.
+_DURATION_PART = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ms|s|m|h|d)"
+_PLAIN_NUMBER = r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+"
+_DECIMAL = r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_WHOLE = r"[+-]?[0-9]+"
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from ``90``, ``1.5s``, ``250ms``, ``10m``, ``2h`` or ``1h30m``."""
+    """Seconds from ``90``, ``1.5s``, ``250ms``, ``10m``, ``2h``, ``1d`` or ``1h30m``."""
     compact = text.strip().lower().replace(" ", "")
     if re.fullmatch(_PLAIN_NUMBER, compact):
         seconds = float(compact)
     else:
         parts = re.findall(_DURATION_PART, compact)
         if not parts or "".join(number + unit for number, unit in parts) != compact:
-            raise ValueError("not a duration (use seconds or a unit: 90, 1.5s, 250ms, 10m, 2h)")
+            raise ValueError(
+                "not a duration (use seconds or a unit: 90, 1.5s, 250ms, 10m, 2h, 1d)"
+                + _digits_hint(compact)
+            )
         seconds = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
     if not math.isfinite(seconds):
         raise ValueError("not a finite duration")
@@ -318,40 +367,72 @@ def _format_number(value: float) -> str:
     return f"{value:.6f}".rstrip("0").rstrip(".") or "0"
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("not a number") from None
-    if not math.isfinite(value):
+def _quote(text: str) -> str:
+    """``text`` quoted for a message, cut short if long (a value can be any length)."""
+    return repr(text) if len(text) <= 40 else f"{text[:40]!r}..."
+
+
+def _digits_hint(text: str) -> str:
+    """A hint for digits of other scripts (Arabic-Indic, full-width...), which look like
+    numbers but are not what anyone means to type into a policy."""
+    if any(character.isdigit() and not character.isascii() for character in text):
+        return " (write numbers with the digits 0-9)"
+    return ""
+
+
+def _decimal(text: str) -> float:
+    """A plain decimal number, with an optional exponent: ``60``, ``0.5``, ``1e3``."""
+    compact = text.strip()
+    if re.fullmatch(_DECIMAL, compact):
+        return float(compact)  # a huge exponent gives inf or 0: the bounds refuse both
+    if compact.lower().lstrip("+-") in ("inf", "infinity", "nan"):
         raise ValueError("must be a finite number")
-    if value <= 0:
-        raise ValueError("must be > 0")
+    raise ValueError("not a number" + _digits_hint(compact))
+
+
+def _whole_number(text: str, low: int) -> int:
+    """A whole number from ``low`` to ``MAX_COUNT``."""
+    compact = text.strip()
+    if not re.fullmatch(_WHOLE, compact):
+        raise ValueError("not a whole number" + _digits_hint(compact))
+    value = _within_count(compact, low)
+    if value is None:
+        raise ValueError(f"must be a whole number from {low} to {MAX_COUNT}")
     return value
+
+
+def _within_count(whole: str, low: int) -> int | None:
+    """``whole`` (matching ``_WHOLE``) as an int if from ``low`` to ``MAX_COUNT``, else None."""
+    digits = whole.lstrip("+-").lstrip("0")
+    if len(digits) > len(str(MAX_COUNT)):
+        return None  # not int() on thousands of digits (Python refuses past 4300)
+    value = int(whole)
+    return value if low <= value <= MAX_COUNT else None
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError("not a whole number") from None
-    if value < 1:
-        raise ValueError("must be >= 1")
-    return value
+    return _whole_number(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _whole_number(text, 0)
+
+
+def _bounded_seconds(seconds: float, zero_allowed: bool) -> float:
+    if seconds == 0 and zero_allowed:
+        return 0.0
+    if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+        allowed = f"from 1us to {MAX_SECONDS_TEXT}"
+        raise ValueError(f"must be 0 or {allowed}" if zero_allowed else f"must be {allowed}")
+    return seconds
 
 
 def _non_negative_duration(text: str) -> float:
-    value = parse_duration(text)
-    if value < 0:
-        raise ValueError("must be >= 0")
-    return value
+    return _bounded_seconds(parse_duration(text), zero_allowed=True)
 
 
 def _positive_duration(text: str) -> float:
-    value = parse_duration(text)
-    if value <= 0:
-        raise ValueError("must be > 0")
-    return value
+    return _bounded_seconds(parse_duration(text), zero_allowed=False)
 
 
 def _rate(text: str) -> float:
@@ -359,18 +440,14 @@ def _rate(text: str) -> float:
     if text.strip().lower() == "auto":
         return math.inf
     try:
-        return _positive_float(text)
+        value = _decimal(text)
     except ValueError as error:
         raise ValueError(f"{error} (or auto: learn the rate from the server)") from None
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError("not a whole number") from None
-    if value < 0:
-        raise ValueError("must be >= 0")
+    if not MIN_RATE_PER_MINUTE <= value <= MAX_RATE_PER_MINUTE:
+        raise ValueError(
+            f"must be from {_format_number(MIN_RATE_PER_MINUTE)} to {MAX_RATE_PER_MINUTE} "
+            "(or auto); for fewer starts, state a window limit (--rate-limit 1/day)"
+        )
     return value
 
 
@@ -382,15 +459,21 @@ def _switch(text: str) -> bool:
     try:
         return _SWITCHES[text.strip().lower()]
     except KeyError:
-        raise ValueError("not on or off") from None
+        raise ValueError("not on or off (also true/false, yes/no, 1/0)") from None
+
+
+def _dotted_name(text: str) -> bool:
+    return all(part.isidentifier() for part in text.split("."))
 
 
 def _class_names(text: str) -> tuple[str, ...]:
     """``module:Class`` entries, separated by commas, spaces or lines."""
     names = tuple(name for name in re.split(r"[\s,]+", text.strip()) if name)
+    if not names:
+        raise ValueError("no module:Class given (e.g. myclient.errors:QuotaError)")
     for name in names:
         module, _, attribute = name.partition(":")
-        if not module or not attribute:
+        if not (_dotted_name(module) and _dotted_name(attribute)):
             raise ValueError(f"{name!r} is not module:Class (e.g. myclient.errors:QuotaError)")
     return names
 
@@ -401,19 +484,45 @@ def _any_text(text: str) -> str:
     return text.strip()
 
 
+def _path(text: str) -> str:
+    value = _any_text(text)
+    if "\0" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    return value
+
+
 STORE_KINDS = ("memory", "file")
 STORE_SCHEMES = ("redis", "rediss", "unix")
 
 
-def _store(text: str) -> str:
+def parse_store(text: str) -> str:
+    """``memory``, ``file`` or a Redis URL that splits as the user meant (else ``ValueError``
+    with a reason that never quotes the URL)."""
     value = text.strip()
     if value in STORE_KINDS:
         return value
-    parts = urlsplit(value)
-    if parts.scheme not in STORE_SCHEMES or not (parts.hostname or parts.path):
+    if not value.startswith(tuple(f"{scheme}://" for scheme in STORE_SCHEMES)):
         raise ValueError(
             "not a store (use memory, file, redis://[user:password@]host:port/db or rediss://...)"
         )
+    # Checked here, so that redis-py never reads (nor quotes in its errors) a URL that
+    # splits elsewhere than the user meant.
+    rest = value.partition("://")[2]
+    if "@" in rest[_authority_end(rest) :]:
+        raise ValueError(
+            "'@' after the host: a '/', '?', '#' or '@' in the user or password must be "
+            "percent-encoded (%2F, %3F, %23, %40)"
+        )
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises for a port that is not a number)
+    except ValueError:
+        raise ValueError(
+            "malformed host or port (host:port, a port from 0 to 65535, an IPv6 address in "
+            "brackets: redis://[::1]:6379/0)"
+        ) from None
+    if not (parts.hostname or parts.path):
+        raise ValueError("no host (redis://host:port/db, or unix:///path/to/socket)")
     return value
 
 
@@ -439,6 +548,9 @@ def parse_cost(
     cost = kwargs.get("cost", args[0] if args else 1)
     if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
         raise ValueError(f"cost must be a whole number >= 0, not {cost!r}")
+    if cost > MAX_COUNT:  # what any burst or window holds at most, limits or not
+        shown = str(cost) if len(str(cost)) <= 40 else f"{str(cost)[:40]}..."
+        raise ValueError(f"cost must be at most {MAX_COUNT}, not {shown}")
     if burst is not None and cost > burst:
         remedy = "raise --burst" if bound == "the burst" else f"raise {bound}"
         raise ValueError(
@@ -461,31 +573,32 @@ _WINDOW_UNITS = {
     "d": 86400.0,
     "day": 86400.0,
 }
-_WINDOW = r"(\d+(?:\.\d*)?|\.\d+)?([a-z]+)"
+_WINDOW = r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)?([a-z]+)"
 
 
 def parse_windows(text: str) -> tuple[WindowLimit, ...]:
-    """``N/DURATION`` limits, separated by commas or semicolons: ``10/s``, ``100/15min``,
-    ``10/2s; 5000/h``, ``10000/day``. A window without a number is one unit long."""
-    entries = [entry.strip() for entry in re.split(r"[,;]", text) if entry.strip()]
+    """``N/DURATION`` limits, separated by commas, semicolons or lines: ``10/s``,
+    ``100/15min``, ``10/2s; 5000/h``, ``10000/day``. A window without a number is one unit
+    long. N is at most ``MAX_COUNT``, a window from 1us to 365 days."""
+    entries = [entry.strip() for entry in re.split(r"[,;\n]", text) if entry.strip()]
     if not entries:
         raise ValueError("no limit given (use N/DURATION, e.g. 10/s, 100/15min, 5000/h)")
     windows = []
     for entry in entries:
         count_text, slash, window_text = entry.partition("/")
         if not slash:
-            raise ValueError(f"{entry!r} is not N/DURATION (e.g. 10/2s, 5000/h, 10000/day)")
-        try:
-            count = int(count_text.strip())
-        except ValueError:
-            raise ValueError(f"{entry!r}: {count_text.strip()!r} is not a whole number") from None
-        if count < 1:
-            raise ValueError(f"{entry!r}: the number of starts must be >= 1")
+            raise ValueError(f"{_quote(entry)} is not N/DURATION (e.g. 10/2s, 5000/h, 10000/day)")
+        count_text = count_text.strip()
+        if not re.fullmatch(_WHOLE, count_text):
+            hint = _digits_hint(count_text)
+            raise ValueError(f"{_quote(entry)}: {_quote(count_text)} is not a whole number{hint}")
+        count = _within_count(count_text, 1)
+        if count is None:
+            raise ValueError(f"{_quote(entry)}: the number of starts must be from 1 to {MAX_COUNT}")
         seconds = _window_seconds(entry, window_text.strip().lower().replace(" ", ""))
-        window_ns = round(seconds * NANOS_PER_SECOND)
-        if window_ns < 1:
-            raise ValueError(f"{entry!r}: the window must be longer than 0")
-        windows.append(WindowLimit(count, window_ns))
+        if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+            raise ValueError(f"{_quote(entry)}: the window must be from 1us to {MAX_SECONDS_TEXT}")
+        windows.append(WindowLimit(count, round(seconds * NANOS_PER_SECOND)))
     return tuple(windows)
 
 
@@ -493,28 +606,80 @@ def _window_seconds(entry: str, text: str) -> float:
     match = re.fullmatch(_WINDOW, text)
     if match and match.group(2) in _WINDOW_UNITS:
         number, unit = match.groups()
-        return (float(number) if number else 1.0) * _WINDOW_UNITS[unit]
+        seconds = (float(number) if number else 1.0) * _WINDOW_UNITS[unit]
+        if not math.isfinite(seconds):
+            raise ValueError(f"{_quote(entry)}: the window must be from 1us to {MAX_SECONDS_TEXT}")
+        return seconds
     if re.fullmatch(_PLAIN_NUMBER, text):
-        raise ValueError(f"{entry!r}: the window needs a unit (e.g. {text}s)")
+        raise ValueError(f"{_quote(entry)}: the window needs a unit (e.g. {text[:20]}s)")
     try:
         return parse_duration(text)  # compound spellings: 1h30m
     except ValueError:
         raise ValueError(
-            f"{entry!r}: {text!r} is not a duration (ms, s, min, h, day: 10/s, 100/15min)"
+            f"{_quote(entry)}: {_quote(text)} is not a duration (ms, s, min, h, day: 10/s, "
+            f"100/15min){_digits_hint(text)}"
         ) from None
 
 
+#: Query parameters of a store URL that hold a secret (redis-py hands every parameter to
+#: the connection: ``?password=...`` authenticates).
+_SECRET_PARAMETER = r"(?i)([?&][^=&#]*(?:pass|secret|token|auth|credential)[^=&#]*=)([^&#]*)"
+
+
+def _authority_end(rest: str) -> int:
+    """Where the host part of ``rest`` (a URL after its ``scheme://``) ends."""
+    ends = [index for index in (rest.find(mark) for mark in "/?#") if index >= 0]
+    return min(ends, default=len(rest))
+
+
+def _user_info(url: str) -> tuple[int, int] | None:
+    """Where the user information lies in ``url`` (after the scheme, up to its last '@'),
+    whatever the URL's shape; ``None`` without an '@'."""
+    marker = url.find("://")
+    start = marker + 3 if marker >= 0 else url.find(":") + 1
+    end = url.rfind("@")
+    return (start, end) if end >= start else None
+
+
 def mask_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``: safe to print."""
+    """``url`` with its secrets replaced by ``***``, whatever its shape: safe to print.
+
+    A password (``user:***@host``, ``:***@host``), a user name alone (often a password
+    written in the wrong place: ``***@host``), and query parameters such as ``?password=``.
+    A URL that does not split cleanly (an '@' after its host part, a malformed host or port)
+    loses everything from its scheme to its last '@'.
+    """
+    masked = re.sub(_SECRET_PARAMETER, r"\1***", url)
+    span = _user_info(masked)
+    if span is None:
+        return masked
     try:
-        parts = urlsplit(url)
-        password = parts.password
+        parts = urlsplit(masked)
+        parts.port  # noqa: B018 (raises for a malformed port)
+        clean = "@" in parts.netloc and "@" not in parts.path + parts.query + parts.fragment
     except ValueError:
-        return url
-    if password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+        clean = False
+    if clean:
+        host = parts.netloc.rsplit("@", 1)[1]
+        user = f"{parts.username or ''}:" if parts.password is not None else ""
+        return urlunsplit(parts._replace(netloc=f"{user}***@{host}"))
+    start, end = span
+    return f"{masked[:start]}***{masked[end:]}"
+
+
+def url_secrets(url: str) -> list[str]:
+    """Every text of ``url`` that ``mask_url`` hides, as written and percent-decoded,
+    longest first: what an error message from elsewhere (redis-py) must not show."""
+    found = [match.group(2) for match in re.finditer(_SECRET_PARAMETER, url)]
+    span = _user_info(url)
+    if span is not None:
+        info = url[span[0] : span[1]]
+        found += [info, info.partition(":")[2] or info]
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(url)
+        found.append(parts.password if parts.password is not None else parts.username or "")
+    found += [unquote(secret) for secret in found]
+    return sorted({secret for secret in found if secret}, key=len, reverse=True)
 
 
 class RawValue(Protocol):
@@ -541,10 +706,10 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "throttle_max_wait": _positive_duration,
     "throttle_adapt": _switch,
     "ratebatch_throttle_exceptions": _class_names,
-    "ratebatch_store": _store,
+    "ratebatch_store": parse_store,
     "ratebatch_key": _key,
-    "ratebatch_report": _any_text,
-    "ratebatch_timeline": _any_text,
+    "ratebatch_report": _path,
+    "ratebatch_timeline": _path,
 }
 
 
@@ -587,6 +752,15 @@ def build_policy(raw: Mapping[str, RawValue]) -> ExecutionPolicy:
     rate_limit = None
     if rate is not None:
         rate_limit = RateLimit(rate, burst if burst is not None else (batch_size or 1))
+        refill = rate_limit.burst * rate_limit.interval_ns / NANOS_PER_SECOND
+        if refill > MAX_SECONDS:  # the bucket's times would run centuries ahead
+            name = "burst" if burst is not None else "batch_size"
+            raise conflict(
+                name,
+                f"a burst of {rate_limit.burst} takes {format_duration(round(refill))} to "
+                f"refill at {_format_number(rate)}/min, more than {MAX_SECONDS_TEXT}: lower "
+                "it or raise the rate",
+            )
     throttling = ThrottlePolicy(
         retries=values.get("throttle_retries", DEFAULT_THROTTLING.retries),
         max_wait=values.get("throttle_max_wait", DEFAULT_THROTTLING.max_wait),

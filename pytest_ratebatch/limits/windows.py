@@ -19,7 +19,8 @@ Like the bucket (``gcra``), each limit keeps two logs:
 A start is due at the latest of: the bucket's conforming time, every window's earliest
 start, and the previous reservation (first come, first served). The functions here are
 pure and take the ring entries the store read; stores make each call atomic and keep the
-rings (lists in memory, fixed-size records in the file store, lists in Redis).
+rings (lists in memory that grow with the entries pushed, fixed-size records in the file
+store, read and written entry by entry, lists in Redis).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "EMPTY",
     "RATE",
     "Log",
+    "Ring",
     "WindowLog",
     "WindowedOutcome",
     "Windows",
@@ -190,34 +192,30 @@ def commit_state(
 class WindowLog:
     """One limit's two rings, in memory (the memory store's, and the file store's model)."""
 
-    __slots__ = ("admitted", "admitted_head", "count", "reserved", "reserved_head", "window")
+    __slots__ = ("admitted", "count", "reserved", "window")
 
     def __init__(self, count: int, window: int) -> None:
         self.count = count
         self.window = window
-        self.reserved = [EMPTY] * count
-        self.reserved_head = 0  # the oldest entry, where the next one goes
-        self.admitted = [EMPTY] * count
-        self.admitted_head = 0
+        self.reserved = Ring(count)
+        self.admitted = Ring(count)
 
     def earliest_start(self, cost: int) -> int:
         """The first start of ``cost`` this limit allows, by reservations and admissions."""
-        reserved = self.reserved[(self.reserved_head + cost - 1) % self.count]
-        admitted = self.admitted[(self.admitted_head + cost - 1) % self.count]
-        return max(reserved, admitted) + self.window
+        return max(self.reserved.oldest(cost), self.admitted.oldest(cost)) + self.window
 
     def earliest_admission(self, cost: int) -> int:
         """The first admission of ``cost`` the admissions so far allow."""
-        return self.admitted[(self.admitted_head + cost - 1) % self.count] + self.window
+        return self.admitted.oldest(cost) + self.window
 
     def last_reserved(self) -> int:
-        return self.reserved[self.reserved_head - 1]
+        return self.reserved.newest()
 
     def reserve(self, at: int, cost: int) -> None:
-        self.reserved_head = _push(self.reserved, self.reserved_head, at, cost)
+        self.reserved.push(at, cost)
 
     def admit(self, at: int, cost: int) -> None:
-        self.admitted_head = _push(self.admitted, self.admitted_head, at, cost)
+        self.admitted.push(at, cost)
 
     def save(self) -> None:
         pass  # nothing kept apart in memory
@@ -225,16 +223,46 @@ class WindowLog:
     def free(self, now: int) -> int:
         """How much could start at ``now`` by this limit alone."""
         since = now - self.window
-        used = max(
-            sum(entry > since for entry in self.reserved),
-            sum(entry > since for entry in self.admitted),
-        )
+        used = max(self.reserved.newer_than(since), self.admitted.newer_than(since))
         return max(0, self.count - used)
 
 
-def _push(ring: list[int], head: int, at: int, cost: int) -> int:
-    size = len(ring)
-    for _ in range(min(cost, size)):
-        ring[head] = at
-        head = (head + 1) % size
-    return head
+class Ring:
+    """The last ``count`` entries pushed, as a ring that grows with what was pushed (up to
+    ``count``), not allocated at ``count``: a limit of 10,000,000 per day that saw three
+    starts holds three entries. Entries never pushed count as ``EMPTY``."""
+
+    __slots__ = ("count", "entries", "head")
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.entries: list[int] = []
+        self.head = 0  # once full, the oldest entry, where the next one goes
+
+    def oldest(self, rank: int) -> int:
+        """The ``rank``-th oldest (from 1) of the last ``count`` entries."""
+        entries = self.entries
+        missing = self.count - len(entries)
+        if rank <= missing:
+            return EMPTY
+        return entries[(self.head + rank - missing - 1) % len(entries)]
+
+    def newest(self) -> int:
+        entries = self.entries
+        return entries[self.head - 1] if entries else EMPTY
+
+    def push(self, at: int, cost: int) -> None:
+        entries = self.entries
+        cost = min(cost, self.count)
+        grow = min(cost, self.count - len(entries))
+        if grow:
+            entries.extend([at] * grow)  # still filling: the oldest stays first
+            cost -= grow
+        head = self.head
+        for _ in range(cost):
+            entries[head] = at
+            head = (head + 1) % self.count
+        self.head = head
+
+    def newer_than(self, since: int) -> int:
+        return sum(entry > since for entry in self.entries)

@@ -1,8 +1,9 @@
 """The options: one flag and one ini key per setting, sharing one help text.
 
 This module is imported on every pytest run, policy or not, so it holds only the table and
-reads raw values; parsing and validation live in ``limits.policy``. The command line wins over the
-ini file; ``-o key=value`` is reported as its own source.
+reads raw values; parsing and validation live in ``limits.policy``. A flag wins over
+``-o key=value``, which wins over the ini file (pytest's rule for ``-o``, which overrides ini
+values, not flags); ``-o`` is reported as its own source.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ TIMELINE_OPTION = "ratebatch_timeline"
 STORE_OPTION = "ratebatch_store"
 KEY_OPTION = "ratebatch_key"
 THROTTLE_EXCEPTIONS_OPTION = "ratebatch_throttle_exceptions"
+#: How much of a value a message shows (a value pasted by mistake can be any length).
+SHOWN_CHARACTERS = 80
 
 
 def flag_of(name: str) -> str:
@@ -61,70 +64,74 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "rate_per_minute",
         "N",
         "Average cost of tests started per minute, across all processes sharing the limiter "
-        "(a number > 0, e.g. 60 or 0.5), or auto: no known limit, pace only at the rate "
-        "learnt from the server's throttles. Default: no rate limit.",
+        "(a number from 0.001 to 60000000, e.g. 60 or 0.5), or auto: no known limit, pace "
+        "only at the rate learnt from the server's throttles. Default: no rate limit.",
     ),
     OptionSpec(
         "burst",
         "N",
-        "Bucket capacity: how much may start back to back after idling (integer >= 1). "
-        "Default: the batch size, else 1. Needs a rate.",
+        "Bucket capacity: how much may start back to back after idling (a whole number from "
+        "1 to 1000000 that the rate refills within 365 days). Default: the batch size, else "
+        "1. Needs a rate.",
     ),
     OptionSpec(
         "rate_limit",
         "LIMITS",
         "Limits as the API states them: N/DURATION, at most N cost started in every sliding "
         "window of that length, across all processes sharing the limiter; several separated "
-        'by commas, all held at once (10/s, 100/15min, "10/2s, 500/h, 10000/day"). '
-        "Combines with --rate-per-minute. Default: none.",
+        'by commas, all held at once (10/s, 100/15min, "10/2s, 500/h, 10000/day"); N from 1 '
+        "to 1000000, a window from 1us to 365d. Combines with --rate-per-minute. Default: "
+        "none.",
     ),
     OptionSpec(
         "max_concurrency",
         "N",
         "At most N tests in flight at once (from their start to the end of their teardown), "
-        "across all processes sharing the limiter. Default: no limit.",
+        "across all processes sharing the limiter (1 to 1000000). Default: no limit.",
     ),
     OptionSpec(
         "batch_size",
         "K",
         "Release tests in batches of at most K; a batch starts only after the previous one "
-        "finished and the backoff passed. Default: no batches.",
+        "finished and the backoff passed (1 to 1000000). Default: no batches.",
     ),
     OptionSpec(
         "batch_backoff",
         "DURATION",
-        "Pause after a batch finishes, before the next starts (90, 1.5s, 250ms, 10m, 2h). "
-        "Default: 0. Needs a batch size.",
+        "Pause after a batch finishes, before the next starts: 0, or from 1us to 365d (90, "
+        "1.5s, 250ms, 10m, 2h, 1d). Default: 0. Needs a batch size.",
     ),
     OptionSpec(
         "max_failures",
         "N",
-        "Start no more tests once N tests failed or errored; the rest are reported as "
-        "cancelled skips. Default: no limit.",
+        "Start no more tests once N tests failed or errored (1 to 1000000); the rest are "
+        "reported as cancelled skips. Default: no limit.",
     ),
     OptionSpec(
         "total_timeout",
         "DURATION",
-        "Start no more tests once the session is this old (90, 1.5s, 10m, 2h); the rest are "
-        "reported as cancelled skips. Default: no limit.",
+        "Start no more tests once the session is this old, from 1us to 365d (90, 1.5s, 10m, "
+        "2h, 1d); the rest are reported as cancelled skips. Default: no limit.",
     ),
     OptionSpec(
         "throttle_retries",
         "N",
         "How often a test the server throttled (HTTP 429, or 503 with Retry-After) runs "
-        "again, after the server's wait; 0: never. Default: 2.",
+        "again, after the server's wait (0 to 1000000); 0: never. Default: 2.",
     ),
     OptionSpec(
         "throttle_max_wait",
         "DURATION",
-        "The longest wait a throttling server may ask for (Retry-After and the like); a "
-        "longer one, or one past the total timeout, stops the session. Default: 5m.",
+        "The longest wait a throttling server may ask for (Retry-After and the like), from "
+        "1us to 365d; a longer one, or one past the total timeout, stops the session. "
+        "Default: 5m.",
     ),
     OptionSpec(
         "throttle_adapt",
         "on|off",
         "Whether each throttle lowers the shared rate to what the server sustained, which "
-        "then recovers toward the configured rate. Default: on.",
+        "then recovers toward the configured rate (on or off; also true/false, yes/no, "
+        "1/0). Default: on.",
     ),
     OptionSpec(
         THROTTLE_EXCEPTIONS_OPTION,
@@ -136,14 +143,17 @@ OPTIONS: tuple[OptionSpec, ...] = (
         STORE_OPTION,
         "URL",
         "Where the token bucket lives: memory (one process), file (the workers of one "
-        "pytest-xdist session), or redis://[user:password@]host:port/db (rediss:// for TLS) "
-        "to share one rate across sessions and machines. Default: memory, file under xdist.",
+        "pytest-xdist session), or redis://[user:password@]host:port/db (rediss:// for TLS; "
+        "a / ? # or @ in the password percent-encoded) to share one rate across sessions and "
+        "machines. Default: memory, file under xdist.",
     ),
     OptionSpec(
         KEY_OPTION,
         "NAME",
         "Name of the shared bucket in a Redis store: sessions with the same store and key "
-        "share one rate and burst. Default: default.",
+        "share one rate and burst. A key names one limit: a session whose rate, burst, "
+        "--rate-limit or --max-concurrency differ from those of a session using the key "
+        "fails to start. Default: default.",
     ),
     OptionSpec(
         REPORT_OPTION,
@@ -189,6 +199,9 @@ class RawValue:
             from ..limits.policy import mask_url  # only ever needed for an error message
 
             text = mask_url(text)
+        if len(text) > SHOWN_CHARACTERS:
+            shown = text[:SHOWN_CHARACTERS]
+            return f"{option}={shown!r}... ({len(text)} characters, {self.source})"
         return f"{option}={text!r} ({self.source})"
 
 
@@ -205,7 +218,8 @@ def add_options(parser: pytest.Parser) -> None:
 
 
 def read_raw_options(config: pytest.Config) -> dict[str, RawValue]:
-    """Each option the user set, as written: the command line wins over the ini file.
+    """Each option the user set, as written: a flag wins over ``-o``, which wins over the ini
+    file.
 
     Empty when nothing is set, which is what keeps an unconfigured session free.
     """
@@ -226,9 +240,8 @@ def read_raw_options(config: pytest.Config) -> dict[str, RawValue]:
                 f'write the value as a string, e.g. {spec.name} = "60"'
             ) from None
         if ini_value not in (None, ""):
-            overrides = {
-                entry.split("=", 1)[0].strip() for entry in config.option.override_ini or ()
-            }
+            # The keys as pytest reads them: the text before the first "=", unstripped.
+            overrides = {entry.split("=", 1)[0] for entry in config.option.override_ini or ()}
             source = "-o/--override-ini" if spec.name in overrides else ini_source
             raw[spec.name] = RawValue(str(ini_value), source)
     return raw

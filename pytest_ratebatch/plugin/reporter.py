@@ -7,6 +7,7 @@ builds on this one, in ``xdist``.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -84,6 +85,9 @@ class Reporter:
         self.interrupted = False
         #: Why pytest itself stopped the session (``-x``, ``--maxfail``, ...), if it did.
         self.stopped_by_pytest = ""
+        #: Our files that could not be written (``report``, ``timeline``): a line for each,
+        #: naming the path and why.
+        self.output_errors: dict[str, str] = {}
         self._terminal: TerminalReporter | None = None
         #: The least time the policy imposes on the collected tests (``None``: no rate, no
         #: windows, or not known yet).
@@ -92,6 +96,7 @@ class Reporter:
         self._forecast_line = ""
         self.progress: ProgressLine | None = None
         self.output_lock = threading.RLock()
+        self._warned: set[str] = set()
 
     def _record(self, nodeid: str) -> TestRecord:
         assert self.records is not None
@@ -238,6 +243,14 @@ class Reporter:
                 reach = until
         return paused
 
+    def warn_once(self, text: str) -> None:
+        """A warning line for the session, printed once however many processes send it."""
+        with self.output_lock:
+            if text in self._warned:
+                return
+            self._warned.add(text)
+        self._write_announcement(text)
+
     def _write_announcement(self, text: str) -> None:
         terminal = self._terminal
         if terminal is None:
@@ -290,17 +303,58 @@ class Reporter:
             duration_ns=MONOTONIC.now_ns() - self.start_ns,
             forecast=None if forecast is None else forecast_json(forecast),
         )
+        self._write_outputs(data)
+        if self.output_errors:
+            if session.exitstatus == pytest.ExitCode.OK:
+                # Something other than the tests went wrong; tests that failed or an
+                # interrupt keep their status (the error line is printed either way).
+                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+            if self._terminal is None:  # no terminal summary to print them in
+                for line in self.output_errors.values():
+                    sys.stderr.write(f"{line}\n")
+
+    def _write_outputs(self, data: dict[str, Any]) -> None:
+        """The JSON report and the timeline; a file that cannot be written costs nothing
+        else (pytest's JUnit XML and summary come after this hook): one line says why."""
+        from ..views.output import OutputError
+
         if self.report_path is not None:
-            write_json(self.report_path, data)
+            try:
+                write_json(self.report_path, data)
+            except OutputError as error:
+                self.output_errors["report"] = f"ERROR: ratebatch: report {error}"
         if self.timeline_path is not None:
             from ..views.timeline import write_timeline
 
-            write_timeline(self.timeline_path, [data])
+            try:
+                write_timeline(self.timeline_path, [data])
+            except OutputError as error:
+                self.output_errors["timeline"] = f"ERROR: ratebatch: timeline {error}"
 
     def summary_lines(self) -> list[str]:
         return describe_summary(self.policy, self.tally, self.stop_reason, self.events)
 
+    def attention_line(self) -> str:
+        """What needs attention, in one line (a stop, cancelled tests, throttles); empty
+        when the run went as planned."""
+        parts = []
+        if self.stop_reason:
+            parts.append(f"stop: {self.stop_reason}")
+        if self.tally.cancelled:
+            parts.append(f"{self.tally.cancelled} cancelled")
+        throttles = sum(event.get("event") == "throttle" for event in self.events)
+        if throttles:
+            parts.append(f"throttled {throttles} times" if throttles > 1 else "throttled once")
+        return "; ".join(parts)
+
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
+        if self.config.get_verbosity() < -1:  # -qq: quiet, unless something needs attention
+            line = self.attention_line()
+            if line:
+                terminalreporter.line(f"ratebatch: {line}")
+            for message in self.output_errors.values():  # a file of ours not written
+                terminalreporter.line(message, red=True, bold=True)
+            return
         terminalreporter.section("ratebatch")
         if self.config.option.collectonly:
             lines = [f"policy: {self.policy.describe()}"]
@@ -311,10 +365,12 @@ class Reporter:
             lines = self.summary_lines()
         for line in lines:
             terminalreporter.line(line)
-        if self.report_path is not None:
-            terminalreporter.line(f"report: {self.report_path}")
-        if self.timeline_path is not None:
-            terminalreporter.line(f"timeline: {self.timeline_path}")
+        for kind, path in (("report", self.report_path), ("timeline", self.timeline_path)):
+            error = self.output_errors.get(kind)
+            if error is not None:
+                terminalreporter.line(error, red=True, bold=True)
+            elif path is not None:
+                terminalreporter.line(f"{kind}: {path}")
 
 
 class OutcomeRecorder:

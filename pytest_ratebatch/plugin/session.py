@@ -9,9 +9,10 @@ a plain session never loads the xdist or Redis parts.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -38,7 +39,8 @@ from .reporter import OutcomeRecorder, Reporter, wants_forecast
 
 if TYPE_CHECKING:
     from ..stores.base import SlotPool
-    from .session_dir import SessionDirectory
+    from ..stores.redis import RedisBucketStore
+    from .session_dir import SessionDirectory, SharedSession
 
 __all__ = [
     "Settings",
@@ -47,6 +49,7 @@ __all__ = [
     "load_settings",
     "open_slots",
     "open_store",
+    "parse_settings",
     "store_choice",
 ]
 
@@ -84,6 +87,15 @@ class Settings(Value):
 
 def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
     """The validated settings, or ``pytest.UsageError`` naming the bad value."""
+    try:
+        return parse_settings(raw, config.invocation_params.dir, config.rootpath)
+    except PolicyError as error:
+        raise pytest.UsageError(str(error)) from None
+
+
+def parse_settings(raw: dict[str, RawValue], invocation_dir: Path, rootpath: Path) -> Settings:
+    """The validated settings, or ``PolicyError`` naming the bad value: paths on the command
+    line are relative to ``invocation_dir``, in the ini file to ``rootpath``."""
     written = raw
     raw = dict(raw)
     extra = {
@@ -91,17 +103,22 @@ def load_settings(config: pytest.Config, raw: dict[str, RawValue]) -> Settings:
         for name in (REPORT_OPTION, TIMELINE_OPTION, STORE_OPTION, KEY_OPTION)
         if name in raw
     }
-    try:
-        policy = build_policy(raw)
-        values = {name: parse_value(name, value) for name, value in extra.items()}
-    except PolicyError as error:
-        raise pytest.UsageError(str(error)) from None
+    policy = build_policy(raw)
+    values = {name: parse_value(name, value) for name, value in extra.items()}
     paths: dict[str, Path] = {}
     for name in (REPORT_OPTION, TIMELINE_OPTION):
         if name in values:
-            from_cli = extra[name].source == COMMAND_LINE
-            base = config.invocation_params.dir if from_cli else config.rootpath
-            paths[name] = base / Path(values[name]).expanduser()
+            base = invocation_dir if extra[name].source == COMMAND_LINE else rootpath
+            try:
+                path = paths[name] = base / Path(values[name]).expanduser()
+            except RuntimeError as error:  # ~user of no such user: no home to expand
+                raise PolicyError(f"ratebatch: {extra[name].describe(name)}: {error}") from None
+            # Known before any test runs (pytest refuses --junitxml=DIR too); any other
+            # problem shows when the file is written (os.path, unlike pathlib, never raises).
+            if os.path.isdir(path):
+                raise PolicyError(
+                    f"ratebatch: {extra[name].describe(name)}: a directory; name a file in it"
+                )
     return Settings(
         policy,
         paths.get(REPORT_OPTION),
@@ -145,19 +162,27 @@ def open_store(
         return MemoryBucketStore()
     if choice == "file":
         if shared is None:
-            from .session_dir import SharedSession
-
-            shared = SharedSession.create()  # a file store for this process alone
+            shared = _create_shared()  # a file store for this process alone
             config.add_cleanup(shared.close)
         return shared.bucket()
-    from ..stores.redis import DEFAULT_KEY, RedisBucketStore
+    from ..stores.redis import DEFAULT_KEY, PolicyConflict, RedisBucketStore
     from .session_dir import SharedSession
 
     try:
         store = RedisBucketStore(choice, settings.key or DEFAULT_KEY)
         config.add_cleanup(store.close)
         if shared is None or isinstance(shared, SharedSession):
-            store.check()  # once per session, before any test: the workers trust it
+            # Once per session, before any test (the workers trust it): the server answers,
+            # and the key is not in use with other limits.
+            store.check()
+            store.claim(*settings.policy.shared_limits())
+    except PolicyConflict as conflict:
+        raise pytest.UsageError(
+            f"ratebatch: the Redis key {conflict.key!r} is in use by another session with "
+            f"other limits: it holds {conflict.theirs}, this session states {conflict.ours}. "
+            "A key names one limit: give every session on it the same --rate-per-minute, "
+            "--burst, --rate-limit and --max-concurrency, or another --ratebatch-key"
+        ) from None
     except StoreError as error:
         raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
     return store
@@ -221,6 +246,7 @@ def configure(
                 worker_pacer.costs_to = (worker.directory, worker.worker_id)
             config.stash[pacer_key] = worker_pacer
             throttles = _throttles(config, worker_pacer, settings)
+            _watch_for_loss(store, policy, throttles.events, worker.start_ns, worker.warn)
             # xdist runs the worker's loop: pacing wraps each test's protocol instead.
             protocol = ProtocolPacing(worker_pacer)
             register_hooks(
@@ -242,10 +268,62 @@ def configure(
     config.stash[pacer_key] = pacer
     throttles = _throttles(config, pacer, settings)
     reporter.events = throttles.events
+    _watch_for_loss(store, policy, throttles.events, start_ns, reporter.warn_once)
+    _watch_for_conflicts(store, reporter.warn_once)
     parts: list[object] = [reporter, pacer, throttles]
     if reporter.records is not None:
         parts.append(OutcomeRecorder(reporter))
     register_hooks(config.pluginmanager, "ratebatch-session", *parts)
+
+
+#: The warning line when a shared store is found to have lost its state.
+STORE_LOST = "the Redis store lost its state (restarted?); resuming as if the bucket were empty"
+
+
+def _redis_store(store: BucketStore) -> RedisBucketStore | None:
+    """The store if it is a Redis one (memory and file stores live and die with the session,
+    and need no watching)."""
+    if store.local_clock:
+        return None
+    from ..stores.redis import RedisBucketStore
+
+    return store if isinstance(store, RedisBucketStore) else None
+
+
+def _watch_for_loss(
+    store: BucketStore,
+    policy: ExecutionPolicy,
+    events: list[dict[str, Any]],
+    start_ns: int,
+    warn: Callable[[str], None],
+) -> None:
+    """A Redis store that finds its state lost (a restart) warns once and leaves an event
+    for the report."""
+    redis_store = _redis_store(store)
+    if redis_store is None:
+        return
+    text = STORE_LOST + (" and every window full" if policy.windows else "")
+
+    def lost(store_ns: int) -> None:
+        at = MONOTONIC.now_ns() - start_ns
+        events.append({"event": "store_lost", "store_ns": store_ns, "at_ns": at})
+        warn(text)
+
+    redis_store.on_lost = lost
+
+
+def _watch_for_conflicts(store: BucketStore, warn: Callable[[str], None]) -> None:
+    """Where the session claimed its Redis key: another policy found on it later (after the
+    server lost the claims) is a warning; the session already runs."""
+    redis_store = _redis_store(store)
+    if redis_store is None:
+        return
+    key = redis_store.name
+
+    def conflict(theirs: str) -> None:
+        warn(f"the Redis key {key!r} is also in use with other limits ({theirs})")
+
+    redis_store.on_conflict = conflict
 
 
 def _throttles(config: pytest.Config, pacer: Pacer, settings: Settings) -> Throttles:
@@ -271,20 +349,30 @@ def _throttles(config: pytest.Config, pacer: Pacer, settings: Settings) -> Throt
 
 def _configure_controller(config: pytest.Config, settings: Settings) -> None:
     """The xdist controller runs no test: it shares the session and reports."""
-    from .session_dir import SharedSession
     from .xdist import ControllerReporter, WorkerRecords
 
-    shared = SharedSession.create()
+    shared = _create_shared()
     config.add_cleanup(shared.close)
     store = open_store(config, settings, shared)
     reporter = ControllerReporter(
         shared, config, settings.policy, settings.report_path, store, shared.ledger(),
         shared.start_ns, settings.timeline_path,
     )  # fmt: skip
+    _watch_for_conflicts(store, reporter.warn_once)
     parts: list[object] = [reporter]
     if reporter.records is not None:
         parts.append(WorkerRecords(reporter))
     register_hooks(config.pluginmanager, "ratebatch-session", *parts)
+
+
+def _create_shared() -> SharedSession:
+    """A new session directory, or a usage error saying why there can be none."""
+    from .session_dir import SharedSession
+
+    try:
+        return SharedSession.create()
+    except StoreError as error:
+        raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
 
 
 def _scheduler(

@@ -7,6 +7,7 @@ each test's account on its reports; the controller merges them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -16,9 +17,10 @@ import pytest
 
 from ..engine.scheduler import TaskScheduler, Ticket
 from ..limits.clock import MONOTONIC
-from ..views.report import CANCELLED_PREFIX, Tally, TestRecord
+from ..views.report import CANCELLED_PREFIX, Tally, TestRecord, describe_summary
 from .pacing import Pacer
 from .reporter import Reporter
+from .session_dir import WARNING
 
 if TYPE_CHECKING:
     from .session_dir import SharedSession
@@ -59,12 +61,20 @@ def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
 COSTS_FILE = "costs-{worker}.json"
 
 
-def write_worker_costs(directory: Path, worker: str, costs: dict[str, int]) -> None:
-    """A worker's costs other than 1, by node id, written whole before its collection ends."""
+def write_worker_costs(directory: Path, worker: str, costs: dict[str, int]) -> bool:
+    """A worker's costs other than 1, by node id, written whole before its collection ends;
+    ``False`` if they cannot be (the session directory failed: the forecast then counts 1 a
+    test, and the store's own failure stops the session with the reason)."""
     path = directory / COSTS_FILE.format(worker=worker)
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(costs), encoding="utf-8")
-    os.replace(partial, path)
+    try:
+        partial.write_text(json.dumps(costs), encoding="utf-8")
+        os.replace(partial, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        return False
+    return True
 
 
 def read_worker_costs(directory: Path, worker: str) -> dict[str, int] | None:
@@ -86,6 +96,8 @@ class ControllerReporter(Reporter):
         self.shared = shared
         self._collected: dict[str, int] = {}  # worker -> tests it collected
         self._lost: list[str] = []  # workers that died before sending their totals
+        self._reported: set[str] = set()  # workers whose totals arrived
+        self._worker_stop = ""  # a stop a worker saw that the shared ledger may not hold
         self._started = 0  # tests the workers started (for the progress line)
         self.output_lock = shared.output_lock
 
@@ -99,9 +111,13 @@ class ControllerReporter(Reporter):
         self.shared.start_announcer(self._announced)
 
     def _announced(self, message: str) -> None:
-        """A worker's announcement: ``worker<TAB>seconds<TAB>what``, a wait it begins."""
+        """A worker's announcement: ``worker<TAB>seconds<TAB>what``, a wait it begins, or
+        ``worker<TAB>warning<TAB>text``."""
         try:
             worker, seconds, what = message.split("\t", 2)
+            if seconds == WARNING:
+                self.warn_once(what)
+                return
             self.announce_wait(what, float(seconds), worker)
         except ValueError:  # not from this version's workers: show it as it came
             self._write_announcement(message)
@@ -146,11 +162,24 @@ class ControllerReporter(Reporter):
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object | None) -> None:
         output = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
+        worker = str(node.gateway.id)
         if output is not None:
             self.tally.merge(output["tally"])
             self.events.extend(output["events"])
+            self._reported.add(worker)
+            self._worker_stop = self._worker_stop or output.get("stop", "")
         else:
-            self._lost.append(str(node.gateway.id))
+            self._lost.append(worker)
+
+    def _unreported(self) -> list[str]:
+        """Workers whose totals never came: crashed, or interrupted before they sent them."""
+        return sorted(set(self._lost) | (set(self._collected) - self._reported))
+
+    @property
+    def stop_reason(self) -> str:
+        # A worker whose session directory failed may have stopped alone (``FileLedger``).
+        reason = self.ledger.snapshot().stop_reason or self._worker_stop
+        return reason or ("interrupted" if self.interrupted else "")
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport) -> None:
@@ -158,14 +187,28 @@ class ControllerReporter(Reporter):
         self.ledger.finish(0, failed=True, now=MONOTONIC.now_ns())
 
     def summary_lines(self) -> list[str]:
-        lines = super().summary_lines()
-        if self._lost:
-            lines.insert(-1, f"(without the tests of {', '.join(self._lost)}, which crashed)")
+        unreported = self._unreported()
+        if not unreported or self.records is not None:
+            return super().summary_lines()  # complete, or counted again from the records
+        # Without records the tests of these workers are not counted, nor claimed "not run".
+        lines = describe_summary(
+            self.policy, self.tally, self.stop_reason, self.events, count_not_run=False
+        )
+        lost = [worker for worker in unreported if worker in self._lost]
+        if lost:
+            lines.insert(-1, f"(without the tests of {', '.join(lost)}, which crashed)")
+        silent = [worker for worker in unreported if worker not in self._lost]
+        if silent:
+            workers = ", ".join(silent)
+            lines.insert(-1, f"(without the tests of {workers}, which did not send their totals)")
         return lines
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.shared.stop_announcer()
+        if self.records is not None and self._unreported():
+            # Some workers' totals never came; each test's record did, with its report.
+            self.tally.recount(self.records.values())
         super().pytest_sessionfinish(session)
 
 
@@ -223,7 +266,11 @@ class WorkerPacer(Pacer):
         workeroutput = getattr(session.config, "workeroutput", None)
         if workeroutput is not None:
             events = self.throttles.events if self.throttles is not None else []
-            workeroutput[WORKEROUTPUT_KEY] = {"tally": self._tally.to_list(), "events": events}
+            workeroutput[WORKEROUTPUT_KEY] = {
+                "tally": self._tally.to_list(),
+                "events": events,
+                "stop": self.scheduler.ledger.snapshot().stop_reason,
+            }
 
 
 class RecordingWorkerPacer(WorkerPacer):

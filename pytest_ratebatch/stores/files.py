@@ -19,7 +19,9 @@ and one write; all waiting happens outside the lock:
 
 **Slots** (``--max-concurrency``) are lock files in the same directory. Slot *i* is held by
 holding the exclusive ``flock`` of the file ``slot-<i>``. The kernel releases such a lock
-when its process dies, so a crashed worker never keeps a slot.
+when its process dies, so a crashed worker never keeps a slot. A slot's file is created
+when a search for a free slot first reaches it: as many files as tests were ever in flight
+at once, plus one, whatever the cap.
 
 Waiters form a line, so that a freed slot goes to the longest waiter and only one process
 at a time looks for one:
@@ -74,7 +76,7 @@ from ..limits.clock import MONOTONIC, Clock
 from ..limits.gcra import Outcome
 from ..limits.policy import NANOS_PER_SECOND
 from ..limits.windows import EMPTY, WindowedOutcome, Windows, commit_state, take_state
-from .base import Slot
+from .base import Slot, StoreError
 
 __all__ = [
     "POLL_SECONDS",
@@ -93,28 +95,68 @@ WAKE_PREFIX = "wake-"
 _wake_numbers = itertools.count()  # a socket per ledger, even for several in one process
 
 
+def session_error(directory: Path, error: OSError) -> StoreError:
+    """A failure of the session directory, as a ``StoreError`` that says what happened (the
+    scheduler then stops the session, cancelling the tests with this reason)."""
+    if not os.path.isdir(directory):
+        return StoreError(f"the session directory {directory} was removed while the session ran")
+    return StoreError(f"the session directory {directory}: {error.strerror or error}")
+
+
 class SharedFile:
-    """A small fixed-size record in a file, read and written under an exclusive ``flock``."""
+    """A small fixed-size record in a file, read and written under an exclusive ``flock``.
+
+    A file that cannot be opened (its directory gone) or read and written (a full disk) is a
+    ``StoreError`` at its first use, not at its opening: the session then stops with the
+    reason, every test accounted for."""
 
     def __init__(self, path: Path, layout: struct.Struct) -> None:
         self.path = path
         self._layout = layout
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._error: StoreError | None = None
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            self._fd = -1
+            self._error = session_error(path.parent, error)
         self._thread_lock = threading.Lock()  # flock does not exclude threads sharing an fd
 
     def __enter__(self) -> tuple[Any, ...] | None:
+        if self._error is not None:
+            raise self._error
         self._thread_lock.acquire()
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         except BaseException:
             self._thread_lock.release()
             raise
-        data = os.pread(self._fd, self._layout.size, 0)
+        try:
+            data = os.pread(self._fd, self._layout.size, 0)
+        except OSError as error:
+            self.__exit__()
+            raise self.failure(error) from None
         return self._layout.unpack(data) if len(data) == self._layout.size else None
 
     def write(self, *values: object) -> None:
         """Only between ``__enter__`` and ``__exit__``."""
-        os.pwrite(self._fd, self._layout.pack(*values), 0)
+        try:
+            os.pwrite(self._fd, self._layout.pack(*values), 0)
+        except OSError as error:  # a full disk: the record stays as it was
+            raise self.failure(error) from None
+
+    def failure(self, error: OSError) -> StoreError:
+        return session_error(self.path.parent, error)
+
+    def replaced(self) -> bool:
+        """Whether the file's path no longer names this file (its directory was removed)."""
+        if self._fd < 0:
+            return True
+        try:
+            named = os.stat(self.path)
+        except OSError:
+            return True
+        mine = os.fstat(self._fd)
+        return (named.st_dev, named.st_ino) != (mine.st_dev, mine.st_ino)
 
     @property
     def fd(self) -> int:
@@ -128,7 +170,9 @@ class SharedFile:
             self._thread_lock.release()
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 _INT = struct.Struct("<q")
@@ -280,10 +324,13 @@ class FileBucketStore:
     ) -> WindowedOutcome:
         with self._file as stored:
             state = BucketState(*stored) if stored else BucketState()
-            outcome = take_state(
-                state, self._logs(windows), self._now(), cost, interval_ns, burst, max_wait_ns,
-                admit,
-            )  # fmt: skip
+            try:
+                outcome = take_state(
+                    state, self._logs(windows), self._now(), cost, interval_ns, burst,
+                    max_wait_ns, admit,
+                )  # fmt: skip
+            except OSError as error:  # the logs, read and written past the record
+                raise self._file.failure(error) from None
             if outcome[0] != gcra.REFUSED:
                 self._file.write(*state.values())
         return outcome
@@ -293,9 +340,12 @@ class FileBucketStore:
     ) -> WindowedOutcome:
         with self._file as stored:
             state = BucketState(*stored) if stored else BucketState()
-            outcome = commit_state(
-                state, self._logs(windows), self._now(), cost, interval_ns, burst, slot_ns
-            )
+            try:
+                outcome = commit_state(
+                    state, self._logs(windows), self._now(), cost, interval_ns, burst, slot_ns
+                )
+            except OSError as error:
+                raise self._file.failure(error) from None
             if outcome[0] == gcra.ADMITTED:
                 self._file.write(*state.values())
         return outcome
@@ -306,8 +356,11 @@ class FileBucketStore:
             now = self._now()
             interval_ns = current_interval(state, now, interval_ns)
             tokens = gcra.level(state.reserved, state.admitted, now, interval_ns, burst)
-            for log in self._logs(windows) if windows else ():
-                tokens = min(tokens, log.free(now))
+            try:
+                for log in self._logs(windows) if windows else ():
+                    tokens = min(tokens, log.free(now))
+            except OSError as error:
+                raise self._file.failure(error) from None
             return tokens
 
     def throttle(
@@ -328,7 +381,13 @@ class FileBucketStore:
 
 
 class FileLedger:
-    """``SessionState`` in a file; the barrier and the gate as per-batch lock files."""
+    """``SessionState`` in a file; the barrier and the gate as per-batch lock files.
+
+    If the session directory fails (removed by a temporary-file cleaner, a full disk), its
+    operations raise ``StoreError`` and the scheduler records a stop: in the file if it can
+    still be written (every process then sees it), else in this process alone, which then
+    cancels every test it would start. A finish or a leave never raises: a test that ran is
+    not failed for it."""
 
     _REASON_BYTES = 240
     _LAYOUT = struct.Struct(f"<qqqq?qqq{_REASON_BYTES}s")
@@ -343,17 +402,19 @@ class FileLedger:
         #: This ledger's socket for stops (bound on its first sleep; ``False``: cannot be).
         self._wake: socket.socket | bool | None = None
         self._wake_path = directory / f"{WAKE_PREFIX}{os.getpid()}-{next(_wake_numbers)}"
+        #: A stop the file could not record: this process stops alone.
+        self._stopped_here = ""
 
     # --- the state record -------------------------------------------------------------
 
     def _load(self, stored: tuple[Any, ...] | None) -> SessionState:
         if stored is None:
-            return SessionState()
+            return SessionState(stop_reason=self._stopped_here)
         failures, batch, members, running, released, draining, drained, last, reason = stored
         assert isinstance(reason, bytes)
         return SessionState(
             failures=int(failures),
-            stop_reason=reason.rstrip(b"\0").decode("utf-8", "replace"),
+            stop_reason=reason.rstrip(b"\0").decode("utf-8", "replace") or self._stopped_here,
             batch=int(batch),
             members=int(members),
             running=int(running),
@@ -382,6 +443,13 @@ class FileLedger:
     def _lock_path(self, batch: int, kind: str) -> Path:
         return self.directory / f"batch-{batch}.{kind}"
 
+    def _missing(self, error: OSError) -> StoreError | None:
+        """A lock file not found: normal (a batch already drained or released), unless the
+        directory itself was removed, which is the error returned."""
+        if self._file.replaced():
+            return session_error(self.directory, error)
+        return None
+
     def _hold(self, batch: int) -> None:
         """Hold the batch's members file shared: the barrier of the next batch waits for it."""
         if batch in self._held:
@@ -405,55 +473,91 @@ class FileLedger:
     # --- the ledger ---------------------------------------------------------------------
 
     def enter(self, now: int, rule: StopRule, batch_size: int | None) -> Entry:
+        if self._stopped_here:
+            return Entry("cancel", reason=self._stopped_here)
         with self._file as stored:
             state = self._load(stored)
             stopped = state.stop_reason  # a stop recorded before this operation
             entry = enter(state, now, rule, batch_size)
-            if entry.batch and entry.action in ("go", "join", "open"):
-                self._hold(entry.batch)
-            if entry.action == "open":
-                gate = os.open(self._lock_path(entry.batch, "gate"), os.O_RDWR | os.O_CREAT, 0o600)
-                fcntl.flock(gate, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: never contended
-                self._gates[entry.batch] = gate
-            self._save(state)
+            held_before = entry.batch in self._held
+            try:
+                if entry.batch and entry.action in ("go", "join", "open"):
+                    self._hold(entry.batch)
+                if entry.action == "open":
+                    path = self._lock_path(entry.batch, "gate")
+                    gate = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                    fcntl.flock(gate, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: uncontended
+                    self._gates[entry.batch] = gate
+                self._save(state)
+            except (OSError, StoreError) as error:
+                # Not entered after all: nothing of this entry stays held.
+                if not held_before:
+                    self._let_go(entry.batch)
+                if entry.action == "open":
+                    self._open_gate(entry.batch)
+                if isinstance(error, StoreError):
+                    raise
+                raise session_error(self.directory, error) from None
         if entry.action == "cancel" and not stopped:
             self._ring()
         return entry
 
     def release(self, batch: int) -> None:
-        with self._file as stored:
-            state = self._load(stored)
-            release(state, batch)
-            self._save(state)
-        self._open_gate(batch)
+        try:
+            with self._file as stored:
+                state = self._load(stored)
+                release(state, batch)
+                self._save(state)
+        finally:
+            self._open_gate(batch)
 
     def _open_gate(self, batch: int) -> None:
         gate = self._gates.pop(batch, None)
         if gate is not None:
-            os.unlink(self._lock_path(batch, "gate"))
+            with contextlib.suppress(OSError):  # the directory may be gone: the close wakes all
+                os.unlink(self._lock_path(batch, "gate"))
             os.close(gate)
 
     def finish(self, batch: int, failed: bool, now: int) -> None:
-        with self._file as stored:
-            state = self._load(stored)
-            finish(state, batch, failed, now)
-            self._save(state)
-        self._let_go(batch)
+        try:
+            with self._file as stored:
+                state = self._load(stored)
+                finish(state, batch, failed, now)
+                self._save(state)
+        except StoreError as error:
+            self._stop_here(f"store unavailable: {error}")
+        finally:
+            self._let_go(batch)
 
     def leave(self, batch: int) -> None:
-        with self._file as stored:
-            state = self._load(stored)
-            leave(state, batch)
-            self._save(state)
-        self._let_go(batch)
-        self._open_gate(batch)
+        try:
+            with self._file as stored:
+                state = self._load(stored)
+                leave(state, batch)
+                self._save(state)
+        except StoreError as error:
+            self._stop_here(f"store unavailable: {error}")
+        finally:
+            self._let_go(batch)
+            self._open_gate(batch)
+
+    def _stop_here(self, reason: str) -> str:
+        """The file cannot record a stop: this process stops alone, and wakes its waiters."""
+        if not self._stopped_here:
+            self._stopped_here = reason
+        for batch in list(self._gates):
+            self._open_gate(batch)
+        return self._stopped_here
 
     def stop(self, reason: str) -> str:
-        with self._file as stored:
-            state = self._load(stored)
-            stopped = state.stop_reason  # a stop recorded before this operation
-            result = stop(state, reason)
-            self._save(state)
+        try:
+            with self._file as stored:
+                state = self._load(stored)
+                stopped = state.stop_reason  # a stop recorded before this operation
+                result = stop(state, reason)
+                self._save(state)
+        except StoreError:
+            return self._stop_here(reason)
         for batch in list(self._gates):
             self._open_gate(batch)
         if not stopped:
@@ -461,6 +565,8 @@ class FileLedger:
         return result
 
     def check_stop(self, now: int, rule: StopRule) -> str:
+        if self._stopped_here:
+            return self._stopped_here
         with self._file as stored:
             state = self._load(stored)
             stopped = state.stop_reason  # a stop recorded before this operation
@@ -524,12 +630,18 @@ class FileLedger:
         path = self._lock_path(batch, "members")
         try:
             fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
+        except FileNotFoundError as error:
+            gone = self._missing(error)
+            if gone is not None:
+                raise gone from None
             return self.snapshot().drained_ns
+        except OSError as error:
+            raise session_error(self.directory, error) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # returns when the last member let go, or died
             locked_at = self._now()
-            os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         finally:
             os.close(fd)
         state = self.snapshot()
@@ -539,16 +651,25 @@ class FileLedger:
     def wait_released(self, batch: int) -> None:
         try:
             fd = os.open(self._lock_path(batch, "gate"), os.O_RDWR)
-        except FileNotFoundError:
+        except FileNotFoundError as error:
+            gone = self._missing(error)
+            if gone is not None:
+                raise gone from None
             return  # already released (the opener removes the gate)
+        except OSError as error:
+            raise session_error(self.directory, error) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
         finally:
             os.close(fd)
 
     def snapshot(self) -> SessionState:
-        with self._file as stored:
-            return self._load(stored)
+        """The state; never raises: a file that cannot be read is a stop, in the state."""
+        try:
+            with self._file as stored:
+                return self._load(stored)
+        except StoreError as error:
+            return SessionState(stop_reason=self._stopped_here or f"store unavailable: {error}")
 
     def close(self) -> None:
         self._held.clear()
@@ -581,12 +702,19 @@ class FileSlotPool:
 
     _LAYOUT = struct.Struct("<qq")  # the next ticket; the oldest ticket whose file may remain
 
-    def __init__(self, directory: Path, capacity: int, clock: Clock = MONOTONIC) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        capacity: int,
+        clock: Clock = MONOTONIC,
+        rescan_seconds: float = RESCAN_SECONDS,
+    ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an integer >= 1, not {capacity!r}")
         self.directory = directory
         self.capacity = capacity
         self._clock = clock
+        self._rescan_seconds = rescan_seconds
         self._queue = SharedFile(directory / QUEUE_FILE, self._LAYOUT)
         self._slot_fds: list[int] = []  # one per slot file, opened on first use, kept open
         self._held: set[int] = set()  # slots this process holds (flock cannot tell threads apart)
@@ -599,13 +727,18 @@ class FileSlotPool:
 
     def acquire(self, max_wait_ns: int | None = None) -> Slot | None:
         deadline = None if max_wait_ns is None else self._clock.now_ns() + max(0, max_wait_ns)
-        ticket, own = self._join()
+        try:
+            ticket, own = self._join()
+        except OSError as error:  # the directory removed, a full disk
+            raise session_error(self.directory, error) from None
         try:
             if not self._wait_turn(ticket, deadline):
                 return None
             os.pwrite(own, HEAD_MARK, 0)
             self._clean_below(ticket)
             return self._find_slot(deadline)
+        except OSError as error:
+            raise session_error(self.directory, error) from None
         finally:
             os.close(own)  # leaves the line: the waiter behind wakes
 
@@ -664,7 +797,7 @@ class FileSlotPool:
                 slot = self._scan()  # again: a release may have rung before the bell existed
                 if slot is not None:
                     return slot
-                wait = RESCAN_SECONDS if bell is not None else POLL_SECONDS
+                wait = self._rescan_seconds if bell is not None else POLL_SECONDS
                 if deadline is not None:
                     left = deadline - self._clock.now_ns()
                     if left <= 0:
@@ -681,25 +814,25 @@ class FileSlotPool:
                 self._unbind_bell(bell)
 
     def _scan(self) -> Slot | None:
+        """The first free slot. Slot files are opened (and created) as the scan reaches them
+        and kept open: it stops at the first free one, so a process holds a file per slot
+        in flight, plus one, whatever the cap."""
         with self._lock:
-            fds = self._slot_fds or self._open_slots()
+            fds = self._slot_fds
             held = self._held
-            for index, fd in enumerate(fds):
+            for index in range(self.capacity):
+                if index == len(fds):
+                    path = self.directory / f"slot-{index}"
+                    fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
                 if index in held:
                     continue
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fds[index], fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     continue
                 held.add(index)
                 return Slot(index)
         return None
-
-    def _open_slots(self) -> list[int]:
-        for index in range(self.capacity):
-            path = self.directory / f"slot-{index}"
-            self._slot_fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        return self._slot_fds
 
     def _bind_bell(self) -> socket.socket | None:
         bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -737,8 +870,8 @@ class FileSlotPool:
         """Slots held right now by any process (for tests and diagnostics: it briefly takes
         each free slot to find out)."""
         busy = 0
-        for index in range(self.capacity):
-            fd = os.open(self.directory / f"slot-{index}", os.O_RDWR | os.O_CREAT, 0o600)
+        for path in self.directory.glob("slot-*"):  # a slot never reached has no file
+            fd = os.open(path, os.O_RDWR)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -225,7 +225,8 @@ class MemorySlotPool:
     """Slots shared by the threads of one process.
 
     A freed slot is handed straight to the longest waiter (it is never free in between), so
-    a newcomer cannot overtake a waiter. Waits block on a ``threading.Event``.
+    a newcomer cannot overtake a waiter. Waits block on a ``threading.Event``. Slots are
+    numbered as they are first taken, so a cap of a million costs what a cap of two does.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -233,13 +234,18 @@ class MemorySlotPool:
             raise ValueError(f"capacity must be an integer >= 1, not {capacity!r}")
         self.capacity = capacity
         self._lock = threading.Lock()
-        self._free = list(range(capacity - 1, -1, -1))  # a stack: slot 0 is taken first
+        self._free: list[int] = []  # a stack of slots given back: the last one is taken first
+        self._fresh = 0  # slots from here on were never taken
         self._waiters: deque[_Waiter] = deque()
 
     def acquire(self, max_wait_ns: int | None = None) -> Slot | None:
         with self._lock:
-            if self._free and not self._waiters:
-                return Slot(self._free.pop())
+            if not self._waiters:
+                if self._free:
+                    return Slot(self._free.pop())
+                if self._fresh < self.capacity:
+                    self._fresh += 1
+                    return Slot(self._fresh - 1)
             if max_wait_ns is not None and max_wait_ns <= 0:
                 return None
             waiter = _Waiter()
@@ -276,7 +282,7 @@ class MemorySlotPool:
     def in_use(self) -> int:
         """Slots held right now."""
         with self._lock:
-            return self.capacity - len(self._free)
+            return self._fresh - len(self._free)
 
     def describe(self) -> str:
         return f"memory, {self.capacity} slots"

@@ -5,13 +5,25 @@ Each operation is one round trip: an atomic Lua script on one key (the ``BucketS
 clock (``TIME``, in microseconds), never the clients' clocks, so sessions on different
 machines agree on time; a throttle, rare, reads and writes it under WATCH. The key expires once the
 bucket has been full and idle for a minute. redis-py (the ``redis`` extra) does the
-talking, with its own retry for brief outages; what stays down becomes a ``StoreError``.
+talking; ``RedisConnection`` retries for ``RETRY_SECONDS`` (2 s) while the server cannot be
+reached or does not answer within ``SOCKET_TIMEOUT`` (2 s), and what stays down becomes a
+``StoreError``.
+
+**A lost state** (a server restarted without persistence, a flushed database): each client
+keeps the bucket's epoch and time as it last saw them and sends them with each operation;
+the script tells a key that cannot have expired by itself yet, and the bucket resumes as if
+it had just been emptied, the windows as if full (``_READ``).
+
+**One limit per key**: each session claims the key for its limits (``claim``, a renewed
+lease beside the key); a session that states other limits while the key is held fails to
+start (``PolicyConflict``).
 
 **Slots** (``--max-concurrency``) are leases. A held slot is a member of a sorted set
 (``pytest-ratebatch:<key>:slots:leases``) scored by its expiry on the server's clock. The
 process holding it renews it every third of its length (``LEASE_SECONDS``, 30 s by default)
 from a daemon thread while the test runs; a session killed mid-test renews nothing, so its
-slots come back when their leases expire.
+slots come back when their leases expire. A lease found gone at renewal (the server lost
+it) is leased again: its test still runs.
 
 Waiters stand in line in a second sorted set, in arrival order (a counter). A waiter gets a
 slot when fewer waiters are ahead of it than there are free slots, so a freed slot goes to
@@ -34,49 +46,71 @@ import hashlib
 import math
 import secrets
 import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
 from ..limits import gcra
 from ..limits.bucket import BucketState
 from ..limits.bucket import throttle as adapt_throttle
 from ..limits.clock import MONOTONIC, Clock
 from ..limits.gcra import Outcome
-from ..limits.policy import NANOS_PER_SECOND, mask_url
+from ..limits.policy import NANOS_PER_SECOND, mask_url, parse_store, url_secrets
 from ..limits.windows import WindowedOutcome, Windows
 from .base import Slot, StoreError
 
 __all__ = [
     "ALIVE_POLLS",
+    "CLAIM_LEASE_SECONDS",
     "DEFAULT_KEY",
     "LEASE_SECONDS",
     "POLL_SECONDS",
+    "PolicyConflict",
     "RedisBucketStore",
     "RedisConnection",
     "RedisSlotPool",
 ]
 
 
+_T = TypeVar("_T")
+
 DEFAULT_KEY = "default"
 KEY_PREFIX = "pytest-ratebatch:"
 IDLE_EXPIRY_MS = 60_000
 RETRY_SECONDS = 2.0  # how long a lost server is retried before the session stops
+CONNECT_TIMEOUT = 2.0  # seconds to connect (TCP)
+#: Seconds to wait for a reply (and for a TLS handshake): a script answers in microseconds,
+#: so a server this slow is as good as lost, and the retry above takes over.
+SOCKET_TIMEOUT = 2.0
 
 # Shared preamble: the server's clock and the bucket, in microseconds. The bucket is one
-# string of the eight numbers of ``BucketState`` joined by ":" (one GET, one SET with its
-# expiry: fewest calls per round trip); an older two-number value still reads.
+# string of the numbers of ``BucketState`` joined by ":" (one GET, one SET with its expiry:
+# fewest calls per round trip), then two of its own: its epoch (when this value was created,
+# so a client can tell a new one from the one it saw) and the moment a loss of the store's
+# state was last found (0: never; the windows count as full from then). An older value,
+# shorter, still reads.
+#
+# A lost state (a server restarted without persistence, a flushed database): the client
+# sends the epoch it knows (ARGV[7], 0: none yet) and the bucket's theoretical arrival time
+# as it last saw it (ARGV[8]). The key lives at least a minute (ARGV[6] ms) past that time,
+# so a key missing before then, or one born again before then, or one whose time went back,
+# was lost: the bucket resumes as if it had just been emptied (no burst: G1 holds across the
+# loss) and the reply says so once. A key missing later may simply have expired, idle: the
+# bucket resumes without its burst (one token now, then the rate) and says nothing.
 _READ = """
 local clock = redis.call('TIME')
 local now = clock[1] * 1000000 + clock[2]
 local cost, interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local st = {0, 0, -1, 0, -1, 0, 0, 0}
+local idle_ms, known, seen = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local lost, dirty, keep_until = 0, false, 0
+local st = {0, 0, -1, 0, -1, 0, 0, 0, 0, 0}
 local stored = redis.call('GET', KEYS[1])
 if stored then
   local i = 1
   for field in string.gmatch(stored, '[^:]+') do st[i] = tonumber(field); i = i + 1 end
+  -- Written by an older version, which keeps no epoch: nothing to judge by.
+  if st[9] == 0 then st[9], known, dirty = now, 0, true end
 end
-local reserved, admitted = st[1], st[2]
 -- limits.bucket.current_interval: the adapted interval, after its recovery steps
 if st[3] >= 0 then
   local adapted, recover_at = st[3], st[7]
@@ -90,12 +124,39 @@ if st[3] >= 0 then
     st[3], st[7], interval = adapted, recover_at, adapted
   end
 end
+if not stored then
+  st[9] = now
+  if known > 0 then
+    if now < seen + idle_ms * 1000 then lost = 1 end
+    st[1] = now + (burst - 1) * interval
+    st[2], dirty = st[1], true
+  end
+elseif known > 0 then
+  if st[9] ~= known then
+    if st[9] < seen + idle_ms * 1000 then lost = 1 end
+  elseif math.max(st[1], st[2]) < seen then
+    lost = 1
+  end
+end
+-- Found lost by this client: empty the bucket now, unless whoever created it did.
+if lost == 1 and not (stored and st[9] ~= known and st[10] == st[9]) then
+  local empty = now + burst * interval
+  st[1], st[2] = math.max(st[1], empty), math.max(st[2], empty)
+  st[9], st[10], dirty = now, now, true
+end
+local reserved, admitted = st[1], st[2]
 local function save()
-  local busy_ms = math.max(math.ceil((math.max(reserved, admitted) - now) / 1000), 0)
+  local busy_ms = math.max(math.ceil((math.max(reserved, admitted, keep_until) - now) / 1000), 0)
   st[1], st[2] = reserved, admitted
-  local parts = {}
-  for i = 1, 8 do parts[i] = string.format('%.0f', st[i]) end
-  redis.call('SET', KEYS[1], table.concat(parts, ':'), 'PX', busy_ms + tonumber(ARGV[6]))
+  local text = string.format('%.0f:%.0f:%.0f:%.0f:%.0f:%.0f:%.0f:%.0f:%.0f:%.0f', unpack(st, 1, 10))
+  redis.call('SET', KEYS[1], text, 'PX', busy_ms + idle_ms)
+end
+-- The reply, and what the client keeps to tell a lost state: the epoch, the time, the loss.
+local function reply(result, changed)
+  if changed or dirty then save() end
+  local n = #result
+  result[n + 1], result[n + 2], result[n + 3] = st[9], math.max(reserved, admitted), lost
+  return result
 end
 """
 
@@ -106,7 +167,7 @@ TAKE_SCRIPT = (
 local base = math.max(reserved, admitted, now)
 local wait = base + (cost - burst) * interval - now
 local max_wait = tonumber(ARGV[4])
-if wait > 0 and max_wait >= 0 and wait > max_wait then return {3, now, wait} end
+if wait > 0 and max_wait >= 0 and wait > max_wait then return reply({3, now, wait}, false) end
 reserved = base + cost * interval
 local status = 1
 if wait <= 0 then
@@ -117,8 +178,7 @@ if wait <= 0 then
     status = 0
   end
 end
-save()
-return {status, now, wait}
+return reply({status, now, wait}, true)
 """
 )
 
@@ -129,17 +189,17 @@ COMMIT_SCRIPT = (
 local wait = admitted + (cost - burst) * interval - now
 if wait > 0 then
   local slot = tonumber(ARGV[4])
-  if slot >= 0 and now - slot >= interval then return {4, now, wait} end
-  return {2, now, wait}
+  if slot >= 0 and now - slot >= interval then return reply({4, now, wait}, false) end
+  return reply({2, now, wait}, false)
 end
 admitted = math.max(admitted, now) + cost * interval
 st[4] = st[4] + cost
-save()
-return {0, now, 0}
+return reply({0, now, 0}, true)
 """
 )
 
 # gcra.level needs the debt only (max(reserved, admitted) - now), and the interval in force.
+# (Read-only: the client sends no epoch, so nothing is judged lost or written.)
 DEBT_SCRIPT = (
     _READ
     + """
@@ -148,26 +208,42 @@ return {math.max(reserved, admitted) - now, interval}
 )
 
 # Window limits (``windows``): KEYS[2k] and KEYS[2k+1] are window k's reserved and admitted
-# logs, lists of their last ``count`` starts (oldest first); ARGV[5+2k], ARGV[6+2k] its count
+# logs, lists of their last ``count`` starts (oldest first); ARGV[7+2k], ARGV[8+2k] its count
 # and length. Each check reads one entry near a list's head, each start appends and trims:
-# O(cost), whatever the count.
+# O(cost), whatever the count. After a loss of the store's state (st[10]) each window counts
+# as full at that moment, until it has passed: the starts it lost may have filled it.
 _WINDOWS = """
-local windows = (#ARGV - 6) / 2
-local function count_of(k) return tonumber(ARGV[5 + 2 * k]) end
-local function length_of(k) return tonumber(ARGV[6 + 2 * k]) end
+local windows = (#ARGV - 8) / 2
+local function count_of(k) return tonumber(ARGV[7 + 2 * k]) end
+local function length_of(k) return tonumber(ARGV[8 + 2 * k]) end
+for k = 1, windows do
+  if st[10] > 0 then keep_until = math.max(keep_until, st[10] + length_of(k)) end
+end
+-- Window k's starts before those logged: at the loss, while the window still holds it
+local function filled(k)
+  if st[10] > 0 and st[10] + length_of(k) > now then return st[10] end
+  return nil
+end
 -- the c-th oldest of a window's last ``count`` starts; nil while fewer were logged
-local function entry(list, count, c)
-  local missing = count - redis.call('LLEN', list)
-  if c <= missing then return nil end
+local function entry(list, k, c)
+  local missing = count_of(k) - redis.call('LLEN', list)
+  if c <= missing then return filled(k) end
   return tonumber(redis.call('LINDEX', list, c - missing - 1))
 end
 local function log(list, k, at, c)
-  local text, values = string.format('%.0f', at), {}
-  for i = 1, c do values[i] = text end
-  if redis.call('RPUSH', list, unpack(values)) > count_of(k) then
+  local text, values, length = string.format('%.0f', at), {}, 0
+  c = math.min(c, count_of(k))
+  -- in chunks: unpack() takes at most a few thousand values (a start may cost a million)
+  for i = 1, math.min(c, 1000) do values[i] = text end
+  while c > 0 do
+    local chunk = math.min(c, 1000)
+    length = redis.call('RPUSH', list, unpack(values, 1, chunk))
+    c = c - chunk
+  end
+  if length > count_of(k) then
     redis.call('LTRIM', list, -count_of(k), -1)
   end
-  redis.call('PEXPIRE', list, math.ceil(length_of(k) / 1000) + tonumber(ARGV[6]))
+  redis.call('PEXPIRE', list, math.ceil(length_of(k) / 1000) + idle_ms)
 end
 """
 
@@ -184,8 +260,8 @@ if last then last = tonumber(last); start = math.max(start, last) end
 -- windows.take: the most binding window, named even when the line before it binds more
 local latest, latest_bound = start, 0
 for k = 1, windows do
-  local r = entry(KEYS[2 * k], count_of(k), cost)
-  local a = entry(KEYS[2 * k + 1], count_of(k), cost)
+  local r = entry(KEYS[2 * k], k, cost)
+  local a = entry(KEYS[2 * k + 1], k, cost)
   local first = r
   if a and (not first or a > first) then first = a end
   if first and (latest_bound == 0 or first + length_of(k) > latest) then
@@ -197,7 +273,9 @@ if latest_bound > 0 and (latest > start or (last and last >= rate_start)) then
 end
 local wait = start - now
 local max_wait = tonumber(ARGV[4])
-if wait > 0 and max_wait >= 0 and wait > max_wait then return {3, now, wait, bound} end
+if wait > 0 and max_wait >= 0 and wait > max_wait then
+  return reply({3, now, wait, bound}, false)
+end
 local status = 1
 if wait > 0 then
   reserved = math.max(base, start) + cost * interval
@@ -214,8 +292,7 @@ for k = 1, windows do
   log(KEYS[2 * k], k, now + wait, cost)
   if status == 0 then log(KEYS[2 * k + 1], k, now, cost) end
 end
-save()
-return {status, now, wait, bound}
+return reply({status, now, wait, bound}, true)
 """
 )
 
@@ -227,19 +304,20 @@ COMMIT_WINDOWS_SCRIPT = (
 local rate_wait = admitted + (cost - burst) * interval - now
 local wait, bound = rate_wait, 0
 for k = 1, windows do
-  local a = entry(KEYS[2 * k + 1], count_of(k), cost)
+  local a = entry(KEYS[2 * k + 1], k, cost)
   if a and a + length_of(k) - now > wait then wait, bound = a + length_of(k) - now, k end
 end
 if wait > 0 then
   local slot = tonumber(ARGV[4])
-  if slot >= 0 and rate_wait > 0 and now - slot >= interval then return {4, now, wait, bound} end
-  return {2, now, wait, bound}
+  if slot >= 0 and rate_wait > 0 and now - slot >= interval then
+    return reply({4, now, wait, bound}, false)
+  end
+  return reply({2, now, wait, bound}, false)
 end
 admitted = math.max(admitted, now) + cost * interval
 st[4] = st[4] + cost
 for k = 1, windows do log(KEYS[2 * k + 1], k, now, cost) end
-save()
-return {0, now, 0, bound}
+return reply({0, now, 0, bound}, true)
 """
 )
 
@@ -252,10 +330,11 @@ local result = {math.max(reserved, admitted) - now, interval}
 for k = 1, windows do
   local used = 0
   for side = 0, 1 do
-    local n = 0
-    for _, at in ipairs(redis.call('LRANGE', KEYS[2 * k + side], 0, -1)) do
+    local n, logged = 0, redis.call('LRANGE', KEYS[2 * k + side], 0, -1)
+    for _, at in ipairs(logged) do
       if tonumber(at) > now - length_of(k) then n = n + 1 end
     end
+    if filled(k) then n = n + math.max(0, count_of(k) - #logged) end
     used = math.max(used, n)
   end
   result[k + 2] = count_of(k) - used
@@ -277,38 +356,82 @@ class Script:
 
 
 class RedisConnection:
-    """A redis-py client as the Redis parts use it: short timeouts, redis-py's own retry for
-    brief outages, scripts by their SHA1, and every error a ``StoreError`` that never shows
-    the password."""
+    """A redis-py client as the Redis parts use it: short timeouts, a retry for brief outages
+    bounded in time (not in attempts), scripts by their SHA1, and every error a
+    ``StoreError`` that never shows the password."""
 
-    def __init__(self, url: str, socket_timeout: float = 5) -> None:
+    def __init__(self, url: str, socket_timeout: float = SOCKET_TIMEOUT) -> None:
         try:
             import redis
-            from redis.backoff import ExponentialBackoff
+            from redis.backoff import NoBackoff
             from redis.retry import Retry
         except ImportError:
             raise StoreError(
                 "the Redis store needs redis-py: pip install 'pytest-ratebatch[redis]'"
             ) from None
-        self._secret = urlsplit(url).password or ""
+        self._secrets = url_secrets(url)
+        try:
+            parse_store(url)  # as the option is checked: redis-py never reads a misshapen URL
+        except ValueError as error:
+            raise StoreError(f"bad Redis URL {mask_url(url)}: {error}") from None
+        self._tls = url.startswith("rediss://")
         self.errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        # Worth another attempt: the server restarting, a connection reset. Not a refusal
+        # (a wrong password is a ConnectionError too, and will not heal).
+        self._transient: tuple[type[BaseException], ...] = (
+            redis.ConnectionError,
+            redis.TimeoutError,
+            OSError,
+        )
+        self._timeout = redis.TimeoutError
+        self._refused: tuple[type[BaseException], ...] = (
+            redis.exceptions.AuthenticationError,
+            redis.exceptions.AuthorizationError,
+        )
         self.watch_error: type[BaseException] = redis.exceptions.WatchError
         self._noscript = redis.exceptions.NoScriptError
-        backoff = ExponentialBackoff(cap=0.5, base=0.05)
         try:
+            # redis-py's own retry counts attempts, each up to the socket timeout (a TLS
+            # handshake with a plain port waits all of it): ``call`` retries by time instead.
             self.client = redis.Redis.from_url(
                 url,
                 socket_timeout=socket_timeout,
-                socket_connect_timeout=2,
-                retry=Retry(backoff, retries=max(1, math.ceil(RETRY_SECONDS / 0.25))),
-                retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+                socket_connect_timeout=CONNECT_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
             )
         except ValueError as error:
             raise StoreError(self.clean(f"bad Redis URL {mask_url(url)}: {error}")) from None
 
     def clean(self, message: str) -> str:
         """No output, report or error ever contains the password."""
-        return message.replace(self._secret, "***") if self._secret else message
+        for secret in self._secrets:
+            message = message.replace(secret, "***")
+        return message
+
+    def call(self, operation: Callable[[], _T], where: Callable[[], str]) -> _T:
+        """``operation()``, tried again for ``RETRY_SECONDS`` while the server cannot be
+        reached; then, or on any other error, a ``StoreError`` that starts with ``where()``."""
+        deadline = time.monotonic() + RETRY_SECONDS
+        delay = 0.05
+        while True:
+            try:
+                return operation()
+            except self._refused as error:
+                raise StoreError(self.clean(f"{where()}: {error}")) from None
+            except self._transient as error:
+                left = deadline - time.monotonic()
+                if left <= delay:
+                    raise StoreError(self.clean(f"{where()}: {self._explain(error)}")) from None
+                time.sleep(delay)
+                delay = min(2 * delay, 0.5)
+            except self.errors as error:
+                raise StoreError(self.clean(f"{where()}: {error}")) from None
+
+    def _explain(self, error: BaseException) -> str:
+        text = str(error) or type(error).__name__
+        if self._tls and isinstance(error, self._timeout):
+            text += " (no TLS handshake: is the port a TLS one? rediss:// speaks TLS)"
+        return text
 
     def run(
         self, script: Script, keys: Sequence[str], args: Sequence[object], where: Callable[[], str]
@@ -316,13 +439,51 @@ class RedisConnection:
         """One EVALSHA (the script is sent once per server, on its first NOSCRIPT); an error
         is a ``StoreError`` that starts with ``where()``."""
         execute: Callable[..., Any] = self.client.execute_command
-        try:
+
+        def evaluate() -> Any:
             try:
                 return execute("EVALSHA", script.sha, len(keys), *keys, *args)
             except self._noscript:
                 return execute("EVAL", script.source, len(keys), *keys, *args)
-        except self.errors as error:
-            raise StoreError(self.clean(f"{where()}: {error}")) from None
+
+        return self.call(evaluate, where)
+
+
+#: How long a session's claim on a key lasts unless renewed; renewed every third of that.
+CLAIM_LEASE_SECONDS = 30.0
+
+# A session's claim on a key: KEYS[1] a sorted set of ``id<TAB>limits<TAB>text`` scored by
+# expiry (server µs). ARGV[1] the member, ARGV[2] the lease (µs), ARGV[3] the set's expiry
+# (ms), ARGV[4] '1' to renew whatever the others hold. Returns another live member whose
+# limits differ ('' if none); without ARGV[4], the claim is then not made.
+CLAIM_SCRIPT = """
+local clock = redis.call('TIME')
+local now = clock[1] * 1000000 + clock[2]
+local claims, member = KEYS[1], ARGV[1]
+local limits = string.match(member, '^[^\t]*\t([^\t]*)\t')
+redis.call('ZREMRANGEBYSCORE', claims, '-inf', now)
+local other = ''
+for _, held in ipairs(redis.call('ZRANGE', claims, 0, -1)) do
+  if held ~= member and string.match(held, '^[^\t]*\t([^\t]*)\t') ~= limits then
+    other = held
+    break
+  end
+end
+if other ~= '' and ARGV[4] ~= '1' then return other end
+redis.call('ZADD', claims, now + tonumber(ARGV[2]), member)
+redis.call('PEXPIRE', claims, tonumber(ARGV[3]))
+return other
+"""
+
+
+class PolicyConflict(StoreError):
+    """A live session holds the key with other limits than this one states."""
+
+    def __init__(self, key: str, ours: str, theirs: str) -> None:
+        super().__init__(f"the key {key!r} is held with other limits ({theirs}) than {ours}")
+        self.key = key
+        self.ours = ours
+        self.theirs = theirs
 
 
 class RedisBucketStore:
@@ -330,12 +491,20 @@ class RedisBucketStore:
 
     local_clock = False  # times are the server's, not this machine's monotonic clock
 
-    def __init__(self, url: str, key: str = DEFAULT_KEY) -> None:
+    def __init__(
+        self,
+        url: str,
+        key: str = DEFAULT_KEY,
+        *,
+        idle_expiry_ms: int = IDLE_EXPIRY_MS,
+        claim_lease_seconds: float = CLAIM_LEASE_SECONDS,
+    ) -> None:
         self.url = url
+        self.name = key
         self.key = KEY_PREFIX + key
+        self._idle_ms = idle_expiry_ms
         self._redis = RedisConnection(url)
         self._client = self._redis.client
-        self._errors = self._redis.errors
         self._watch_error = self._redis.watch_error
         self._take = Script(TAKE_SCRIPT)
         self._commit = Script(COMMIT_SCRIPT)
@@ -344,13 +513,57 @@ class RedisBucketStore:
         self._commit_windows = Script(COMMIT_WINDOWS_SCRIPT)
         self._free_windows = Script(FREE_WINDOWS_SCRIPT)
         self._window_keys: dict[Windows, tuple[list[str], list[int]]] = {}
+        #: What this client last saw of the bucket: its epoch and its theoretical arrival
+        #: time (µs of the server's clock), sent with each operation so that the script can
+        #: tell a store that lost its state (see ``_READ``).
+        self._seen: tuple[int, int] = (0, 0)
+        #: Losses of the store's state found by this client.
+        self.losses = 0
+        #: Called with the store's clock (ns) when this client finds the state lost.
+        self.on_lost: Callable[[int], None] | None = None
+        # The session's claim on the key (``claim``): its member, renewed by a thread.
+        self._claim_script = Script(CLAIM_SCRIPT)
+        self._claims_key = f"{self.key}:sessions"
+        self._claim_lease_us = max(1, int(claim_lease_seconds * 1_000_000))
+        self._claim_every = claim_lease_seconds / 3
+        self._claimed = ""
+        self._closing = threading.Event()
+        self._renewer: threading.Thread | None = None
+        #: Called with the other policy's text when a renewal finds the key held with other
+        #: limits (only after the server lost the claims, or this process stalled a lease).
+        self.on_conflict: Callable[[str], None] | None = None
 
     def _call(self, script: Script, *args: int, windows: Windows = ()) -> Any:
-        """One script call on the bucket's key (and the windows' logs)."""
+        """One script call on the bucket's key (and the windows' logs) that judges and keeps
+        what it saw; the reply without its last three numbers (``_READ``'s tail)."""
+        epoch, seen = self._seen
         if windows:
             keys, extra = self._windows_arguments(windows)
-            return self._redis.run(script, keys, (*args, IDLE_EXPIRY_MS, *extra), self.describe)
-        return self._redis.run(script, [self.key], (*args, IDLE_EXPIRY_MS), self.describe)
+            reply = self._redis.run(
+                script, keys, (*args, self._idle_ms, epoch, seen, *extra), self.describe
+            )
+        else:
+            reply = self._redis.run(
+                script, [self.key], (*args, self._idle_ms, epoch, seen), self.describe
+            )
+        self._seen = (int(reply[-3]), int(reply[-2]))
+        if reply[-1]:
+            self._found_lost(int(reply[1]) * 1000)
+        return reply
+
+    def _read(self, script: Script, *args: int, windows: Windows = ()) -> Any:
+        """One read-only script call: it judges nothing (no epoch sent) and writes nothing."""
+        if windows:
+            keys, extra = self._windows_arguments(windows)
+            return self._redis.run(
+                script, keys, (*args, IDLE_EXPIRY_MS, 0, 0, *extra), self.describe
+            )
+        return self._redis.run(script, [self.key], (*args, IDLE_EXPIRY_MS, 0, 0), self.describe)
+
+    def _found_lost(self, now_ns: int) -> None:
+        self.losses += 1
+        if self.on_lost is not None:
+            self.on_lost(now_ns)
 
     def _windows_arguments(self, windows: Windows) -> tuple[list[str], list[int]]:
         """The keys of each window's two logs (named by the limit: sessions that state
@@ -367,7 +580,7 @@ class RedisBucketStore:
 
     def check(self) -> None:
         """Fail now, with a clear message, if the server is unreachable or refuses us."""
-        self._call(self._debt, 0, 1, 1)
+        self._read(self._debt, 0, 1, 1, -1, 0)
 
     def take(
         self, cost: int, interval_ns: int, burst: int, max_wait_ns: int | None, admit: bool
@@ -375,14 +588,14 @@ class RedisBucketStore:
         max_wait = -1 if max_wait_ns is None else max_wait_ns // 1000
         status, now, wait = self._call(
             self._take, cost, _micros(interval_ns), burst, max_wait, int(admit)
-        )
+        )[:3]
         return int(status), int(now) * 1000, int(wait) * 1000
 
     def commit(
         self, cost: int, interval_ns: int, burst: int, slot_ns: int | None = None
     ) -> Outcome:
         slot = -1 if slot_ns is None else slot_ns // 1000
-        status, now, wait = self._call(self._commit, cost, _micros(interval_ns), burst, slot, 0)
+        status, now, wait = self._call(self._commit, cost, _micros(interval_ns), burst, slot, 0)[:3]
         return int(status), int(now) * 1000, int(wait) * 1000
 
     def take_windowed(
@@ -398,7 +611,7 @@ class RedisBucketStore:
         status, now, wait, bound = self._call(
             self._take_windows, cost, _micros(interval_ns), burst, max_wait, int(admit),
             windows=windows,
-        )  # fmt: skip
+        )[:4]  # fmt: skip
         return int(status), int(now) * 1000, int(wait) * 1000, int(bound)
 
     def commit_windowed(
@@ -407,14 +620,14 @@ class RedisBucketStore:
         slot = -1 if slot_ns is None else slot_ns // 1000
         status, now, wait, bound = self._call(
             self._commit_windows, cost, _micros(interval_ns), burst, slot, 0, windows=windows
-        )
+        )[:4]
         return int(status), int(now) * 1000, int(wait) * 1000, int(bound)
 
     def level(self, interval_ns: int, burst: int, windows: Windows = ()) -> float:
         if not windows:
-            debt, interval = self._call(self._debt, 0, _micros(interval_ns), burst, -1, 0)
+            debt, interval = self._read(self._debt, 0, _micros(interval_ns), burst, -1, 0)
             return gcra.level(int(debt) * 1000, 0, 0, int(interval) * 1000, burst)
-        debt, interval, *free = self._call(
+        debt, interval, *free = self._read(
             self._free_windows, 0, _micros(interval_ns), burst, -1, 0, windows=windows
         )
         tokens = gcra.level(int(debt) * 1000, 0, 0, int(interval) * 1000, burst)
@@ -424,56 +637,109 @@ class RedisBucketStore:
         self, wait_ns: int, interval_ns: int, burst: int, adapt: bool
     ) -> tuple[int, int, int, int]:
         """Read, adapt and write the state under WATCH, retried if another client wrote it
-        meanwhile: rare (a throttle), so the arithmetic stays ``limits.bucket``'s own."""
-        try:
+        meanwhile: rare (a throttle), so the arithmetic stays ``limits.bucket``'s own. A
+        commit of nothing first lets the script judge whether the state was lost."""
+        self._call(self._commit, 0, _micros(interval_ns), burst, -1, 0)
+
+        def attempt() -> tuple[int, int, int, int]:
             with self._client.pipeline() as pipe:
                 while True:
                     try:
                         pipe.watch(self.key)  # type: ignore[no-untyped-call]
                         seconds, micros = pipe.time()
                         now = (int(seconds) * 1_000_000 + int(micros)) * 1000
-                        state = _load(pipe.get(self.key))
+                        state, tail = _load(pipe.get(self.key))
                         result = adapt_throttle(state, now, wait_ns, interval_ns, burst, adapt)
                         busy_ms = max(0, -(-(max(state.reserved, state.admitted) - now) // 10**6))
                         pipe.multi()
-                        pipe.set(self.key, _dump(state), px=busy_ms + IDLE_EXPIRY_MS)
+                        pipe.set(self.key, _dump(state, tail), px=busy_ms + self._idle_ms)
                         pipe.execute()
                         return (now, *result)
                     except self._watch_error:
                         continue
-        except self._errors as error:
-            raise StoreError(self._redis.clean(f"{self.describe()}: {error}")) from None
+
+        return self._redis.call(attempt, self.describe)
+
+    # --- the key's policy ------------------------------------------------------------
+
+    def claim(self, fingerprint: str, text: str) -> None:
+        """Hold the key for this session's limits (``ExecutionPolicy.shared_limits``) until
+        ``close``: a lease renewed by a thread, so a killed session's claim lapses by itself.
+        ``PolicyConflict`` if a live session holds it with other limits."""
+        member = f"{secrets.token_hex(8)}\t{fingerprint}\t{text}"
+        other = self._call_claim(member, force=False)
+        if other:
+            raise PolicyConflict(self.name, text, other)
+        self._claimed = member
+        self._renewer = threading.Thread(
+            target=self._renew_claim, name="ratebatch-key-claim", daemon=True
+        )
+        self._renewer.start()
+
+    def _call_claim(self, member: str, force: bool) -> str:
+        """The claim script: the text of another live session's policy if it differs."""
+        other = self._redis.run(
+            self._claim_script,
+            [self._claims_key],
+            (member, self._claim_lease_us, self._claim_lease_us // 1000 + self._idle_ms,
+             int(force)),
+            self.describe,
+        )  # fmt: skip
+        return _text(other).split("\t", 2)[-1] if other else ""
+
+    def _renew_claim(self) -> None:
+        warned = set()
+        while not self._closing.wait(self._claim_every):
+            try:
+                other = self._call_claim(self._claimed, force=True)
+            except StoreError:
+                continue  # try again next time; the claim may lapse if it stays down
+            if other and other not in warned and self.on_conflict is not None:
+                warned.add(other)
+                self.on_conflict(other)
 
     def describe(self) -> str:
         return f"redis {mask_url(self.url)} key {self.key}"
 
     def close(self) -> None:
+        """Give up the claim on the key (a session after this one may state other limits)."""
+        self._closing.set()
+        renewer = self._renewer
+        if renewer is not None:
+            renewer.join(timeout=5)
+        if self._claimed:
+            with contextlib.suppress(*self._redis.errors):  # lost: the lease lapses by itself
+                self._client.zrem(self._claims_key, self._claimed)
         self._client.close()
 
 
-def _load(stored: bytes | str | None) -> BucketState:
-    """The state from its Redis string (microseconds) into nanoseconds."""
+def _load(stored: bytes | str | None) -> tuple[BucketState, list[str]]:
+    """The state from its Redis string (microseconds) into nanoseconds, and the fields that
+    follow it (the epoch and the last loss, kept as they are)."""
     state = BucketState()
-    if stored:
-        text = stored.decode() if isinstance(stored, bytes) else stored
-        for name, field in zip(BucketState.FIELDS, text.split(":"), strict=False):
-            value = int(float(field))
-            scale = 1000 if name in _TIME_FIELDS and value >= 0 else 1
-            setattr(state, name, value * scale)
-    return state
+    if not stored:
+        return state, []
+    fields = (stored.decode() if isinstance(stored, bytes) else stored).split(":")
+    for name, field in zip(BucketState.FIELDS, fields, strict=False):
+        value = int(float(field))
+        scale = 1000 if name in _TIME_FIELDS and value >= 0 else 1
+        setattr(state, name, value * scale)
+    return state, fields[len(BucketState.FIELDS) :]
 
 
-def _dump(state: BucketState) -> str:
+def _dump(state: BucketState, tail: Sequence[str] = ()) -> str:
     fields = []
     for name in BucketState.FIELDS:
         value = getattr(state, name)
         fields.append(str(value // 1000 if name in _TIME_FIELDS and value >= 0 else value))
-    return ":".join(fields)
+    return ":".join([*fields, *tail])
 
 
 def _micros(interval_ns: int) -> int:
-    """The interval in whole microseconds, rounded up: the server's clock has no finer grain."""
-    return max(1, -(-interval_ns // 1000))
+    """The interval in whole microseconds, rounded up: the server's clock has no finer grain.
+    0 stays 0 (a bucket without a rate): as 1 us, a burst of 2**31 would be 36 minutes of
+    credit, past any pause a throttle set."""
+    return -(-interval_ns // 1000)
 
 
 # --- slots -------------------------------------------------------------------------------
@@ -557,17 +823,16 @@ return 1
 """
 )
 
-# ARGV[4] lease (us), ARGV[5...] tokens. Returns the tokens whose lease had already expired.
+# ARGV[4] lease (us), ARGV[5...] tokens. Returns the tokens whose lease was gone (expired
+# while its holder stalled, or lost with the server's state): each is leased again, since
+# its test still runs, so the slots in use count it (and hold others back) until it ends.
 RENEW_SCRIPT = (
     _PREAMBLE
     + """
 local lost = {}
 for i = 5, #ARGV do
-  if redis.call('ZSCORE', leases, ARGV[i]) then
-    redis.call('ZADD', leases, now + tonumber(ARGV[4]), ARGV[i])
-  else
-    lost[#lost + 1] = ARGV[i]
-  end
+  if not redis.call('ZSCORE', leases, ARGV[i]) then lost[#lost + 1] = ARGV[i] end
+  redis.call('ZADD', leases, now + tonumber(ARGV[4]), ARGV[i])
 end
 keep()
 return lost
@@ -607,9 +872,9 @@ class RedisSlotPool:
         self.lease_seconds = lease_seconds
         self._poll = poll_seconds
         self._clock = clock
-        self._redis = RedisConnection(url, socket_timeout=5)  # longer than any BLPOP below
+        # Replies wait as long as a BLPOP below, and the usual margin beyond.
+        self._redis = RedisConnection(url, socket_timeout=poll_seconds + SOCKET_TIMEOUT)
         self._client = self._redis.client
-        self._errors = self._redis.errors
         base = f"{KEY_PREFIX}{key}:slots"
         self.keys = (f"{base}:leases", f"{base}:line", f"{base}:alive", f"{base}:counter")
         self._wake_prefix = f"{base}:wake:"
@@ -625,7 +890,8 @@ class RedisSlotPool:
         self._held: dict[str, Slot] = {}  # leases this process holds, by token
         self._renewer: threading.Thread | None = None
         self._closing = threading.Event()
-        #: Leases found expired at renewal (their holder was stalled longer than a lease).
+        #: Leases found gone at renewal (their holder was stalled longer than a lease, or the
+        #: server lost its state); each was leased again.
         self.lost = 0
 
     def _call(self, script: Script, *args: object) -> Any:
@@ -666,10 +932,9 @@ class RedisSlotPool:
 
     def _wait_for_wake(self, token: str, seconds: float) -> None:
         # BLPOP reads its timeout to the millisecond, and 0 would mean "forever".
-        try:
-            self._client.blpop([self._wake_prefix + token], max(0.001, round(seconds, 3)))
-        except self._errors as error:
-            raise StoreError(self._redis.clean(f"{self.describe()}: {error}")) from None
+        wake = [self._wake_prefix + token]
+        timeout = max(0.001, round(seconds, 3))
+        self._redis.call(lambda: self._client.blpop(wake, timeout), self.describe)
 
     def _leased(self, token: str) -> Slot:
         slot = Slot(-1, token)

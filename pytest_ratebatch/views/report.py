@@ -6,9 +6,7 @@ Pure data and arithmetic: the plugin fills ``TestRecord``s from pytest's reports
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -186,6 +184,33 @@ class Tally:
         self.waited_ns += waited_ns
         self.longest_wait_ns = max(self.longest_wait_ns, waited_ns)
 
+    def recount(self, records: Iterable[TestRecord]) -> None:
+        """Count again from the tests' records, which then are the test list the report
+        shows: where a process's totals were lost (an xdist worker that crashed or was
+        interrupted before it sent them), each test's record, sent with its reports, still
+        says whether and when it started. The seconds by limit stay as counted (records do
+        not split a wait by limit), and so do retries' waits."""
+        counted = Tally()
+        for record in records:
+            counted.collected += 1
+            if record.start_ns is not None:
+                counted.admitted(record.batch, record.tokens, record.start_ns, record.waited_ns)
+                if record.reason:  # started, then cancelled by the session's stop
+                    counted.run -= 1
+                    counted.cancelled += 1
+            elif record.reason:
+                counted.cancel(record.waited_ns)
+            for start, tokens, _store_ns in record.retries:
+                assert start is not None
+                assert tokens is not None
+                counted.admitted(0, tokens, start, 0, retry=True)
+            if record.retries:
+                counted.retried += 1
+                counted.retried_failed += int(record.failed)
+        counted.waited_by_limit = self.waited_by_limit
+        for name in Tally.__slots__:
+            setattr(self, name, getattr(counted, name))
+
     def to_list(self) -> list[Any]:
         """The counts a pytest-xdist worker sends its controller at the end."""
         return [
@@ -323,14 +348,11 @@ def build_report(
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", delete=False, encoding="utf-8"
-    ) as handle:
-        json.dump(data, handle, indent=1)
-        handle.write("\n")
-    os.replace(handle.name, path)
+    """Write ``data`` as JSON atomically (a reader never sees half a file); ``OutputError``
+    (``views.output``) naming the path if it cannot be written, leaving nothing behind."""
+    from .output import write_atomically  # at the session's end only
+
+    write_atomically(path, json.dumps(data, indent=1) + "\n")
 
 
 def write_report(
@@ -450,13 +472,15 @@ def describe_summary(
     summary: Tally,
     stop_reason: str,
     events: Sequence[dict[str, Any]] = (),
+    count_not_run: bool = True,
 ) -> list[str]:
-    """The lines of the terminal summary section."""
+    """The lines of the terminal summary section; without ``count_not_run`` (some tests'
+    totals are missing) no test is said not to have run."""
+    totals = summary_json(summary, _burst(policy))
+    if not count_not_run:
+        totals["not_run"] = 0
     return describe_report(
-        policy_json(policy),
-        summary_json(summary, _burst(policy)),
-        throttling_summary(events, summary),
-        stop_reason,
+        policy_json(policy), totals, throttling_summary(events, summary), stop_reason
     )
 
 

@@ -504,12 +504,12 @@ def _steps(points: Iterable[tuple[int, int]], x: Any, y: Any, last: int) -> str:
 def write_timeline(
     path: Path, reports: Sequence[dict[str, Any]] | Sequence[tuple[str, dict[str, Any]]]
 ) -> None:
-    """Draw the reports (or ``(name, report)`` pairs) into the SVG file at ``path``."""
+    """Draw the reports (or ``(name, report)`` pairs) into the SVG file at ``path``,
+    atomically; ``OutputError`` (``views.output``) naming the path if it cannot be written."""
     named = [
         item if isinstance(item, tuple) else (f"{index + 1}", item)
         for index, item in enumerate(reports)
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(render_timeline(named), encoding="utf-8")
-    partial.replace(path)
+    from .output import write_atomically
+
+    write_atomically(path, render_timeline(named))
