@@ -272,9 +272,10 @@ class Reporter:
 
     @property
     def stop_reason(self) -> str:
-        reason = self.ledger.snapshot().stop_reason
-        if reason:
-            return reason
+        return self.ledger.snapshot().stop_reason or self.stopped_otherwise()
+
+    def stopped_otherwise(self) -> str:
+        """A stop that is not the plugin's: pytest's own (``-x``, ...), or Ctrl-C."""
         if self.stopped_by_pytest:
             return f"pytest stopped the session ({self.stopped_by_pytest})"
         return "interrupted" if self.interrupted else ""

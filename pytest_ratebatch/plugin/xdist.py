@@ -179,7 +179,7 @@ class ControllerReporter(Reporter):
     def stop_reason(self) -> str:
         # A worker whose session directory failed may have stopped alone (``FileLedger``).
         reason = self.ledger.snapshot().stop_reason or self._worker_stop
-        return reason or ("interrupted" if self.interrupted else "")
+        return reason or self.stopped_otherwise()
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport) -> None:
