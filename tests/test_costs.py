@@ -330,6 +330,34 @@ def test_fixture_honours_the_stop(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*ratebatch: cancelled (total timeout (1s) passed)*"])
 
 
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+def test_tokens_cut_off_by_the_total_timeout_cancel_the_test(
+    pytester: pytest.Pytester, workers: list[str]
+) -> None:
+    pytester.makepyfile(
+        test_inside="""
+        def test_many_calls(ratebatch):
+            ratebatch.acquire(100)  # a minute for the last token: past the total timeout
+            raise AssertionError("not reached")
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "--rate-per-minute=1", "--burst=100", "--total-timeout=30s", "--ratebatch-report=r.json",
+        "-rs", *workers,
+    )  # fmt: skip
+    result.assert_outcomes(skipped=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED  # a cancelled test is no success
+    reason = "ratebatch: cancelled (total timeout (30s) would pass before the next start)"
+    result.stdout.fnmatch_lines(["tests: 0 run, 1 cancelled"])
+    # Where the test is, not where the plugin raised.
+    result.stdout.fnmatch_lines([f"SKIPPED [[]1[]] test_inside.py:1: {reason}"])
+    report = load_report(pytester.path / "r.json")
+    (test,) = report["tests"]
+    assert (test["outcome"], test["reason"]) == ("cancelled", reason)
+    assert (report["summary"]["run"], report["summary"]["cancelled"]) == (0, 1)
+    assert test["acquired"] == []  # none taken: the wait was not begun
+
+
 def test_fixture_under_xdist(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """

@@ -577,9 +577,59 @@ def test_exitfirst_stops_the_plugins_loop(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-x", "--rate-per-minute=6000", "--ratebatch-report=r.json")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*stopping after 1 failures*"])
-    tests = load_report(pytester.path / "r.json")["tests"]
+    report = load_report(pytester.path / "r.json")
+    tests = report["tests"]
     assert isinstance(tests, list)
     assert [test["outcome"] for test in tests] == ["passed", "failed", "not run", "not run"]
+    result.stdout.fnmatch_lines(
+        ["tests: 2 run, 0 cancelled, 2 not run", "stop: pytest stopped the session (*)"]
+    )
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+@pytest.mark.parametrize("option", ["-x", "--maxfail=2"])
+def test_the_summary_says_when_pytest_stopped_the_session(
+    pytester: pytest.Pytester, workers: list[str], option: str
+) -> None:
+    write_tests(pytester, 10, body="assert n not in (1, 2)")
+    result = pytester.runpytest_subprocess(
+        option, "--rate-per-minute=6000", "--ratebatch-report=r.json", "-p", "no:randomly",
+        *workers,
+    )  # fmt: skip
+    # xdist's controller ends such a session as interrupted (its own way of stopping).
+    expected = pytest.ExitCode.INTERRUPTED if workers else pytest.ExitCode.TESTS_FAILED
+    assert result.ret == expected
+    failures = 1 if option == "-x" else 2
+    reason = f"pytest stopped the session (stopping after {failures} failures)"
+    result.stdout.fnmatch_lines([f"stop: {reason}"])
+    assert load_report(pytester.path / "r.json")["session"]["stop_reason"] == reason  # type: ignore[index]
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+def test_collect_only_lists_the_tests_and_nothing_of_ours(
+    pytester: pytest.Pytester, workers: list[str]
+) -> None:
+    write_tests(pytester, 3)
+    result = pytester.runpytest_subprocess(
+        "--co", "-q", "--rate-per-minute=60", "--ratebatch-report=r.json", *workers
+    )
+    assert result.ret == pytest.ExitCode.OK
+    lines = result.stdout.lines
+    listed = lines[: lines.index("")]  # tools read the node ids up to the first blank line
+    assert listed == [f"test_many.py::test_one[{n}]" for n in range(3)]
+    result.stdout.fnmatch_lines(
+        [
+            "*= ratebatch =*",
+            "policy: rate 60/min, burst 1",
+            "forecast: 3 tests take at least 2s by the policy (test durations add to it)",
+            "collect-only: no test was run",
+        ]
+    )
+    tests = load_report(pytester.path / "r.json")["tests"]
+    assert isinstance(tests, list)
+    assert [(test["nodeid"], test["outcome"]) for test in tests] == [
+        (f"test_many.py::test_one[{n}]", "not run") for n in range(3)
+    ]
 
 
 def test_collect_only_and_collection_errors_run_nothing(pytester: pytest.Pytester) -> None:

@@ -3,14 +3,16 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from pytest_ratebatch.engine.limiter import UNLIMITED, RateLimiter
 from pytest_ratebatch.engine.scheduler import TaskScheduler, Ticket
 from pytest_ratebatch.limits.batches import StopRule
 from pytest_ratebatch.limits.policy import ExecutionPolicy, RateLimit
-from pytest_ratebatch.stores.files import FileLedger
+from pytest_ratebatch.stores.files import FileBucketStore, FileLedger
 from pytest_ratebatch.stores.memory import MemoryLedger
 from pytest_ratebatch.views.report import worst_excess
 from tests.fakes import FakeClock
@@ -203,6 +205,71 @@ def test_a_member_takes_over_a_batch_whose_opener_died(tmp_path: Path) -> None:
     ticket = member.admit()
     assert (ticket.batch, ticket.cancelled) == (1, "")
     assert member.ledger.snapshot().released
+
+
+class StoppingClock(FakeClock):
+    """A fake clock on which another process stops the session during the first sleep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stop: Callable[[], object] | None = None
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        stop, self.stop = self.stop, None  # once
+        if stop is not None:
+            stop()
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {"rate_limit": RateLimit(60, 1)},  # an unbatched test's tokens
+        {"rate_limit": RateLimit(60, 1), "batch_size": 1},  # a batch's tokens
+        {"batch_size": 1, "batch_backoff": 5.0},  # a batch's backoff
+        {"rate_limit": RateLimit(60, 1), "max_concurrency": 2},  # tokens after a slot
+    ],
+    ids=["tokens", "batch tokens", "backoff", "capped"],
+)
+def test_a_stop_while_a_test_waits_cancels_it(policy: dict[str, object]) -> None:
+    clock = StoppingClock()
+    scheduler = make(clock, **policy)
+    first = scheduler.admit()
+    scheduler.finish(first, failed=False)
+    clock.stop = lambda: scheduler.ledger.stop("max failures (1) reached")  # elsewhere
+    ticket = scheduler.admit()
+    assert ticket.cancelled == "max failures (1) reached"  # checked when it woke
+    assert len(clock.sleeps) == 1
+    assert scheduler.ledger.snapshot().running == 0
+    if scheduler.slots is not None:
+        assert scheduler.slots.in_use() == 0  # type: ignore[attr-defined]
+
+
+def test_a_failure_that_reaches_max_failures_records_the_stop_at_once(clock: FakeClock) -> None:
+    scheduler = make(clock, max_failures=1)
+    scheduler.finish(scheduler.admit(), failed=True)
+    # Recorded now, not at the next start: the ledger wakes the tests waiting elsewhere.
+    assert scheduler.ledger.snapshot().stop_reason == "max failures (1) reached"
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_in_another_process_wakes_a_test_waiting_for_tokens(tmp_path: Path) -> None:
+    # Two processes of one xdist session share a directory; each opens its own ledger.
+    policy = ExecutionPolicy(rate_limit=RateLimit(1, 1))  # a token per minute
+    limiter = RateLimiter(policy.rate_limit or UNLIMITED, FileBucketStore(tmp_path))
+    waiting = TaskScheduler(policy, limiter=limiter, ledger=FileLedger(tmp_path))
+    assert not waiting.admit().cancelled  # the burst's token: the next waits a minute
+    tickets: list[Ticket] = []
+    thread = threading.Thread(target=lambda: tickets.append(waiting.admit()))
+    thread.start()
+    time.sleep(0.3)
+    assert tickets == []  # still waiting
+    stopped = time.monotonic()
+    FileLedger(tmp_path).stop("store unavailable: elsewhere")
+    thread.join(timeout=30)
+    assert time.monotonic() - stopped < 1  # at once, not when its minute is over
+    (ticket,) = tickets
+    assert ticket.cancelled == "store unavailable: elsewhere"
 
 
 @pytest.mark.timeout(60)

@@ -147,7 +147,15 @@ def test_a_wait_longer_than_allowed_stops_the_session(pytester: pytest.Pytester,
     result.assert_outcomes(failed=1, skipped=3)
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     reason = "the server asked to wait 24h (Retry-After), more than throttle_max_wait (5m)"
-    result.stdout.fnmatch_lines([f"stop: {reason}", f"*ratebatch: cancelled ({reason})*"])
+    result.stdout.fnmatch_lines(
+        [
+            # The throttled test fails, saying so; the tests not started are cancelled.
+            "refused by the server for longer than allowed (HTTP 429 "
+            f"(requests.exceptions.HTTPError)): {reason}; the session stopped",
+            f"stop: {reason}",
+            f"*ratebatch: cancelled ({reason})*",
+        ]
+    )
 
 
 def test_a_wait_past_the_total_timeout_stops_the_session(
@@ -160,6 +168,40 @@ def test_a_wait_past_the_total_timeout_stops_the_session(
     result.stdout.fnmatch_lines(
         ["stop: the server asked to wait 30s (Retry-After), past the total*"]
     )
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+def test_a_stop_before_the_retry_cancels_the_throttled_test(
+    pytester: pytest.Pytester, api: Any, workers: list[str]
+) -> None:
+    server = api(refuse_first=1, retry_after="1")
+    pytester.makepyfile(
+        test_cancelled_retry="""
+        import os
+        import pytest
+        import requests
+
+        @pytest.mark.ratebatch(cost=30)  # after the pause, 30 tokens at the lowered rate: 58 s
+        def test_call():
+            requests.get(os.environ["API_URL"], timeout=10).raise_for_status()
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "--rate-per-minute=60", "--burst=30", "--total-timeout=30s", "--ratebatch-report=r.json",
+        "-rs", *workers,
+    )  # fmt: skip
+    result.assert_outcomes(skipped=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    reason = "ratebatch: cancelled (total timeout (30s) would pass before the next start)"
+    result.stdout.fnmatch_lines([f"SKIPPED [[]1[]] test_cancelled_retry.py:5: {reason}"])
+    assert len(server.log) == 1  # not run again
+    report = load_report(pytester.path / "r.json")
+    (test,) = report["tests"]
+    assert (test["outcome"], test["reason"], test["retries"]) == ("cancelled", reason, [])
+    assert (report["summary"]["run"], report["summary"]["cancelled"]) == (0, 1)
+    (event,) = report["events"]
+    assert event["retried"] is False
+    assert report["throttling"]["retried_tests"] == 0
 
 
 def test_a_retried_attempt_is_not_a_failure(pytester: pytest.Pytester, api: Any) -> None:
@@ -310,3 +352,124 @@ def test_setup_show_and_setup_only_still_work(pytester: pytest.Pytester) -> None
     result = pytester.runpytest("--setup-show", "--max-failures=3")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*SETUP    F client*", "*TEARDOWN F client*"])
+
+
+# --- pytest-rerunfailures: its reruns are the retries ---------------------------------------
+
+RERUN_TESTS = {
+    "--reruns": """
+        import os
+        import urllib.request
+        import pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_call(n):
+            with urllib.request.urlopen(os.environ["API_URL"], timeout=10) as response:
+                assert response.status == 200
+        """,
+    "flaky marker": """
+        import os
+        import urllib.request
+        import pytest
+
+        @pytest.mark.flaky(reruns=2)
+        @pytest.mark.parametrize("n", range(6))
+        def test_call(n):
+            with urllib.request.urlopen(os.environ["API_URL"], timeout=10) as response:
+                assert response.status == 200
+        """,
+    "throttled()": """
+        import pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_call(n, ratebatch, tmp_path_factory):
+            mark = tmp_path_factory.getbasetemp().parent / "asked"
+            if n == 0 and not mark.exists():
+                mark.touch()
+                ratebatch.throttled(retry_after=1)
+        """,
+}
+
+
+@pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one process", "xdist"])
+@pytest.mark.parametrize("reruns", list(RERUN_TESTS))
+def test_pytest_rerunfailures_reruns_are_the_retries(
+    pytester: pytest.Pytester, api: Any, workers: list[str], reruns: str
+) -> None:
+    server = api(refuse_first=1, retry_after="1")
+    pytester.makepyfile(test_reruns=RERUN_TESTS[reruns])
+    options = ["--reruns=2"] if reruns != "flaky marker" else []
+    result = pytester.runpytest_subprocess(
+        "-p", "rerunfailures", *options, "--rate-per-minute=120", "--burst=1",
+        "--ratebatch-report=r.json", "-p", "no:randomly", *workers,
+    )  # fmt: skip
+    assert result.parseoutcomes() == {"passed": 6, "rerun": 1}
+    report = load_report(pytester.path / "r.json")
+    (event,) = report["events"]
+    assert (event["wait"], event["retried"]) == (1.0, True)
+    assert event["rate_after"] == 60.0  # adapted: the first throttle halves the rate
+    throttling = report["throttling"]
+    assert (throttling["throttles"], throttling["retried_tests"], throttling["retries"]) == (
+        1,
+        1,
+        1,
+    )
+    if reruns != "throttled()":
+        assert len(server.refused()) == 1
+        assert len(server.accepted()) == 6  # the rerun once: not retried twice
+    at, until = event["at_ns"], event["paused_until_ns"]
+    tests = {test["nodeid"]: test for test in report["tests"]}
+    (rerun,) = tests[event["test"]]["retries"]
+    assert rerun[0] >= until  # the rerun waited for the pause, and took a token
+    assert rerun[1] == 1
+    # Everyone paused: no test started while the server's wait lasted.
+    starts = [test["start_ns"] for test in tests.values()] + [rerun[0]]
+    assert not [start for start in starts if at < start < until]
+    assert [start for start in starts if start > at]  # some waited for the pause's end
+    result.stdout.fnmatch_lines(["throttled: 1 (*), paused 1s in all"])
+
+
+def test_pytest_rerunfailures_does_not_rerun_a_test_refused_too_long(
+    pytester: pytest.Pytester, api: Any
+) -> None:
+    server = api(refuse_first=1, retry_after="86400")
+    pytester.makepyfile(test_reruns=RERUN_TESTS["--reruns"])
+    result = pytester.runpytest_subprocess(
+        "-p", "rerunfailures", "--reruns=2", "--rate-per-minute=600", "-p", "no:randomly", "-rfs"
+    )
+    assert result.parseoutcomes() == {"failed": 1, "skipped": 5}
+    assert len(server.log) == 1
+    asked = "the server asked to wait 24h (Retry-After), more than throttle_max_wait (5m)"
+    result.stdout.fnmatch_lines(
+        [
+            # The test failed, and its report says why, at the top; the others are cancelled.
+            "refused by the server for longer than allowed (HTTP 429 (urllib.error.HTTPError)): "
+            f"{asked}; the session stopped",
+            f"stop: {asked}",
+            "FAILED test_reruns.py::test_call[[]0[]] - ratebatch: refused by the server for *",
+            f"SKIPPED [[]5[]] test_reruns.py:5: ratebatch: cancelled ({asked})",
+        ]
+    )
+
+
+def test_pytest_rerunfailures_gives_up_saying_the_test_was_still_throttled(
+    pytester: pytest.Pytester, api: Any
+) -> None:
+    server = api(refuse_first=10, retry_after="0.2")
+    pytester.makepyfile(test_reruns=RERUN_TESTS["--reruns"].replace("range(6)", "range(1)"))
+    result = pytester.runpytest_subprocess(
+        "-p", "rerunfailures", "--reruns=2", "--rate-per-minute=600", "--ratebatch-report=r.json",
+        "-rf",
+    )  # fmt: skip
+    assert result.parseoutcomes() == {"failed": 1, "rerun": 2}
+    assert len(server.log) == 3
+    result.stdout.fnmatch_lines(
+        [
+            "still throttled (HTTP 429 (urllib.error.HTTPError)) after running 3 times; "
+            "rerun 2 times by pytest-rerunfailures",
+            "retried: 1 test (2 retries): 0 then passed, 1 failed",
+            "FAILED test_reruns.py::test_call[[]0[]] - ratebatch: still throttled *",
+        ]
+    )
+    events = load_report(pytester.path / "r.json")["events"]
+    assert [event["retried"] for event in events] == [True, True, False]

@@ -173,6 +173,44 @@ def test_a_rerun_that_passes_is_not_a_failure(
     result.stdout.fnmatch_lines(["stop: none, every test was started"])
 
 
+def test_a_stop_cancels_the_tests_waiting_in_other_workers_at_once(
+    pytester: pytest.Pytester,
+) -> None:
+    # One token every 10 s. The failing test is exempt and fails 2 s in; meanwhile the other
+    # worker started a test with the burst's token and waits for the next one.
+    pytester.makepyfile(
+        test_s="""
+        import time
+        import pytest
+
+        @pytest.mark.ratebatch(cost=0)
+        def test_fail():
+            time.sleep(2)
+            raise AssertionError("boom")
+
+        @pytest.mark.parametrize("n", range(5))
+        def test_pass(n):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--dist=load", "--max-failures=1", "--rate-per-minute=6", "--burst=1",
+        "--ratebatch-report=r.json", "-p", "no:randomly",
+    )  # fmt: skip
+    result.assert_outcomes(failed=1, passed=1, skipped=4)
+    tests = {test["nodeid"]: test for test in load_report(pytester.path / "r.json")["tests"]}
+    failure_finished = tests["test_s.py::test_fail"]["finish_ns"]
+    starts = [test["start_ns"] for test in tests.values() if test["start_ns"] is not None]
+    assert len(starts) == 2
+    assert max(starts) < failure_finished  # nothing started after the stop
+    cancelled = [test for test in tests.values() if test["outcome"] == "cancelled"]
+    reasons = {test["reason"] for test in cancelled}
+    assert reasons == {"ratebatch: cancelled (max failures (1) reached)"}
+    # The waiter was woken by the stop, seconds before the slot it had reserved.
+    (waiter,) = [test for test in cancelled if test["waited"] > 0.5]
+    assert waiter["waited"] < 6, waiter
+
+
 def test_a_crashed_worker_does_not_stick_the_session(pytester: pytest.Pytester) -> None:
     write_timed(pytester, 8, sleep=0.1, body="if n == 2: os._exit(1)")
     result = pytester.runpytest_subprocess(

@@ -67,6 +67,9 @@ class RateLimiter:
         self.rate_limit = rate_limit
         self.store: BucketStore = store if store is not None else MemoryBucketStore(clock)
         self._clock = clock
+        #: How a waiter sleeps until its reserved moment: the clock's sleep, or one that ends
+        #: early by raising when the wait is called off (``TaskScheduler``: the session stopped).
+        self.sleep: Callable[[float], None] = clock.sleep
         self._interval = rate_limit.interval_ns
         self._burst = rate_limit.burst
         self.windows = windows
@@ -218,7 +221,7 @@ class RateLimiter:
         seconds = wait_ns / NANOS_PER_SECOND
         if on_wait is not None:
             on_wait(seconds)
-        self._clock.sleep(seconds)
+        self.sleep(seconds)
 
     def acquire(self, tokens: int = 1, timeout: float | None = None) -> bool:
         """Block until ``tokens`` are taken; ``False``, taking nothing, if that would exceed

@@ -8,6 +8,13 @@ wait for a slot would let starts bunch up past the rate once slots free up. A ba
 takes its slot only once its batch is released: holding one while waiting for the previous
 batch to drain could starve that batch's own members. Which limiter store, ledger and slot
 pool it talks to is the caller's choice.
+
+Every sleep of an admission (for tokens, for a batch's backoff) sleeps on the ledger, which
+wakes it when a stop is recorded where it can (the file ledger: any worker's stop), and
+checks the stop when it wakes: a test waiting when the session stops is cancelled, never
+started. The tokens such a waiter reserved stay reserved: a GCRA bucket's tokens are time, so
+they hold back later starts by the waiter's own cost in intervals, once, and are never lost
+for good; and after a stop its session starts nothing more anyway.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from .limiter import UNLIMITED, RateLimiter
 if TYPE_CHECKING:
     from ..stores.base import Slot, SlotPool
 
-__all__ = ["OnWait", "SlotTicket", "TaskScheduler", "Ticket"]
+__all__ = ["OnWait", "SlotTicket", "TaskScheduler", "Ticket", "WaitCancelled"]
 
 #: How often a test retries while the batch it waits for is being opened by a new opener.
 ORPHAN_RETRY_SECONDS = 0.01
@@ -36,6 +43,15 @@ SLOT_WAIT_NAMED_NS = 1_000_000
 
 #: Called before a wait of known length: ``on_wait(what, seconds)``.
 OnWait = Callable[[str, float], None]
+
+
+class WaitCancelled(Exception):
+    """The session stopped while a test waited for its admission (raised by the scheduler's
+    sleep, through the limiter, and turned into a cancelled ticket)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Ticket:
@@ -115,6 +131,8 @@ class TaskScheduler:
                 policy.rate_limit or UNLIMITED, clock=clock, windows=policy.windows
             )
         self.limiter = limiter
+        if limiter is not None:
+            limiter.sleep = self._sleep  # a stop ends the waits for tokens
         #: Seconds waited for each limit (by its name: ``rate``, ``10/2s``, ``concurrency``),
         #: in this process.
         self.waited_by_limit: dict[str, float] = {}
@@ -168,6 +186,8 @@ class TaskScheduler:
         except StoreError as error:
             reason = self.ledger.stop(f"store unavailable: {error}")
             return self._cancelled(reason, arrived)
+        except WaitCancelled as stopped:  # the batch was left on the way out
+            return self._cancelled(stopped.reason, arrived)
 
     def _cancelled(self, reason: str, arrived: int) -> Ticket:
         now = self._clock.now_ns()
@@ -313,6 +333,8 @@ class TaskScheduler:
                     reason = self.ledger.stop(self._timeout_ahead())
         except StoreError as error:
             reason = self.ledger.stop(f"store unavailable: {error}")
+        except WaitCancelled as stopped:
+            reason = stopped.reason
         if reason:
             return self._cancelled(reason, arrived)
         if store_ns is not None and self._local_clock and not self._waited_on:
@@ -321,9 +343,16 @@ class TaskScheduler:
 
     def finish(self, ticket: Ticket, failed: bool) -> None:
         """The admitted test of ``ticket`` finished; ``failed`` if it failed or errored."""
-        # An unbatched test that passed changes nothing shared: spare the ledger a round trip.
-        if not ticket.cancelled and (ticket.batch or failed):
-            self.ledger.finish(ticket.batch, failed, self._clock.now_ns())
+        if ticket.cancelled:
+            return
+        if failed:
+            now = self._clock.now_ns()
+            self.ledger.finish(ticket.batch, True, now)
+            if self._stop_rule.max_failures is not None:
+                # Record the stop this failure may bring now: that wakes the tests waiting.
+                self.ledger.check_stop(now, self._stop_rule)
+        elif ticket.batch:  # an unbatched test that passed changes nothing shared
+            self.ledger.finish(ticket.batch, False, self._clock.now_ns())
 
     def _finish_releasing(self, ticket: Ticket, failed: bool) -> None:
         """``finish`` under a concurrency cap: then give the test's slot back. After the
@@ -414,4 +443,22 @@ class TaskScheduler:
         seconds = wait_ns / NANOS_PER_SECOND
         if self._on_wait is not None:
             self._on_wait(what, seconds)
-        self._clock.sleep(seconds)
+        self._sleep(seconds)
+
+    def _sleep(self, seconds: float) -> None:
+        """Every sleep of an admission (the limiter's too): on the ledger, which wakes it
+        early where it can when a stop is recorded; the stop checked when it wakes. Raises
+        ``WaitCancelled`` if the session stopped: the waiting test must not start."""
+        clock = self._clock
+        ledger = self.ledger
+        rule = self._stop_rule
+        end = clock.now_ns() + round(seconds * NANOS_PER_SECOND)
+        while True:
+            ledger.sleep(seconds, clock)
+            now = clock.now_ns()
+            reason = ledger.check_stop(now, rule)
+            if reason:
+                raise WaitCancelled(reason)
+            if now >= end:
+                return
+            seconds = (end - now) / NANOS_PER_SECOND  # woken early, not for a stop: sleep on

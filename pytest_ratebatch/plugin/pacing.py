@@ -113,6 +113,8 @@ class Pacer:
         self._by_nodeid = self._keeps_records  # whether a test's node id is needed
         # Whether a start only counts in the tally (no record, no subclass's own account).
         self._plain_starts = not self._keeps_records and type(self).started is Pacer.started
+        self._cancelled_running = ""  # the running test a stop cancelled, if any
+        self._rerun_counted = ""  # the last test pytest-rerunfailures ran again after a throttle
 
     @pytest.hookimpl(wrapper=True)
     def pytest_collection_modifyitems(
@@ -202,12 +204,16 @@ class Pacer:
         batch_cost = self._batch_costs.get(nodeid)
         session = item.session
         result: object = True
+        ran_again = False
         while throttles.held is not None:
             ticket = self.scheduler.admit(cost, batch_cost)
             self.started(nodeid, ticket, retry=True)
             if ticket.cancelled:
-                throttles.give_up(item, f"the session stopped ({ticket.cancelled})")
+                # The session stopped before the test could run again: a cancelled test.
+                self.cancelled_while_running(nodeid, ticket.cancelled)
+                throttles.give_up(item, f"{CANCELLED_PREFIX} ({ticket.cancelled})")
                 break
+            ran_again = True
             throttles.held = None  # this attempt's reports are dropped: it runs again
             attempt_failed = session.testsfailed
             self.retrying = True
@@ -216,10 +222,30 @@ class Pacer:
             finally:
                 self.retrying = False
                 self.finish(item, ticket, attempt_failed)
-        self._tally.retried += 1
-        if session.testsfailed > failed_before:
-            self._tally.retried_failed += 1
+        if ran_again:
+            self._tally.retried += 1
+            if session.testsfailed > failed_before:
+                self._tally.retried_failed += 1
         return result
+
+    def admit_rerun(self, item: pytest.Item) -> bool:
+        """pytest-rerunfailures runs a throttled test again: that rerun is the test's retry,
+        admitted like one (after the server's pause, taking the test's tokens; it keeps its
+        batch and its slot). ``False`` if the session stopped: the rerun is cancelled."""
+        nodeid = item.nodeid
+        ticket = self.scheduler.acquire(self._costs.get(nodeid, 1))
+        self.started(nodeid, ticket, retry=True)
+        if ticket.cancelled:
+            self.cancelled_while_running(nodeid, ticket.cancelled)
+            item.add_marker(pytest.mark.skip(reason=f"{CANCELLED_PREFIX} ({ticket.cancelled})"))
+            return False
+        if nodeid != self._rerun_counted:  # once per test, however often it runs again
+            self._rerun_counted = nodeid
+            self._tally.retried += 1
+        return True
+
+    def rerun_failed(self) -> None:
+        self._tally.retried_failed += 1
 
     def finish(self, item: pytest.Item, ticket: Ticket, failed_before: int) -> None:
         """An admitted test's protocol ended: it failed if pytest counted a failure since."""
@@ -243,15 +269,31 @@ class Pacer:
         assert self.reporter is not None
         self.reporter.finished(nodeid, MONOTONIC.now_ns() - self.start_ns)
 
+    def cancelled_while_running(self, nodeid: str, reason: str) -> None:
+        """A test admitted earlier that the session's stop caught before it could go on (its
+        in-test tokens, its retry after a throttle): it counts as cancelled, not as run."""
+        if nodeid == self._cancelled_running:
+            return  # counted already (a test that went on asking for tokens)
+        self._cancelled_running = nodeid
+        self._tally.run -= 1
+        self._tally.cancelled += 1
+        if self._keeps_records:
+            assert self.reporter is not None
+            self.reporter.cancelled(nodeid, reason)
+
     def acquire(self, nodeid: str, cost: int) -> None:
         """Tokens taken inside a running test (the ``ratebatch`` fixture), at most what one
-        start may take (the burst, or the smallest window) at a time."""
+        start may take (the burst, or the smallest window) at a time. If the session stopped
+        the test is cancelled: skipped as such, at its own location."""
         most = self._largest[0] if self._largest is not None else cost
         while cost > 0:
             chunk = min(cost, most)
             taken = self.scheduler.acquire(chunk)
             if taken.cancelled:
-                pytest.skip(f"{CANCELLED_PREFIX} ({taken.cancelled})")
+                self.cancelled_while_running(nodeid, taken.cancelled)
+                raise pytest.skip.Exception(
+                    f"{CANCELLED_PREFIX} ({taken.cancelled})", _use_item_location=True
+                )
             self.acquired(nodeid, [taken.start_ns - self.start_ns, chunk, taken.store_ns])
             cost -= chunk
 

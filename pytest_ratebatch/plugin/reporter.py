@@ -83,6 +83,8 @@ class Reporter:
         drawn = report_path is not None or timeline_path is not None
         self.records: dict[str, TestRecord] | None = {} if drawn else None
         self.interrupted = False
+        #: Why pytest itself stopped the session (``-x``, ``--maxfail``, ...), if it did.
+        self.stopped_by_pytest = ""
         #: Our files that could not be written (``report``, ``timeline``): a line for each,
         #: naming the path and why.
         self.output_errors: dict[str, str] = {}
@@ -135,6 +137,8 @@ class Reporter:
         self._print_forecast()
 
     def _print_forecast(self) -> None:
+        if self.config.option.collectonly:
+            return  # not inside the list of tests: the summary section says it
         if self._forecast_line and self.config.get_verbosity() >= -1:
             self._write_announcement(self._forecast_line)
             self._forecast_line = ""
@@ -161,6 +165,10 @@ class Reporter:
 
     def finished(self, nodeid: str, finish_offset: int) -> None:
         self._record(nodeid).finish_ns = finish_offset
+
+    def cancelled(self, nodeid: str, reason: str) -> None:
+        """A running test the session's stop cancelled (its skip report follows)."""
+        self._record(nodeid).reason = f"{CANCELLED_PREFIX} ({reason})"
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
         """A test took tokens while running."""
@@ -256,18 +264,29 @@ class Reporter:
 
     # --- the end -----------------------------------------------------------------------
 
-    def pytest_keyboard_interrupt(self) -> None:
-        self.interrupted = True
+    def pytest_keyboard_interrupt(self, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        if excinfo.type is KeyboardInterrupt:
+            self.interrupted = True  # Ctrl-C
+        else:  # a stop raised as an interrupt: xdist's after -x, pytest.exit(), ...
+            self.stopped_by_pytest = str(excinfo.value)
 
     @property
     def stop_reason(self) -> str:
-        reason = self.ledger.snapshot().stop_reason
-        return reason or ("interrupted" if self.interrupted else "")
+        return self.ledger.snapshot().stop_reason or self.stopped_otherwise()
+
+    def stopped_otherwise(self) -> str:
+        """A stop that is not the plugin's: pytest's own (``-x``, ...), or Ctrl-C."""
+        if self.stopped_by_pytest:
+            return f"pytest stopped the session ({self.stopped_by_pytest})"
+        return "interrupted" if self.interrupted else ""
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.progress is not None:
             self.progress.close()
+        stopped = session.shouldfail or session.shouldstop  # -x, --maxfail, ...
+        if stopped and not self.stopped_by_pytest:
+            self.stopped_by_pytest = str(stopped)
         if self.tally.cancelled and session.exitstatus == pytest.ExitCode.OK:
             # Tests that never ran are not a success, even if nothing failed.
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -338,7 +357,14 @@ class Reporter:
                 terminalreporter.line(message, red=True, bold=True)
             return
         terminalreporter.section("ratebatch")
-        for line in self.summary_lines():
+        if self.config.option.collectonly:
+            lines = [f"policy: {self.policy.describe()}"]
+            if self._forecast_line:
+                lines.append(self._forecast_line)
+            lines.append("collect-only: no test was run")
+        else:
+            lines = self.summary_lines()
+        for line in lines:
             terminalreporter.line(line)
         for kind, path in (("report", self.report_path), ("timeline", self.timeline_path)):
             error = self.output_errors.get(kind)

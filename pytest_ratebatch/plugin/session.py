@@ -130,8 +130,14 @@ def parse_settings(raw: dict[str, RawValue], invocation_dir: Path, rootpath: Pat
 
 
 def is_distributing(config: pytest.Config) -> bool:
-    """Whether this process is an xdist controller that will start workers."""
-    return getattr(config.option, "dist", "no") != "no" and bool(getattr(config.option, "tx", None))
+    """Whether this process is an xdist controller that will start workers (with
+    ``--collect-only`` xdist starts none: this process collects, as without ``-n``)."""
+    option = config.option
+    return (
+        getattr(option, "dist", "no") != "no"
+        and bool(getattr(option, "tx", None))
+        and not option.collectonly
+    )
 
 
 def store_choice(settings: Settings, shared: SessionDirectory | None) -> str:
@@ -337,6 +343,7 @@ def _throttles(config: pytest.Config, pacer: Pacer, settings: Settings) -> Throt
     adapt = throttling.adapt and settings.policy.rate_limit is not None
     throttles = Throttles(config, throttling, pacer.scheduler, limiter, start_ns, extra, adapt)
     pacer.throttles = throttles
+    throttles.retrier = pacer  # pytest-rerunfailures' reruns after a throttle are retries
     return throttles
 
 

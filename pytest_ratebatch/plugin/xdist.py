@@ -179,7 +179,7 @@ class ControllerReporter(Reporter):
     def stop_reason(self) -> str:
         # A worker whose session directory failed may have stopped alone (``FileLedger``).
         reason = self.ledger.snapshot().stop_reason or self._worker_stop
-        return reason or ("interrupted" if self.interrupted else "")
+        return reason or self.stopped_otherwise()
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_handlecrashitem(self, crashitem: str, report: pytest.TestReport) -> None:
@@ -234,7 +234,11 @@ class WorkerRecords:
                     record.batch, record.tokens, record.start_ns, record.store_ns = admission[:4]
                     record.limit = admission[4] if len(admission) > 4 else ""
             elif report.when == "teardown":
-                record.finish_ns, record.acquired, record.retries = data
+                record.finish_ns, record.acquired, record.retries, *cancelled = data
+                if cancelled:  # the session's stop caught the test while it ran
+                    record.reason = f"{CANCELLED_PREFIX} ({cancelled[0]})"
+                    if record.outcome == "skipped":
+                        record.outcome = "cancelled"
         worker = getattr(report, "node", None)
         if worker is not None:
             record.worker = str(getattr(getattr(worker, "gateway", None), "id", ""))
@@ -282,6 +286,7 @@ class RecordingWorkerPacer(WorkerPacer):
         self._admitted = False  # whether the running test was admitted (not cancelled)
         self._acquired: list[list[int | None]] = []  # the running test's in-test tokens
         self._retries: list[list[int | None]] = []  # its retries' admissions
+        self._cancelled = ""  # why the session's stop cancelled it while it ran, if it did
 
     def started(self, nodeid: str, ticket: Ticket, retry: bool = False) -> None:
         super().started(nodeid, ticket, retry)
@@ -294,6 +299,11 @@ class RecordingWorkerPacer(WorkerPacer):
         self._admitted = not ticket.cancelled
         self._acquired = []
         self._retries = []
+        self._cancelled = ""
+
+    def cancelled_while_running(self, nodeid: str, reason: str) -> None:
+        super().cancelled_while_running(nodeid, reason)
+        self._cancelled = reason  # sent on the teardown report
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
         self._acquired.append(acquisition)
@@ -307,4 +317,6 @@ class RecordingWorkerPacer(WorkerPacer):
                 self._start = None  # once: pytest-rerunfailures sets up again for a rerun
         elif report.when == "teardown" and self._admitted:
             finish = [MONOTONIC.now_ns() - self.start_ns, self._acquired, self._retries]
+            if self._cancelled:
+                finish.append(self._cancelled)
             setattr(report, REPORT_ATTRIBUTE, finish)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from ..limits.batches import Entry, SessionState, StopRule
+from ..limits.clock import Clock
 from ..limits.gcra import Outcome
 
 if TYPE_CHECKING:  # loaded with the first window limit: a session without one never needs it
@@ -101,6 +102,11 @@ class Ledger(Protocol):
 
     def wait_released(self, batch: int) -> None:
         """Block until ``batch`` was released or the session stopped."""
+        ...
+
+    def sleep(self, seconds: float, clock: Clock) -> None:
+        """Sleep ``seconds`` on ``clock``, or less if a stop is recorded meanwhile, where the
+        ledger can wake its sleepers (the caller checks the stop when this returns)."""
         ...
 
     def snapshot(self) -> SessionState: ...

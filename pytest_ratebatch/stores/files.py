@@ -12,7 +12,10 @@ and one write; all waiting happens outside the lock:
   it runs, and the opener of the next batch takes it exclusively, which returns exactly
   when the last member finished (or died);
 - members of a batch still opening wait on the batch's gate file, which the opener holds
-  exclusively until the batch is released.
+  exclusively until the batch is released;
+- a process sleeping for its admission listens on a Unix datagram socket of its own,
+  ``wake-<pid>-<n>``, and whoever records a stop sends every such socket a datagram: a stop
+  by any worker cancels the tests waiting in the others at once, not when their sleep ends.
 
 **Slots** (``--max-concurrency``) are lock files in the same directory. Slot *i* is held by
 holding the exclusive ``flock`` of the file ``slot-<i>``. The kernel releases such a lock
@@ -47,7 +50,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
+import select
 import socket
 import struct
 import threading
@@ -85,6 +90,9 @@ __all__ = [
 
 BUCKET_FILE = "bucket"
 LEDGER_FILE = "ledger"
+#: The sockets of the processes sleeping for an admission, which a stop wakes.
+WAKE_PREFIX = "wake-"
+_wake_numbers = itertools.count()  # a socket per ledger, even for several in one process
 
 
 def session_error(directory: Path, error: OSError) -> StoreError:
@@ -391,6 +399,9 @@ class FileLedger:
         self._members: dict[int, int] = {}  # batch -> fd of its members file, kept open
         self._held: set[int] = set()  # batches whose members file this process holds shared
         self._gates: dict[int, int] = {}  # batch -> fd of the gate this process holds
+        #: This ledger's socket for stops (bound on its first sleep; ``False``: cannot be).
+        self._wake: socket.socket | bool | None = None
+        self._wake_path = directory / f"{WAKE_PREFIX}{os.getpid()}-{next(_wake_numbers)}"
         #: A stop the file could not record: this process stops alone.
         self._stopped_here = ""
 
@@ -466,6 +477,7 @@ class FileLedger:
             return Entry("cancel", reason=self._stopped_here)
         with self._file as stored:
             state = self._load(stored)
+            stopped = state.stop_reason  # a stop recorded before this operation
             entry = enter(state, now, rule, batch_size)
             held_before = entry.batch in self._held
             try:
@@ -486,6 +498,8 @@ class FileLedger:
                 if isinstance(error, StoreError):
                     raise
                 raise session_error(self.directory, error) from None
+        if entry.action == "cancel" and not stopped:
+            self._ring()
         return entry
 
     def release(self, batch: int) -> None:
@@ -539,12 +553,15 @@ class FileLedger:
         try:
             with self._file as stored:
                 state = self._load(stored)
+                stopped = state.stop_reason  # a stop recorded before this operation
                 result = stop(state, reason)
                 self._save(state)
         except StoreError:
             return self._stop_here(reason)
         for batch in list(self._gates):
             self._open_gate(batch)
+        if not stopped:
+            self._ring()
         return result
 
     def check_stop(self, now: int, rule: StopRule) -> str:
@@ -552,10 +569,60 @@ class FileLedger:
             return self._stopped_here
         with self._file as stored:
             state = self._load(stored)
+            stopped = state.stop_reason  # a stop recorded before this operation
             reason = check_stop(state, now, rule)
-            if reason:
+            if reason and not stopped:
                 self._save(state)
+        if reason and not stopped:
+            self._ring()
         return reason
+
+    # --- sleeping until a stop ------------------------------------------------------------
+
+    def sleep(self, seconds: float, clock: Clock) -> None:
+        """Sleep on this ledger's socket, which a stop recorded by any process rings; on
+        another clock than the system's (tests), or without a socket, a plain sleep."""
+        if seconds <= 0:
+            return
+        wake = self._wake_socket() if clock is MONOTONIC else None
+        if wake is None:
+            clock.sleep(seconds)
+            return
+        ready, _, _ = select.select([wake], [], [], seconds)  # microseconds, as time.sleep
+        if ready:
+            with contextlib.suppress(OSError):  # BlockingIOError once drained
+                while True:
+                    wake.recv(16)
+
+    def _wake_socket(self) -> socket.socket | None:
+        wake = self._wake
+        if isinstance(wake, socket.socket):
+            return wake
+        if wake is False:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(str(self._wake_path))
+        except OSError:  # e.g. a path too long for a socket address: sleeps run their course
+            sock.close()
+            self._wake = False
+            return None
+        sock.setblocking(False)
+        self._wake = sock
+        return sock
+
+    def _ring(self) -> None:
+        """A stop was just recorded: wake every process sleeping for an admission."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ringer:
+            ringer.setblocking(False)
+            for name in names:
+                if name.startswith(WAKE_PREFIX):
+                    with contextlib.suppress(OSError):  # a sleeper gone, or its queue full
+                        ringer.sendto(b"\0", str(self.directory / name))
 
     def wait_drained(self, batch: int) -> int:
         if batch < 1:
@@ -611,6 +678,11 @@ class FileLedger:
         self._members.clear()
         for batch in list(self._gates):
             self._open_gate(batch)
+        if isinstance(self._wake, socket.socket):
+            self._wake.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._wake_path)
+        self._wake = None
         self._file.close()
 
 

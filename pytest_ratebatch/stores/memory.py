@@ -206,6 +206,12 @@ class MemoryLedger:
         with self._lock:
             return self._state.copy()
 
+    def sleep(self, seconds: float, clock: Clock) -> None:
+        # A plain session runs one test at a time: no other test can stop it while this one
+        # waits. (Threads sharing a scheduler see a stop when their sleep ends: the caller
+        # checks it then.)
+        clock.sleep(seconds)
+
 
 class _Waiter:
     __slots__ = ("event", "slot")

@@ -7,17 +7,22 @@ each phase's report at once, until a phase is throttled (``throttle.detect``, se
 back, the bucket is paused for the server's wait (and its rate adapted), and the pacer admits
 the test again (after the pause, taking tokens like any start) and runs it once more. Only
 the last attempt's outcome is logged, so every test ends with one; one still throttled
-after its retries fails with a message that says so. Tests that pytest-rerunfailures reruns
-are left to it (its reruns do not wait for a pause), but their throttles still pause the
-bucket.
+after its retries fails with a message that says so.
+
+Tests that pytest-rerunfailures reruns are run by it, and its reruns are the retries: a
+throttle seen in one of its attempts pauses the bucket (and adapts the rate) at once, and the
+rerun that follows is admitted like a retry, after the pause and taking the test's tokens, or
+cancelled if the session stopped meanwhile (``_Reruns``). A server that asks to wait longer
+than allowed fails the test without a rerun, as it does without pytest-rerunfailures.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 from _pytest.runner import call_and_report, show_test_item
@@ -29,7 +34,7 @@ from ..limits.policy import NANOS_PER_SECOND, ThrottlePolicy, format_duration
 if TYPE_CHECKING:
     from .detect import Throttle
 
-__all__ = ["BACKOFF_CAP", "BACKOFF_FIRST", "Throttles", "load_exception_types"]
+__all__ = ["BACKOFF_CAP", "BACKOFF_FIRST", "Retrier", "Throttles", "load_exception_types"]
 
 #: Without a header, the first pause, doubled for each further attempt of the test.
 BACKOFF_FIRST = 0.5
@@ -58,6 +63,19 @@ def backoff(attempt: int) -> float:
     """Seconds to pause without a header: 0.5 s, 1 s, 2 s, ... up to a minute, +-10% jitter."""
     base: float = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** max(0, attempt - 1))
     return base * random.uniform(0.9, 1.1)
+
+
+class Retrier(Protocol):
+    """Who admits the retries that pytest-rerunfailures runs (the pacer)."""
+
+    def admit_rerun(self, item: pytest.Item) -> bool:
+        """Admit the rerun of a throttled ``item`` like a retry; ``False`` if the session
+        stopped (the rerun is then cancelled: it does not start)."""
+        ...
+
+    def rerun_failed(self) -> None:
+        """A test run again after a throttle failed in the end."""
+        ...
 
 
 class Throttles:
@@ -90,16 +108,36 @@ class Throttles:
         # Read once, not for every test as pytest's own protocol does: they never change.
         self._setup_only = bool(config.getoption("setuponly", False))
         self._setup_show = bool(config.getoption("setupshow", False))
-        self._rerunfailures = config.pluginmanager.has_plugin("rerunfailures")
-        self._defer_reruns = self._rerunfailures and bool(config.getoption("reruns", None))
+        self._config = config
+        #: pytest-rerunfailures (its module), if it is in this session.
+        self._rerunfailures: Any = config.pluginmanager.get_plugin("rerunfailures")
+        #: Who admits the reruns it runs after a throttle (the pacer).
+        self.retrier: Retrier | None = None
+        self._rerun_item: pytest.Item | None = None  # the test it runs now
+        #: The test whose throttled attempt it may rerun, and the throttle's event.
+        self.rerun_due: tuple[str, dict[str, Any]] | None = None
+        self._reruns: _Reruns | None = None  # its attempts' hooks, once a throttle needs them
+        # Without a count for every test, only its marker makes it rerun one: looked up first.
+        self._marked_only = self._rerunfailures is not None and not _global_reruns(config)
 
     # --- the protocol ---------------------------------------------------------------------
 
-    def _rerunfailures_runs(self, item: pytest.Item) -> bool:
-        return self._defer_reruns or item.get_closest_marker("flaky") is not None
+    def _reruns_of(self, item: pytest.Item) -> int:
+        """How often pytest-rerunfailures reruns ``item`` (0: it leaves the test to us)."""
+        if self._marked_only and item.get_closest_marker("flaky") is None:
+            return 0
+        count = getattr(self._rerunfailures, "get_reruns_count", None)
+        if count is None:  # not the version this was written against: its marker at least
+            mark = item.get_closest_marker("flaky")
+            return 0 if mark is None else int(mark.kwargs.get("reruns", 1))
+        reruns = count(item)
+        return reruns if isinstance(reruns, int) else 0
 
     def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-        if self._rerunfailures and self._rerunfailures_runs(item):
+        if self._rerunfailures is not None and self._reruns_of(item) > 0:
+            # pytest-rerunfailures runs this test, and its reruns are the retries.
+            self._running = self._rerun_item = item
+            self._seen = None
             return None
         ihook = item.ihook  # once: each lookup costs a path hash and a set difference
         nodeid = item.nodeid
@@ -170,25 +208,77 @@ class Throttles:
                 item.funcargs = None  # type: ignore[attr-defined]
         return held
 
-    def pytest_exception_interact(self, node: pytest.Item, call: pytest.CallInfo[Any]) -> None:
+    def pytest_exception_interact(
+        self, node: pytest.Item, call: pytest.CallInfo[Any], report: pytest.TestReport
+    ) -> None:
         # Called for each failed phase (set-up, call, teardown), before anything is logged.
         if node is not self._running or self._seen is not None or call.excinfo is None:
             return
         # Imported on the first failure: a session that never fails need not load it.
         from .detect import find_throttle
 
-        self._seen = find_throttle(call.excinfo.value, self.extra)
+        seen = self._seen = find_throttle(call.excinfo.value, self.extra)
+        if seen is not None and node is self._rerun_item:
+            self._rerun_throttled(node, seen, report)
 
-    def give_up(self, item: pytest.Item, reason: str) -> None:
-        """The held attempt will not be retried (the session stopped): log it as it was."""
+    def _rerun_throttled(
+        self, item: pytest.Item, seen: Throttle, report: pytest.TestReport
+    ) -> None:
+        """A throttle in an attempt that pytest-rerunfailures runs: pause (and adapt) now;
+        its rerun, if it comes, is the retry (``_Reruns`` admits it)."""
+        nodeid = item.nodeid
+        attempt = getattr(item, "execution_count", 1)  # its attempts so far, this one included
+        wait, source = (seen.wait, seen.wait_source) if seen.wait is not None else (None, "")
+        if wait is None:
+            wait, source = backoff(attempt), "backoff"
+        reason = self._too_long(wait, source)
+        if reason:
+            self.scheduler.ledger.stop(reason)
+            self._record(nodeid, seen, wait, source, None, retried=False)
+            self._annotate([report], self._refused(seen, reason))
+            # Not to be rerun: pytest-rerunfailures does not rerun an attempt whose error it
+            # counts as terminal (as with its --rerun-except). In a teardown it is too late
+            # for that: the rerun is then cancelled, the session having stopped.
+            terminal = getattr(item, "_terminal_errors", None)
+            if report.when != "teardown" and isinstance(terminal, dict):
+                terminal[report.when] = True
+            return
+        paused = self.pause(wait)
+        event = self._record(nodeid, seen, wait, source, paused, retried=False)
+        reruns = self._reruns_of(item)
+        if attempt > reruns:  # its last attempt: pytest-rerunfailures gives up on it
+            times = "once" if reruns == 1 else f"{reruns} times"
+            self._annotate(
+                [report],
+                f"still throttled ({seen.describe()}) after running {attempt} times; "
+                f"rerun {times} by pytest-rerunfailures",
+            )
+            return
+        self.rerun_due = (nodeid, event)
+        if self._reruns is None:
+            self._reruns = _Reruns(self)
+            self._config.pluginmanager.register(self._reruns, "ratebatch-reruns")
+
+    def give_up(self, item: pytest.Item, skip_reason: str) -> None:
+        """The held attempt will not run again: the session stopped first. A throttled
+        attempt is no failure, so the test is cancelled: its failed reports become the skip
+        of a cancelled test (``skip_reason``), at the test's location."""
         held, self.held = self.held, None
         if held is None:
             return
         reports, seen = held
         attempts = self._attempts.pop(item.nodeid, 0)
-        self._annotate(reports, f"throttled ({seen.describe()}) on attempt {attempts}, not run "
-                                f"again: {reason}")  # fmt: skip
+        note = f"throttled ({seen.describe()}) on attempt {attempts}, not run again"
+        for event in reversed(self.events):  # its throttle, recorded as to be retried
+            if event["test"] == item.nodeid and event["event"] == "throttle":
+                event["retried"] = False
+                break
+        path, line = _location(item)
         for report in reports:
+            if report.failed:
+                report.outcome = "skipped"
+                report.longrepr = (path, line, f"Skipped: {skip_reason}")
+                report.sections.append(("ratebatch", note))
             item.ihook.pytest_runtest_logreport(report=report)
         item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
 
@@ -204,7 +294,7 @@ class Throttles:
         if reason:
             self.scheduler.ledger.stop(reason)
             self._record(nodeid, seen, wait, source, None, retried=False)
-            return False, f"throttled ({seen.describe()}); {reason}"
+            return False, self._refused(seen, reason)
         paused = self.pause(wait)
         retry = attempt <= self.policy.retries
         self._record(nodeid, seen, wait, source, paused, retried=retry)
@@ -214,6 +304,14 @@ class Throttles:
         times = "once" if retries == 1 else f"{retries} times"
         what = f"retried {times}" if retries else "not retried (throttle_retries = 0)"
         return False, f"still throttled ({seen.describe()}) after running {attempt} times; {what}"
+
+    @staticmethod
+    def _refused(seen: Throttle, reason: str) -> str:
+        """Why a test fails whose server asked for a wait longer than allowed."""
+        return (
+            f"refused by the server for longer than allowed ({seen.describe()}): {reason}; "
+            "the session stopped"
+        )
 
     def _too_long(self, wait: float, source: str) -> str:
         limit = self.policy.max_wait
@@ -240,7 +338,7 @@ class Throttles:
         source: str,
         paused: tuple[int, int, int, int] | None,
         retried: bool,
-    ) -> None:
+    ) -> dict[str, Any]:
         event: dict[str, Any] = {
             "event": "throttle",
             "test": nodeid,
@@ -255,6 +353,7 @@ class Throttles:
             event.update(rate_before=_per_minute(before), rate_after=_per_minute(after))
             self._timed(event, at, until)
         self.events.append(event)
+        return event
 
     def _timed(self, event: dict[str, Any], at: int, until: int) -> dict[str, Any]:
         """When, on the store's clock, and (for a store on this machine's clock) as times
@@ -304,6 +403,40 @@ class Throttles:
                 crash.message = f"ratebatch: {note}: {crash.message}"
 
 
+class _Reruns:
+    """The attempts of the tests pytest-rerunfailures runs, watched once a throttle in one
+    of them was seen (until then they cost nothing more): the rerun of a throttled attempt
+    is admitted like a retry, or cancelled if the session stopped."""
+
+    def __init__(self, throttles: Throttles) -> None:
+        self.throttles = throttles
+        self._retried: set[str] = set()  # tests run again after a throttle, until they end
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_logstart(self, nodeid: str, location: object) -> None:
+        # pytest-rerunfailures starts each attempt so, before its set-up.
+        throttles = self.throttles
+        due, throttles.rerun_due = throttles.rerun_due, None
+        item = throttles._rerun_item
+        if item is None or item.nodeid != nodeid:
+            return
+        throttles._seen = None  # a new attempt
+        retrier = throttles.retrier
+        if due is None or due[0] != nodeid or retrier is None:
+            return
+        if retrier.admit_rerun(item):
+            due[1]["retried"] = True
+            self._retried.add(nodeid)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # A failed report is final: pytest-rerunfailures labels the ones it reruns "rerun".
+        if report.failed and report.nodeid in self._retried:
+            self._retried.discard(report.nodeid)
+            retrier = self.throttles.retrier
+            if retrier is not None:
+                retrier.rerun_failed()
+
+
 class _ObservedResponse(Exception):
     """A response handed to ``observe``, in the shape ``find_throttle`` reads."""
 
@@ -315,6 +448,24 @@ class _ObservedResponse(Exception):
 def _per_minute(interval_ns: int) -> float | None:
     """A rate from an interval; ``None`` for no rate (0)."""
     return None if interval_ns <= 0 else 60 * NANOS_PER_SECOND / interval_ns
+
+
+def _global_reruns(config: pytest.Config) -> bool:
+    """Whether pytest-rerunfailures is told to rerun every test (its options or ini key)."""
+    if config.getoption("force_reruns", None) or config.getoption("reruns", None):
+        return True
+    try:
+        return bool(str(config.getini("reruns")).strip())
+    except ValueError:  # no such ini key: not the version this was written against
+        return False
+
+
+def _location(item: pytest.Item) -> tuple[str, int]:
+    """Where a skip of ``item`` points, as pytest's own skips do: the test (line from 1)."""
+    path, line = item.reportinfo()[:2]
+    if line is None:
+        return item.location[0], (item.location[1] or 0) + 1
+    return os.fspath(path), line + 1
 
 
 def _show_test_item(item: pytest.Item, add_space: bool) -> None:

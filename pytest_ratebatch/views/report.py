@@ -195,6 +195,9 @@ class Tally:
             counted.collected += 1
             if record.start_ns is not None:
                 counted.admitted(record.batch, record.tokens, record.start_ns, record.waited_ns)
+                if record.reason:  # started, then cancelled by the session's stop
+                    counted.run -= 1
+                    counted.cancelled += 1
             elif record.reason:
                 counted.cancel(record.waited_ns)
             for start, tokens, _store_ns in record.retries:
