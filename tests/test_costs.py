@@ -32,7 +32,14 @@ def all_admissions(report: dict[str, Any]) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize(
     ("args", "kwargs", "cost"),
-    [((), {}, 1), ((), {"cost": 0}, 0), ((3,), {}, 3), ((), {"cost": 5}, 5)],
+    [
+        ((), {}, 1),
+        ((), {"cost": 0}, 0),
+        ((3,), {}, 3),
+        ((), {"cost": 5}, 5),
+        ((), {"pace_calls": False}, 1),
+        ((2,), {"pace_calls": True}, 2),
+    ],
 )
 def test_parse_cost(args: tuple[Any, ...], kwargs: dict[str, Any], cost: int) -> None:
     assert parse_cost(args, kwargs, burst=5) == cost
@@ -44,8 +51,10 @@ def test_parse_cost(args: tuple[Any, ...], kwargs: dict[str, Any], cost: int) ->
         ((), {"cost": -1}, "whole number >= 0"),
         ((), {"cost": 1.5}, "whole number >= 0"),
         ((), {"cost": True}, "whole number >= 0"),
-        ((), {"tokens": 2}, "one argument"),
-        ((1, 2), {}, "one argument"),
+        ((), {"tokens": 2}, "takes cost=N and pace_calls"),
+        ((1, 2), {}, "takes cost=N and pace_calls"),
+        ((1,), {"cost": 1}, "takes cost=N and pace_calls"),
+        ((), {"pace_calls": 0}, "pace_calls must be True or False, not 0"),
         ((), {"cost": 6}, r"cost 6 exceeds the burst \(5\)"),
     ],
 )
@@ -131,7 +140,7 @@ def test_a_batch_costing_more_than_the_burst_is_paced_inside(pytester: pytest.Py
         ("ratebatch(cost=-1)", "cost must be a whole number >= 0, not -1", ["-n", "2"]),
         ("ratebatch(cost='2')", "cost must be a whole number >= 0, not '2'", []),
         ("ratebatch(cost=9)", "cost 9 exceeds the burst (2)*", []),
-        ("ratebatch(calls=2)", "takes one argument: cost=N", []),
+        ("ratebatch(calls=2)", "takes cost=N and pace_calls=True|False", []),
     ],
 )
 def test_a_bad_marker_is_a_collection_error_naming_the_test(

@@ -16,7 +16,8 @@ ALLOWED = {
     "engine": {"stores", "limits"},
     "throttle": {"engine", "stores", "limits"},
     "views": {"engine", "stores", "limits"},
-    "plugin": {"", "throttle", "views", "engine", "stores", "limits"},
+    "calls": {"throttle", "views", "engine", "stores", "limits"},
+    "plugin": {"", "calls", "throttle", "views", "engine", "stores", "limits"},
 }
 #: The only modules that import pytest when they run (the others at most for type checking).
 KNOW_PYTEST = {"plugin", "throttle.retrying"}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING
 
 from ..limits.clock import MONOTONIC, Clock
@@ -168,26 +168,69 @@ class RateLimiter:
         max_wait: int | None = None,
     ) -> Admission | None:
         started = self._clock.now_ns()
-        slot = now + wait
-        self._sleep(wait, on_wait)
         if reserve_only:
-            return Admission(tokens, slot, self._clock.now_ns() - started)
+            self._sleep(wait, on_wait)
+            return Admission(tokens, now + wait, self._clock.now_ns() - started)
+        waits = self._slot_waits(tokens, now + wait, wait, max_wait)
+        try:
+            while True:
+                self._sleep(next(waits), on_wait)
+        except StopIteration as done:
+            at_ns: int | None = done.value
+        return None if at_ns is None else Admission(tokens, at_ns, self._clock.now_ns() - started)
+
+    def _slot_waits(
+        self, tokens: int, slot: int, wait: int, max_wait: int | None
+    ) -> Generator[int, None, int | None]:
+        """The sleeps (ns) until reserved tokens are admitted at ``slot``, for a sync or an
+        async waiter alike; returns the admission time, or ``None`` past ``max_wait``."""
+        started = self._clock.now_ns()
+        yield wait
         while True:
             status, now, wait = self._store_commit(tokens, slot)
             if status == ADMITTED:
-                return Admission(tokens, now, self._clock.now_ns() - started)
+                return now
             left = None if max_wait is None else max(0, max_wait - (self._clock.now_ns() - started))
             if status == OVERTAKEN:
                 # Woken too late: a later waiter took this admission. Queue again.
                 status, now, wait = self._store_take(tokens, left, True)
                 if status == ADMITTED:
-                    return Admission(tokens, now, self._clock.now_ns() - started)
+                    return now
                 if status == REFUSED:
                     return None
                 slot = now + wait
             elif left is not None and wait > left:
                 return None  # the retry would end after the timeout
-            self._sleep(wait, on_wait)
+            yield wait
+
+    async def acquire_async(
+        self, tokens: int = 1, on_wait: OnWait | None = None, max_wait_ns: int | None = None
+    ) -> int | None:
+        """``take`` for a coroutine: waits with ``await asyncio.sleep``, so the event loop
+        keeps running. The admission time on the store's clock, or ``None`` (taking nothing)
+        if that would take more than ``max_wait_ns``."""
+        import asyncio
+
+        if type(tokens) is not int or not 0 < tokens <= self.largest:
+            self._check(tokens)
+            raise ValueError(f"tokens must be at least 1, not {tokens!r}")
+        status, now, wait = self._store_take(tokens, max_wait_ns, True)
+        if status == ADMITTED:
+            return now
+        if status == REFUSED:
+            return None
+        waits = self._slot_waits(tokens, now + wait, wait, max_wait_ns)
+        try:
+            while True:
+                wait = next(waits)
+                if wait > 0:
+                    seconds = wait / NANOS_PER_SECOND
+                    if on_wait is not None:
+                        on_wait(seconds)
+                    await asyncio.sleep(seconds)
+        except StopIteration as done:
+            at_ns: int | None = done.value
+        return at_ns
 
     def _check(self, tokens: object) -> None:
         """Raise for anything but a whole number of tokens within the burst (0 is allowed)."""

@@ -341,6 +341,28 @@ class TaskScheduler:
             return Ticket(0, cost, store_ns, store_ns - arrived)  # ``_admitted``, one call less
         return self._admitted(0, cost, store_ns, arrived)
 
+    async def acquire_async(self, cost: int) -> Ticket:
+        """``acquire`` for a coroutine: the wait is an ``await``, so the event loop runs on.
+        A stop is seen before the wait and after it (a wait in progress runs to its end)."""
+        arrived = self._clock.now_ns()
+        store_ns = None
+        try:
+            reason = self.ledger.check_stop(arrived, self._stop_rule)
+            limiter = self.limiter
+            if not reason and limiter is not None and cost:
+                deadline = self._stop_rule.deadline_ns
+                max_wait = None if deadline is None else max(0, deadline - arrived)
+                store_ns = await limiter.acquire_async(cost, self._on_tokens, max_wait)
+                if store_ns is None:
+                    reason = self.ledger.stop(self._timeout_ahead())
+                else:
+                    reason = self.ledger.check_stop(self._clock.now_ns(), self._stop_rule)
+        except StoreError as error:
+            reason = self.ledger.stop(f"store unavailable: {error}")
+        if reason:
+            return self._cancelled(reason, arrived)
+        return self._admitted(0, cost, store_ns, arrived)
+
     def finish(self, ticket: Ticket, failed: bool) -> None:
         """The admitted test of ``ticket`` finished; ``failed`` if it failed or errored."""
         if ticket.cancelled:

@@ -10,10 +10,13 @@ import contextlib
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from .values import Value
+
+if TYPE_CHECKING:
+    from .calls import CallLimit
 
 __all__ = [
     "MAX_COUNT",
@@ -143,6 +146,7 @@ class ExecutionPolicy(Value):
     __slots__ = (
         "batch_backoff",
         "batch_size",
+        "call_limits",
         "max_concurrency",
         "max_failures",
         "rate_limit",
@@ -158,6 +162,7 @@ class ExecutionPolicy(Value):
     throttling: ThrottlePolicy
     windows: tuple[WindowLimit, ...]
     max_concurrency: int | None
+    call_limits: tuple[CallLimit, ...]
 
     def __init__(
         self,
@@ -169,6 +174,7 @@ class ExecutionPolicy(Value):
         throttling: ThrottlePolicy = DEFAULT_THROTTLING,
         windows: tuple[WindowLimit, ...] = (),
         max_concurrency: int | None = None,
+        call_limits: tuple[CallLimit, ...] = (),
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size!r}")
@@ -198,6 +204,7 @@ class ExecutionPolicy(Value):
             throttling=throttling,
             windows=tuple(windows),
             max_concurrency=max_concurrency,
+            call_limits=tuple(call_limits),
         )
 
     @property
@@ -212,6 +219,7 @@ class ExecutionPolicy(Value):
             or self.throttling != DEFAULT_THROTTLING
             or bool(self.windows)
             or self.max_concurrency is not None
+            or bool(self.call_limits)
         )
 
     @property
@@ -231,6 +239,12 @@ class ExecutionPolicy(Value):
             f"interval {rate.interval_ns} burst {rate.burst}" if rate is not None else "no rate",
             " ".join(f"{window.count}/{window.window_ns}" for window in self.windows),
             f"cap {self.max_concurrency}",
+            " ".join(
+                f"{limit.pattern}:{'auto' if limit.auto else ''}"
+                f"{'+'.join(f'{w.count}/{w.window_ns}' for w in limit.windows)}"
+                f":{limit.concurrency}"
+                for limit in self.call_limits
+            ),
         ]
         text = ", ".join(self._limit_parts()) or "no rate"
         return "; ".join(exact), text
@@ -246,6 +260,8 @@ class ExecutionPolicy(Value):
             parts.append("limits " + ", ".join(window.describe() for window in self.windows))
         if self.max_concurrency is not None:
             parts.append(f"max concurrency {self.max_concurrency}")
+        if self.call_limits:
+            parts.append("calls " + "; ".join(limit.text for limit in self.call_limits))
         return parts
 
     def describe(self) -> str:
@@ -282,6 +298,24 @@ class ExecutionPolicy(Value):
                 for window in self.windows
             ],
             "max_concurrency": self.max_concurrency,
+            "call_limits": [
+                {
+                    "host": limit.pattern,
+                    "rate_limit": [
+                        {
+                            "count": window.count,
+                            "window": window.seconds,
+                            "window_ns": window.window_ns,
+                            "text": window.describe(),
+                        }
+                        for window in limit.windows
+                    ],
+                    "auto": limit.auto,
+                    "concurrency": limit.concurrency,
+                    "text": limit.text,
+                }
+                for limit in self.call_limits
+            ],
             "batch_size": self.batch_size,
             "batch_backoff": self.batch_backoff,
             "max_failures": self.max_failures,
@@ -541,10 +575,14 @@ def parse_cost(
 ) -> int:
     """Tokens from ``@pytest.mark.ratebatch(cost=N)`` (or ``ratebatch(N)``); 1 by default.
 
-    ``burst`` is the most one start may cost, ``bound`` the limit that says so.
+    ``burst`` is the most one start may cost, ``bound`` the limit that says so. The marker's
+    other argument, ``pace_calls=False`` (the test's calls are not paced), is checked here.
     """
-    if len(args) + len(kwargs) > 1 or set(kwargs) - {"cost"}:
-        raise ValueError("takes one argument: cost=N")
+    if len(args) > 1 or set(kwargs) - {"cost", "pace_calls"} or (args and "cost" in kwargs):
+        raise ValueError("takes cost=N and pace_calls=True|False")
+    pace_calls = kwargs.get("pace_calls", True)
+    if not isinstance(pace_calls, bool):
+        raise ValueError(f"pace_calls must be True or False, not {pace_calls!r}")
     cost = kwargs.get("cost", args[0] if args else 1)
     if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
         raise ValueError(f"cost must be a whole number >= 0, not {cost!r}")
@@ -692,6 +730,12 @@ class RawValue(Protocol):
     def describe(self, name: str) -> str: ...
 
 
+def _call_limits(text: str) -> tuple[CallLimit, ...]:
+    from .calls import parse_call_limits  # loaded only when call limits are set
+
+    return parse_call_limits(text)
+
+
 #: Each option's parser: raw text in, value out, or ``ValueError`` with a short reason.
 PARSERS: dict[str, Callable[[str], Any]] = {
     "rate_per_minute": _rate,
@@ -710,6 +754,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "ratebatch_key": _key,
     "ratebatch_report": _path,
     "ratebatch_timeline": _path,
+    "call_limits": _call_limits,
 }
 
 
@@ -776,4 +821,5 @@ def build_policy(raw: Mapping[str, RawValue]) -> ExecutionPolicy:
         throttling=throttling,
         windows=windows,
         max_concurrency=values.get("max_concurrency"),
+        call_limits=values.get("call_limits", ()),
     )

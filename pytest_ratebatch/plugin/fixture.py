@@ -14,6 +14,8 @@ __all__ = ["RateBatch", "TokenSource"]
 class TokenSource(Protocol):
     def acquire(self, nodeid: str, cost: int) -> None: ...
 
+    async def acquire_async(self, nodeid: str, cost: int) -> None: ...
+
     def observe(self, nodeid: str, response: Any) -> None: ...
 
 
@@ -40,6 +42,14 @@ class RateBatch:
             raise ValueError(f"cost must be a whole number >= 0, not {cost!r}")
         if self._pacer is not None and cost:
             self._pacer.acquire(self._nodeid, cost)
+
+    async def acquire_async(self, cost: int = 1) -> None:
+        """``acquire`` for async tests: ``await ratebatch.acquire_async()`` waits with
+        ``asyncio.sleep``, so the event loop (other tasks of the test) keeps running."""
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0:
+            raise ValueError(f"cost must be a whole number >= 0, not {cost!r}")
+        if self._pacer is not None and cost:
+            await self._pacer.acquire_async(self._nodeid, cost)
 
     def observe(self, response: Any) -> Any:
         """Read a response's status and rate-limit headers (requests, httpx, urllib,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 __all__ = [
+    "CALL_LIMITS_OPTION",
     "COMMAND_LINE",
     "KEY_OPTION",
     "OPTIONS",
@@ -31,13 +32,18 @@ TIMELINE_OPTION = "ratebatch_timeline"
 STORE_OPTION = "ratebatch_store"
 KEY_OPTION = "ratebatch_key"
 THROTTLE_EXCEPTIONS_OPTION = "ratebatch_throttle_exceptions"
+CALL_LIMITS_OPTION = "call_limits"
+#: Flags not spelled from their ini key: one ``--call-limit`` per host, ``call_limits`` lines.
+_FLAGS = {CALL_LIMITS_OPTION: "--call-limit"}
+#: Flags given once per entry; their entries are read as the lines of one value.
+_REPEATED = frozenset(_FLAGS)
 #: How much of a value a message shows (a value pasted by mistake can be any length).
 SHOWN_CHARACTERS = 80
 
 
 def flag_of(name: str) -> str:
     """The command-line flag of an ini key: ``rate_per_minute`` -> ``--rate-per-minute``."""
-    return "--" + name.replace("_", "-")
+    return _FLAGS.get(name) or "--" + name.replace("_", "-")
 
 
 class OptionSpec:
@@ -82,6 +88,18 @@ OPTIONS: tuple[OptionSpec, ...] = (
         'by commas, all held at once (10/s, 100/15min, "10/2s, 500/h, 10000/day"); N from 1 '
         "to 1000000, a window from 1us to 365d. Combines with --rate-per-minute. Default: "
         "none.",
+    ),
+    OptionSpec(
+        CALL_LIMITS_OPTION,
+        "HOST=LIMITS",
+        "Pace the HTTP calls tests make to HOST (a name or address, :port optional, * globs: "
+        "api.example.com, 127.0.0.1:8080, *.example.com), whatever client sends them "
+        "(http.client, urllib, requests, httpx, httpx2, aiohttp, and the SDKs on them): "
+        "LIMITS as --rate-limit states them (20/2s, \"500/min, 10000/day\"), or auto (learn "
+        "from the server's throttles and published budget), optionally with concurrency N "
+        "(calls in flight at once). A throttled call (429) is sent again after the server's "
+        "wait, up to --throttle-retries times. Give the flag once per host (one HOST = LIMITS "
+        "per line in the ini file). Shared like the test rate. Default: calls are not paced.",
     ),
     OptionSpec(
         "max_concurrency",
@@ -212,7 +230,12 @@ def add_options(parser: pytest.Parser) -> None:
     )
     for spec in OPTIONS:
         group.addoption(
-            spec.flag, dest=spec.dest, metavar=spec.metavar, default=None, help=spec.help
+            spec.flag,
+            dest=spec.dest,
+            metavar=spec.metavar,
+            default=None,
+            help=spec.help,
+            action="append" if spec.name in _REPEATED else "store",
         )
         parser.addini(spec.name, help=spec.help, default=None)
 
@@ -228,7 +251,8 @@ def read_raw_options(config: pytest.Config) -> dict[str, RawValue]:
     for spec in OPTIONS:
         value = getattr(config.option, spec.dest, None)
         if value is not None:
-            raw[spec.name] = RawValue(str(value), COMMAND_LINE)
+            text = "\n".join(value) if isinstance(value, list) else str(value)
+            raw[spec.name] = RawValue(text, COMMAND_LINE)
             continue
         if not ini_source:
             ini_source = f"ini file {config.inipath}"

@@ -289,13 +289,25 @@ class Pacer:
         while cost > 0:
             chunk = min(cost, most)
             taken = self.scheduler.acquire(chunk)
-            if taken.cancelled:
-                self.cancelled_while_running(nodeid, taken.cancelled)
-                raise pytest.skip.Exception(
-                    f"{CANCELLED_PREFIX} ({taken.cancelled})", _use_item_location=True
-                )
-            self.acquired(nodeid, [taken.start_ns - self.start_ns, chunk, taken.store_ns])
+            self._took(nodeid, taken, chunk)
             cost -= chunk
+
+    async def acquire_async(self, nodeid: str, cost: int) -> None:
+        """``acquire`` for a coroutine (``await ratebatch.acquire_async()``)."""
+        most = self._largest[0] if self._largest is not None else cost
+        while cost > 0:
+            chunk = min(cost, most)
+            taken = await self.scheduler.acquire_async(chunk)
+            self._took(nodeid, taken, chunk)
+            cost -= chunk
+
+    def _took(self, nodeid: str, taken: Ticket, chunk: int) -> None:
+        if taken.cancelled:
+            self.cancelled_while_running(nodeid, taken.cancelled)
+            raise pytest.skip.Exception(
+                f"{CANCELLED_PREFIX} ({taken.cancelled})", _use_item_location=True
+            )
+        self.acquired(nodeid, [taken.start_ns - self.start_ns, chunk, taken.store_ns])
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
         assert self.reporter is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from ..views.report import (
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
+    from ..views.calls import CallsSummary
     from ..views.terminal import ProgressLine
 
 __all__ = [
@@ -97,6 +99,18 @@ class Reporter:
         self.progress: ProgressLine | None = None
         self.output_lock = threading.RLock()
         self._warned: set[str] = set()
+        #: The calls to limited hosts (``None``: no call limit), and what fills it in as
+        #: the session ends (this process's calls; the controller's arrive from workers).
+        self.calls: CallsSummary | None = None
+        self._fill_calls: Callable[[CallsSummary], None] | None = None
+
+    def add_calls(self, fill: Callable[[CallsSummary], None] | None) -> CallsSummary:
+        """Report the calls to limited hosts, which ``fill`` hands over at the end."""
+        from ..views.calls import CallsSummary
+
+        self.calls = CallsSummary(self.policy.call_limits, keep_calls=self.records is not None)
+        self._fill_calls = fill
+        return self.calls
 
     def _record(self, nodeid: str) -> TestRecord:
         assert self.records is not None
@@ -287,6 +301,9 @@ class Reporter:
         stopped = session.shouldfail or session.shouldstop  # -x, --maxfail, ...
         if stopped and not self.stopped_by_pytest:
             self.stopped_by_pytest = str(stopped)
+        if self.calls is not None and self._fill_calls is not None:
+            self._fill_calls(self.calls)
+            self._fill_calls = None
         if self.tally.cancelled and session.exitstatus == pytest.ExitCode.OK:
             # Tests that never ran are not a success, even if nothing failed.
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -304,6 +321,11 @@ class Reporter:
             duration_ns=MONOTONIC.now_ns() - self.start_ns,
             forecast=None if forecast is None else forecast_json(forecast),
         )
+        if self.calls is not None:
+            data["calls"] = self.calls.to_json()
+            by_test = self.calls.by_test()
+            for test in data["tests"]:
+                test["calls"] = by_test.get(test["nodeid"], [])
         self._write_outputs(data)
         if self.output_errors:
             if session.exitstatus == pytest.ExitCode.OK:
@@ -333,7 +355,10 @@ class Reporter:
                 self.output_errors["timeline"] = f"ERROR: ratebatch: timeline {error}"
 
     def summary_lines(self) -> list[str]:
-        return describe_summary(self.policy, self.tally, self.stop_reason, self.events)
+        lines = describe_summary(self.policy, self.tally, self.stop_reason, self.events)
+        if self.calls is not None:
+            lines += self.calls.lines()
+        return lines
 
     def attention_line(self) -> str:
         """What needs attention, in one line (a stop, cancelled tests, throttles); empty
@@ -346,6 +371,8 @@ class Reporter:
         throttles = sum(event.get("event") == "throttle" for event in self.events)
         if throttles:
             parts.append(f"throttled {throttles} times" if throttles > 1 else "throttled once")
+        if self.calls is not None and self.calls.attention():
+            parts.append(self.calls.attention())
         return "; ".join(parts)
 
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:

@@ -249,9 +249,14 @@ def configure(
             _watch_for_loss(store, policy, throttles.events, worker.start_ns, worker.warn)
             # xdist runs the worker's loop: pacing wraps each test's protocol instead.
             protocol = ProtocolPacing(worker_pacer)
-            register_hooks(
-                config.pluginmanager, "ratebatch-session", worker_pacer, protocol, throttles
-            )
+            parts: list[object] = [worker_pacer, protocol, throttles]
+            if policy.call_limits:
+                from .calls import track_calls
+
+                parts.append(
+                    track_calls(config, settings, worker, worker.start_ns, worker.send_records)
+                )
+            register_hooks(config.pluginmanager, "ratebatch-session", *parts)
             return
     if is_distributing(config):
         _configure_controller(config, settings)
@@ -270,9 +275,15 @@ def configure(
     reporter.events = throttles.events
     _watch_for_loss(store, policy, throttles.events, start_ns, reporter.warn_once)
     _watch_for_conflicts(store, reporter.warn_once)
-    parts: list[object] = [reporter, pacer, throttles]
+    parts = [reporter, pacer, throttles]
     if reporter.records is not None:
         parts.append(OutcomeRecorder(reporter))
+    if policy.call_limits:
+        from .calls import track_calls
+
+        tracking = track_calls(config, settings, None, start_ns, reporter.records is not None)
+        reporter.add_calls(tracking.add_to)
+        parts.append(tracking)
     register_hooks(config.pluginmanager, "ratebatch-session", *parts)
 
 
@@ -362,6 +373,10 @@ def _configure_controller(config: pytest.Config, settings: Settings) -> None:
     parts: list[object] = [reporter]
     if reporter.records is not None:
         parts.append(WorkerRecords(reporter))
+    if settings.policy.call_limits:
+        from .calls import CallsCollector
+
+        parts.append(CallsCollector(reporter.add_calls(None)))
     register_hooks(config.pluginmanager, "ratebatch-session", *parts)
 
 

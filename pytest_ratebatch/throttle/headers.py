@@ -10,11 +10,32 @@ httpx, urllib, aiohttp, botocore's dict of lower-case names); ``header`` reads a
 from __future__ import annotations
 
 import math
+import random
 import re
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-__all__ = ["Budget", "header", "remaining", "wait_seconds"]
+__all__ = [
+    "BACKOFF_CAP",
+    "BACKOFF_FIRST",
+    "Budget",
+    "backoff",
+    "header",
+    "remaining",
+    "wait_seconds",
+]
+
+#: Without a header, the first pause, doubled for each further attempt.
+BACKOFF_FIRST = 0.5
+#: ... up to this, in seconds.
+BACKOFF_CAP = 60.0
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to pause without a header: 0.5 s, 1 s, 2 s, ... up to a minute, +-10% jitter."""
+    base: float = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** max(0, attempt - 1))
+    return base * random.uniform(0.9, 1.1)
+
 
 #: An ``X-RateLimit-Reset`` above this is an epoch time (2001-09-09), below it seconds.
 EPOCH_THRESHOLD = 1_000_000_000
@@ -101,7 +122,28 @@ def wait_seconds(headers: Any, now_wall: float) -> tuple[float, str] | None:
     value = _reset_epoch(header(headers, "X-RateLimit-Reset"), now_wall)
     if value is not None:
         return value, "X-RateLimit-Reset"
+    value = _go_duration(header(headers, OPENAI_RESET))
+    if value is not None:
+        return value, OPENAI_RESET
     return None
+
+
+#: OpenAI's budget of requests: what is left, and when it is whole again (``1.2s``, ``6m0s``).
+OPENAI_REMAINING = "x-ratelimit-remaining-requests"
+OPENAI_RESET = "x-ratelimit-reset-requests"
+_GO_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?)(ms|us|µs|ns|h|m|s)")
+_GO_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def _go_duration(text: str | None) -> float | None:
+    """A duration as Go prints it (``1.2s``, ``6m0s``, ``850ms``, ``1h2m3s``), or ``None``."""
+    if text is None:
+        return None
+    text = text.strip()
+    parts = _GO_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return _number(text)  # plain seconds
+    return sum(float(number) * _GO_UNITS[unit] for number, unit in parts)
 
 
 class Budget:
@@ -131,4 +173,7 @@ def remaining(headers: Any, now_wall: float) -> Budget | None:
         if left is not None:
             wait = wait_seconds(headers, now_wall)
             return Budget(int(left), None if wait is None else wait[0], f"{prefix}-Remaining")
+    left = _number(header(headers, OPENAI_REMAINING))
+    if left is not None:
+        return Budget(int(left), _go_duration(header(headers, OPENAI_RESET)), OPENAI_REMAINING)
     return None

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import random
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,16 +29,12 @@ from _pytest.runner import call_and_report, show_test_item
 from ..engine.limiter import RateLimiter
 from ..engine.scheduler import TaskScheduler
 from ..limits.policy import NANOS_PER_SECOND, ThrottlePolicy, format_duration
+from .headers import BACKOFF_CAP, BACKOFF_FIRST, backoff
 
 if TYPE_CHECKING:
     from .detect import Throttle
 
 __all__ = ["BACKOFF_CAP", "BACKOFF_FIRST", "Retrier", "Throttles", "load_exception_types"]
-
-#: Without a header, the first pause, doubled for each further attempt of the test.
-BACKOFF_FIRST = 0.5
-#: ... up to this, in seconds.
-BACKOFF_CAP = 60.0
 
 
 def load_exception_types(names: tuple[str, ...]) -> tuple[type[BaseException], ...]:
@@ -57,12 +52,6 @@ def load_exception_types(names: tuple[str, ...]) -> tuple[type[BaseException], .
             raise ValueError(f"{name!r} is not an exception class")
         types.append(value)
     return tuple(types)
-
-
-def backoff(attempt: int) -> float:
-    """Seconds to pause without a header: 0.5 s, 1 s, 2 s, ... up to a minute, +-10% jitter."""
-    base: float = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** max(0, attempt - 1))
-    return base * random.uniform(0.9, 1.1)
 
 
 class Retrier(Protocol):
