@@ -95,7 +95,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "Pace the HTTP calls tests make to HOST (a name or address, :port optional, * globs: "
         "api.example.com, 127.0.0.1:8080, *.example.com), whatever client sends them "
         "(http.client, urllib, requests, httpx, httpx2, aiohttp, and the SDKs on them): "
-        "LIMITS as --rate-limit states them (20/2s, \"500/min, 10000/day\"), or auto (learn "
+        'LIMITS as --rate-limit states them (20/2s, "500/min, 10000/day"), or auto (learn '
         "from the server's throttles and published budget), optionally with concurrency N "
         "(calls in flight at once). A throttled call (429) is sent again after the server's "
         "wait, up to --throttle-retries times. Give the flag once per host (one HOST = LIMITS "
