@@ -56,8 +56,12 @@ class HostPacer:
         self._adapt = limit.auto and pacer.throttling.adapt
 
     def _start(self, host: str) -> Call:
-        call = Call(host, self.pacer.nodeid)
+        pacer = self.pacer
+        call = Call(host, pacer.nodeid)
         call.attempts += 1
+        counts = pacer.counts.setdefault(call.nodeid, {})
+        pattern = self.limit.pattern
+        counts[pattern] = counts.get(pattern, 0) + 1
         return call
 
     def admit(self, host: str, call: Call | None = None) -> Call:
@@ -184,6 +188,8 @@ class CallPacer:
         self.enabled = True
         #: Every call, in the order they finished (``None``: no report wants them).
         self.records: list[Call] | None = [] if keep_records else None
+        #: Each test's calls (re-sends not counted) per limit: node id -> pattern -> count.
+        self.counts: dict[str, dict[str, int]] = {}
 
     def host(self, host: str | None, port: int | None) -> HostPacer | None:
         """The pacer of requests to ``host:port``, or ``None``: not limited (or the running

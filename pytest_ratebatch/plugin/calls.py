@@ -136,12 +136,15 @@ class CallTracking:
         self.pacer.nodeid = ""
         self.pacer.enabled = True
 
-    def collect(self) -> tuple[dict[str, list[Any]], list[list[Any]]]:
-        """This process's totals by limit, and its calls (none without a report)."""
+    def collect(
+        self,
+    ) -> tuple[dict[str, list[Any]], list[list[Any]], dict[str, dict[str, int]]]:
+        """This process's totals by limit, its calls (none without a report), and each
+        test's number of calls per limit."""
         pacer = self.pacer
         hosts = {pattern: stats.to_list() for pattern, stats in pacer.stats().items()}
         calls = [call.to_list() for call in pacer.records or ()]
-        return hosts, calls
+        return hosts, calls, pacer.counts
 
     def add_to(self, summary: CallsSummary) -> None:
         """Hand this process's calls to the summary (the reporter, as the session ends)."""
@@ -152,8 +155,8 @@ class CallTracking:
         self.uninstall()
         workeroutput = getattr(session.config, "workeroutput", None)
         if workeroutput is not None:  # before xdist's wrapper sends it to the controller
-            hosts, calls = self.collect()
-            workeroutput[WORKEROUTPUT_KEY] = {"hosts": hosts, "calls": calls}
+            hosts, calls, counts = self.collect()
+            workeroutput[WORKEROUTPUT_KEY] = {"hosts": hosts, "calls": calls, "counts": counts}
 
 
 class CallsCollector:
@@ -166,7 +169,7 @@ class CallsCollector:
     def pytest_testnodedown(self, node: Any, error: object | None) -> None:
         output = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
         if output is not None:
-            self.summary.add(output["hosts"], output["calls"])
+            self.summary.add(output["hosts"], output["calls"], output.get("counts", {}))
 
 
 def track_calls(

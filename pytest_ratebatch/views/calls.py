@@ -105,13 +105,24 @@ class CallsSummary:
         self.limits = limits
         self.hosts: dict[str, HostStats] = {}
         self.calls: list[list[Any]] | None = [] if keep_calls else None
+        #: Each test's calls per limit (node id -> pattern -> count), re-sends not counted.
+        self.counts: dict[str, dict[str, int]] = {}
 
-    def add(self, hosts: dict[str, list[Any]], calls: list[list[Any]]) -> None:
-        """One process's totals (``HostStats.to_list`` by pattern) and calls."""
+    def add(
+        self,
+        hosts: dict[str, list[Any]],
+        calls: list[list[Any]],
+        counts: dict[str, dict[str, int]] | None = None,
+    ) -> None:
+        """One process's totals (``HostStats.to_list`` by pattern), calls and counts."""
         for pattern, values in hosts.items():
             self.hosts.setdefault(pattern, HostStats()).merge(values)
         if self.calls is not None:
             self.calls.extend(calls)
+        for nodeid, made in (counts or {}).items():
+            mine = self.counts.setdefault(nodeid, {})
+            for pattern, count in made.items():
+                mine[pattern] = mine.get(pattern, 0) + count
 
     def by_test(self) -> dict[str, list[dict[str, Any]]]:
         found: dict[str, list[dict[str, Any]]] = {}
