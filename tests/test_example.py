@@ -91,8 +91,14 @@ def test_suite_passes_on_four_workers_sharing_the_calls_limit() -> None:
     code, output = run_suite("-n", "4")
     assert code == pytest.ExitCode.OK, output
     assert "store: file (shared by this session's workers)" in output, output
-    assert f"calls to 127.0.0.1 (10/2s): {SUITE_CALLS} calls in " in output, output
-    assert api_stats(output) == (SUITE_CALLS, 0), output
+    requests, rejected = api_stats(output)
+    # Each call is admitted under the limit; the server counts it when it arrives. On a
+    # loaded machine (five processes on few cores) a call can reach the server later than
+    # the 20 ms the call limit allows for that, and be refused once; it is then sent again,
+    # so every test passes. Without the plugin about 10 of these calls are refused.
+    assert rejected <= 2, output
+    assert requests == SUITE_CALLS + rejected, output
+    assert f"calls to 127.0.0.1 (10/2s): {SUITE_CALLS + rejected} calls in " in output, output
 
 
 def test_calls_the_server_refuses_are_sent_again() -> None:

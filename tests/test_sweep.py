@@ -168,9 +168,30 @@ classes = st.from_regex(
 plain_class_names = st.lists(
     st.tuples(modules, st.just(":"), classes).map("".join), min_size=1, max_size=2
 ).map(", ".join)
+hosts = st.one_of(
+    st.sampled_from(["127.0.0.1", "api.example.com", "*.example.com", "[::1]", "API.Example.COM"]),
+    st.tuples(
+        st.sampled_from(["127.0.0.1", "localhost", "[::1]"]),
+        st.integers(0, 70000).map(lambda port: f":{port}"),
+    ).map("".join),
+)
+plain_call_limits = st.tuples(
+    hosts,
+    st.sampled_from(["=", " = "]),
+    st.one_of(
+        plain_limits,
+        st.sampled_from(["auto", "AUTO", "auto, concurrency 2"]),
+        counts.map(lambda count: f"concurrency {count}"),
+        plain_limits.map(lambda limits: f"{limits}, concurrency 3"),
+    ),
+).map("".join)
 PLAUSIBLE: dict[str, st.SearchStrategy[str]] = {
     "rate_per_minute": rates,
     "rate_limit": plain_limits,
+    "call_limits": st.one_of(
+        plain_call_limits,
+        st.lists(plain_call_limits, min_size=2, max_size=3).map("\n".join),
+    ),
     "max_concurrency": counts,
     "burst": counts,
     "batch_size": counts,
@@ -190,6 +211,10 @@ PLAUSIBLE: dict[str, st.SearchStrategy[str]] = {
 OWN: dict[str, st.SearchStrategy[str]] = {
     "rate_per_minute": st.one_of(numbers, st.sampled_from(["auto", "Auto", " auto "])),
     "rate_limit": limits,
+    "call_limits": st.one_of(
+        st.tuples(st.one_of(hosts, texts), st.sampled_from(["=", "", "=="]), anything).map("".join),
+        texts,
+    ),
     "max_concurrency": st.one_of(numbers, spelled),
     "burst": st.one_of(numbers, spelled),
     "batch_size": st.one_of(numbers, spelled),
@@ -401,6 +426,7 @@ PAST_BOUNDS = {
     "rate_per_minute": "1e-300",
     "burst": "99999999999999999999",
     "rate_limit": "1000000000000/s",
+    "call_limits": "127.0.0.1=1000000000000/s",
     "max_concurrency": "99999999999999999999",
     "batch_size": "99999999999999999999",
     "batch_backoff": "366d",

@@ -301,3 +301,122 @@ def test_the_pace_line_says_who_set_the_pace(
 
     summary = {"achieved_per_minute": achieved}
     assert describe_pace({"rate_per_minute": rate}, summary, {"rate_after": rate_after}) == line
+
+
+# --- the calls -----------------------------------------------------------------------------
+
+
+def with_calls(report: dict[str, Any], calls: dict[int, list[tuple[float, int, int]]]) -> None:
+    """Give test ``i`` of the report its calls, ``(start_s, status, resent)`` each, as a
+    session with call limits reports them."""
+    for index, made in calls.items():
+        report["tests"][index]["calls"] = [
+            {"host": "api.example.com", "start": start, "wait": 0.25, "status": status,
+             "resent": resent}
+            for start, status, resent in made
+        ]  # fmt: skip
+
+
+def ticks(root: ElementTree.Element) -> dict[str, list[ElementTree.Element]]:
+    """Each lane's call ticks."""
+    return {
+        group.get("data-lane", ""): [
+            line
+            for line in group.iter(f"{SVG}line")
+            if (line.get("class") or "").split()[0] == "call"
+        ]
+        for group in root.iter(f"{SVG}g")
+        if group.get("class") == "lane"
+    }
+
+
+def legend(root: ElementTree.Element) -> list[str]:
+    return [
+        (element.get("class") or "").removeprefix("legend ")
+        for element in root.iter()
+        if (element.get("class") or "").startswith("legend ")
+    ]
+
+
+def test_each_call_is_a_tick_on_its_tests_lane() -> None:
+    report = make_report(SESSION)
+    # test_0 (gw0) runs from 0 to 0.1 s, test_2 (gw1) from 2 to 2.1 s.
+    with_calls(report, {0: [(0.0, 200, 0), (0.05, 200, 1)], 2: [(2.1, 429, 2)], 3: []})
+    root = parse(render_timeline([("r", report)]))
+    drawn = ticks(root)
+    assert {lane: len(lines) for lane, lines in drawn.items()} == {"gw0": 2, "gw1": 1}
+    by_id = {rect.get("data-nodeid"): rect for rect in bars(root)}
+    # Where along its test's bar: at its start, half-way, at its finish.
+    for lane, index, nodeid, along in (
+        ("gw0", 0, "test_a.py::test_0", 0.0),
+        ("gw0", 1, "test_a.py::test_0", 0.5),
+        ("gw1", 0, "test_a.py::test_2", 1.0),
+    ):
+        bar = by_id[nodeid]
+        x, width = float(bar.get("x", 0)), float(bar.get("width", 0))
+        line = drawn[lane][index]
+        assert line.get("x1") == line.get("x2")
+        assert float(line.get("x1", 0)) == pytest.approx(x + along * width, abs=0.02)
+        # Short and vertical, inside the lane.
+        top, bottom = float(line.get("y1", 0)), float(line.get("y2", 0))
+        assert float(bar.get("y", 0)) - 2 < top < bottom < float(bar.get("y", 0)) + 16
+    # A re-sent call stands out, and every tick says what the call was.
+    assert [line.get("class") for line in drawn["gw0"]] == ["call", "call resent"]
+    assert drawn["gw1"][0].get("class") == "call resent"
+    titles = [line.findtext(f"{SVG}title") for lines in drawn.values() for line in lines]
+    assert titles == [
+        "test_a.py::test_0: call to api.example.com, waited 0.25s, HTTP 200, not re-sent",
+        "test_a.py::test_0: call to api.example.com, waited 0.25s, HTTP 200, re-sent once",
+        "test_a.py::test_2: call to api.example.com, waited 0.25s, HTTP 429, re-sent 2 times",
+    ]
+    assert legend(root)[-4:] == ["call", "call resent", "cost", "bound"]
+
+
+def test_without_calls_no_tick_and_no_legend() -> None:
+    plain = parse(render_timeline([("r", make_report(SESSION))]))
+    assert ticks(plain) == {"gw0": [], "gw1": []}
+    assert not [entry for entry in legend(plain) if entry.startswith("call")]
+    report = make_report(SESSION)
+    with_calls(report, {0: [(0.05, 200, 0)]})  # none re-sent: no entry for it
+    entries = legend(parse(render_timeline([("r", report)])))
+    assert "call" in entries
+    assert "call resent" not in entries
+
+
+def test_calls_follow_their_test_onto_the_store_clock() -> None:
+    # On the server's clock the test starts at 50 s; its call, 0.05 s after the test's
+    # start on the session's clock, 0.05 s after it there too.
+    a = make_report([("", "passed", 0, 100, 0)], store_offset=50 * SECOND)
+    b = make_report([("gw0", "passed", 1, 100, 0)], store_offset=50 * SECOND)
+    with_calls(a, {0: [(0.05, 200, 0)]})
+    with_calls(b, {0: [(1.1, 0, 0)]})  # no response: the request failed
+    root = parse(render_timeline([("a", a), ("b", b)]))
+    drawn = ticks(root)
+    (first,), (second,) = drawn["a: session"], drawn["b: gw0"]
+    bar_a, bar_b = bars(root)
+    assert float(first.get("x1", 0)) == pytest.approx(
+        float(bar_a.get("x", 0)) + float(bar_a.get("width", 0)) / 2, abs=0.02
+    )
+    assert float(second.get("x1", 0)) == pytest.approx(
+        float(bar_b.get("x", 0)) + float(bar_b.get("width", 0)), abs=0.02
+    )
+    assert "no response" in (second.findtext(f"{SVG}title") or "")
+
+
+def test_the_calls_of_a_real_report_are_drawn(tmp_path: Path) -> None:
+    # Thousands of calls: one tick each, the picture still valid.
+    tests = [(f"gw{index % 4}", "passed", index // 8, 10, 0) for index in range(400)]
+    report = make_report(tests, ExecutionPolicy(RateLimit(480, 8)))
+    with_calls(
+        report,
+        {index: [(index // 8 + step / 1000, 200, step % 2) for step in range(10)]
+         for index in range(400)},
+    )  # fmt: skip
+    path = write(tmp_path / "r.json", report)
+    root = parse(render_timeline([("r", load_report(path))]))
+    drawn = ticks(root)
+    assert sum(len(lines) for lines in drawn.values()) == 4000
+    assert (
+        sum(line.get("class") == "call resent" for lines in drawn.values() for line in lines)
+        == 2000
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ __all__ = [
     "ANNOUNCE_WAITS_FROM",
     "OutcomeRecorder",
     "Reporter",
+    "TestsRun",
     "wants_forecast",
 ]
 
@@ -103,6 +104,11 @@ class Reporter:
         #: the session ends (this process's calls; the controller's arrive from workers).
         self.calls: CallsSummary | None = None
         self._fill_calls: Callable[[CallsSummary], None] | None = None
+        #: With call limits and pytest's cache: the tests that ran, whose calls the cache
+        #: then keeps for the next run's forecast (``views.call_forecast``).
+        self._tests_run: TestsRun | None = None
+        self._call_forecast: list[str] = []  # the calls' forecast lines, until printed
+        self._calls_planned = False
 
     def add_calls(self, fill: Callable[[CallsSummary], None] | None) -> CallsSummary:
         """Report the calls to limited hosts, which ``fill`` hands over at the end."""
@@ -110,6 +116,11 @@ class Reporter:
 
         self.calls = CallsSummary(self.policy.call_limits, keep_calls=self.records is not None)
         self._fill_calls = fill
+        if getattr(self.config, "cache", None) is not None:  # not with -p no:cacheprovider
+            from .registry import register_hooks
+
+            self._tests_run = TestsRun()
+            register_hooks(self.config.pluginmanager, "ratebatch-tests-run", self._tests_run)
         return self.calls
 
     def _record(self, nodeid: str) -> TestRecord:
@@ -148,14 +159,34 @@ class Reporter:
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if self._tests_run is not None:
+            self._plan_calls([item.nodeid for item in session.items])
         self._print_forecast()
+
+    def _plan_calls(self, nodeids: Sequence[str], repeat: int = 1) -> None:
+        """Forecast the calls of the collected tests (``repeat``: how often each runs) from
+        the counts of the last run in pytest's cache; once."""
+        cache = getattr(self.config, "cache", None)
+        if self._calls_planned or self._tests_run is None or cache is None:
+            return
+        self._calls_planned = True
+        from ..views.call_forecast import CACHE_KEY, call_forecast_lines, read_counts
+
+        known = read_counts(cache.get(CACHE_KEY, None))
+        lines = call_forecast_lines(self.policy.call_limits, nodeids, known, repeat)
+        self._call_forecast = [f"forecast: {line}" for line in lines]
 
     def _print_forecast(self) -> None:
         if self.config.option.collectonly:
             return  # not inside the list of tests: the summary section says it
-        if self._forecast_line and self.config.get_verbosity() >= -1:
+        if self.config.get_verbosity() < -1:
+            return
+        if self._forecast_line:
             self._write_announcement(self._forecast_line)
             self._forecast_line = ""
+        for line in self._call_forecast:
+            self._write_announcement(line)
+        self._call_forecast = []
 
     # --- each test ---------------------------------------------------------------------
 
@@ -304,6 +335,8 @@ class Reporter:
         if self.calls is not None and self._fill_calls is not None:
             self._fill_calls(self.calls)
             self._fill_calls = None
+        if self._tests_run is not None:
+            self._save_call_counts()
         if self.tally.cancelled and session.exitstatus == pytest.ExitCode.OK:
             # Tests that never ran are not a success, even if nothing failed.
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -335,6 +368,24 @@ class Reporter:
             if self._terminal is None:  # no terminal summary to print them in
                 for line in self.output_errors.values():
                     sys.stderr.write(f"{line}\n")
+
+    def _save_call_counts(self) -> None:
+        """Keep each test's calls (``CallsSummary.counts``, every process's) in pytest's
+        cache for the next run's forecast: the tests that ran replace their previous counts
+        (with none if they made no call), the others keep theirs."""
+        from ..views.call_forecast import CACHE_KEY, merge_counts
+
+        cache = getattr(self.config, "cache", None)
+        if self.calls is None or cache is None or self._tests_run is None:
+            return
+        runs = self._tests_run.runs(self._unreported())
+        if runs:
+            previous = cache.get(CACHE_KEY, None)
+            cache.set(CACHE_KEY, merge_counts(previous, runs, self.calls.counts))
+
+    def _unreported(self) -> list[str]:
+        """The processes whose totals never came (xdist workers that crashed)."""
+        return []
 
     def _write_outputs(self, data: dict[str, Any]) -> None:
         """The JSON report and the timeline; a file that cannot be written costs nothing
@@ -388,6 +439,7 @@ class Reporter:
             lines = [f"policy: {self.policy.describe()}"]
             if self._forecast_line:
                 lines.append(self._forecast_line)
+            lines += self._call_forecast
             lines.append("collect-only: no test was run")
         else:
             lines = self.summary_lines()
@@ -399,6 +451,44 @@ class Reporter:
                 terminalreporter.line(error, red=True, bold=True)
             elif path is not None:
                 terminalreporter.line(f"{kind}: {path}")
+
+
+class TestsRun:
+    """Hook: the tests that ran to their teardown, by the process that ran them (an xdist
+    worker's id, ``""`` in a plain session); a test the session's stop cancelled did not
+    run, nor one cut short (an interrupt, a worker's crash)."""
+
+    __test__ = False  # not a test class, whatever its name
+
+    def __init__(self) -> None:
+        self.by_process: dict[str, set[str]] = {}
+        self.cancelled: set[str] = set()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.skipped and CANCELLED_PREFIX in str(report.longrepr):
+            self.cancelled.add(report.nodeid)
+            return
+        if report.when != "teardown":
+            return
+        node = getattr(report, "node", None)  # the worker, on the xdist controller
+        process = str(node.gateway.id) if node is not None else ""
+        tests = self.by_process.get(process)
+        if tests is None:
+            tests = self.by_process[process] = set()
+        tests.add(report.nodeid)
+
+    def runs(self, lost: Iterable[str] = ()) -> dict[str, int]:
+        """Each test that ran: in how many processes (several with ``--dist each``), but
+        the ``lost`` ones (whose counts never came); a test cancelled is left out."""
+        lost = set(lost)
+        runs: dict[str, int] = {}
+        for process, tests in self.by_process.items():
+            if process not in lost:
+                for nodeid in tests:
+                    runs[nodeid] = runs.get(nodeid, 0) + 1
+        for nodeid in self.cancelled:
+            runs.pop(nodeid, None)
+        return runs
 
 
 class OutcomeRecorder:

@@ -150,14 +150,14 @@ class ControllerReporter(Reporter):
         if self.records is not None:
             for nodeid in ids:
                 self.records.setdefault(nodeid, TestRecord(nodeid, outcome="not run"))
+        repeat = max(1, len(getattr(self.config.option, "tx", None) or ())) if each else 1
+        self._plan_calls(ids, repeat)  # at the first collection, from the last run's counts
         if self.forecast is None and self.wants_forecast:
             # The worker wrote the costs other than 1 before it reported its collection.
             known = read_worker_costs(self.shared.directory, worker)
             costs = [1] * len(ids) if known is None else [known.get(id, 1) for id in ids]
-            if each:
-                costs *= max(1, len(getattr(self.config.option, "tx", None) or ()))
-            self.plan(costs, costs_known=known is not None)
-            self._print_forecast()
+            self.plan(costs * repeat, costs_known=known is not None)
+        self._print_forecast()
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: object | None) -> None:

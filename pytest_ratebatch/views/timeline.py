@@ -1,7 +1,8 @@
 """The timeline picture of one or more JSON reports, as plain SVG written by hand.
 
 One lane per process (an xdist worker, or the session itself), each test a bar from its
-start to its finish coloured by outcome, its wait for the limiter before it, batch
+start to its finish coloured by outcome, its wait for the limiter before it, a tick at each
+of its calls to a limited host (a call re-sent after a throttle in its own colour), batch
 boundaries, pauses and throttles; below, on the same time axis, the cumulative cost started
 against the policy's bound (``burst + rate x t``, and each window's). Reports of sessions
 that shared a Redis key are merged on the server's clock (``store_ns``); others are lined
@@ -20,7 +21,7 @@ from typing import Any
 from ..limits.policy import NANOS_PER_SECOND
 from .forecast import format_span
 
-__all__ = ["COLOURS", "Bar", "Timeline", "render_timeline", "write_timeline"]
+__all__ = ["COLOURS", "Bar", "CallTick", "Timeline", "render_timeline", "write_timeline"]
 
 #: Each outcome's colour (and the other marks'), chosen to read on white and in grey.
 COLOURS = {
@@ -39,6 +40,8 @@ COLOURS = {
     "bound": "#d62728",
     "window": "#8e44ad",
     "batch": "#90a4ae",
+    "call": "#263238",
+    "resent": "#e91e63",
 }
 
 WIDTH = 1100
@@ -75,6 +78,33 @@ class Bar:
         self.tokens = tokens
 
 
+class CallTick:
+    """One call to a limited host, on its test's lane: when it was admitted, and what it
+    says in its tooltip."""
+
+    __slots__ = ("at", "lane", "resent", "title")
+
+    def __init__(self, lane: str, at: int, resent: bool, title: str) -> None:
+        self.lane = lane
+        self.at = at
+        self.resent = resent
+        self.title = title
+
+
+def _call_tick(lane: str, nodeid: str, at: int, call: dict[str, Any]) -> CallTick:
+    """A call of the report (``host``, ``start``, ``wait``, ``status``, ``resent``) at
+    ``at`` on the timeline's clock."""
+    resent = int(call.get("resent") or 0)
+    status = call.get("status")
+    parts = [
+        f"{nodeid}: call to {call.get('host', '')}",
+        f"waited {format_span(float(call.get('wait') or 0))}",
+        f"HTTP {status}" if status else "no response",
+        {0: "not re-sent", 1: "re-sent once"}.get(resent, f"re-sent {resent} times"),
+    ]
+    return CallTick(lane, at, bool(resent), ", ".join(parts))
+
+
 class Timeline:
     """What the picture shows, on one clock: bars, starts (for the cost), batches, events."""
 
@@ -85,6 +115,7 @@ class Timeline:
         self.batches: dict[tuple[int, int], int] = {}  # (report, batch) -> its first start
         self.pauses: list[tuple[int, int, str]] = []  # (from, until, what)
         self.throttles: list[tuple[int, str]] = []  # (when, what)
+        self.calls: list[CallTick] = []  # each test's calls to limited hosts
         self.cancelled = 0
         self.clock = "session"
 
@@ -134,6 +165,12 @@ class Timeline:
             )
             if tokens:
                 self.starts.append((at, tokens))
+            for call in test.get("calls") or ():
+                # A call's start is on the session's clock: placed from its test's start.
+                call_ns = round(float(call.get("start") or 0) * NANOS_PER_SECOND)
+                self.calls.append(
+                    _call_tick(lane, self.bars[-1].nodeid, at + call_ns - start, call)
+                )
             for taken_at, taken, store_ns in [*test.get("acquired", []), *test.get("retries", [])]:
                 if taken:
                     self.starts.append((when(taken_at, store_ns), int(taken)))
@@ -157,6 +194,7 @@ class Timeline:
         times += [bar.finish if bar.finish is not None else bar.start for bar in self.bars]
         times += [time for pause in self.pauses for time in pause[:2]]
         times += [time for time, _ in self.throttles]
+        times += [call.at for call in self.calls]
         if not times:
             return 0, NANOS_PER_SECOND
         first, last = min(times), max(times)
@@ -268,6 +306,8 @@ def render_timeline(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
         f".batch{{stroke:{COLOURS['batch']};stroke-dasharray:3 3}}"
         f".wait{{fill:{COLOURS['wait']}}}.pause{{fill:{COLOURS['pause']};fill-opacity:.18}}"
         f".throttle{{fill:{COLOURS['throttle']}}}"
+        f".call{{stroke:{COLOURS['call']};stroke-width:1}}"
+        f".call.resent{{stroke:{COLOURS['resent']};stroke-width:1.6}}"
         f".cost{{fill:none;stroke:{COLOURS['cost']};stroke-width:1.6}}"
         f".bound{{fill:none;stroke:{COLOURS['bound']};stroke-width:1.2;stroke-dasharray:6 3}}"
         f".window-bound{{fill:none;stroke:{COLOURS['window']};stroke-width:1.2;"
@@ -352,6 +392,13 @@ def render_timeline(reports: Sequence[tuple[str, dict[str, Any]]]) -> str:
                 x(bar.start), top + 2, x(end) - x(bar.start), LANE - 4, f"test {outcome}", title,
                 data_nodeid=bar.nodeid,
             )  # fmt: skip
+        for call in (call for call in timeline.calls if call.lane == lane):
+            call_x = _n(x(call.at))
+            canvas.add(
+                f'<line class="call{" resent" if call.resent else ""}" x1="{call_x}" '
+                f'y1="{top + 1}" x2="{call_x}" y2="{top + LANE - 1}">'
+                f"<title>{escape(call.title)}</title></line>"
+            )
         canvas.add("</g>")
     for at, what in timeline.throttles:
         position = x(at)
@@ -397,6 +444,10 @@ def _legend(canvas: _Canvas, timeline: Timeline, policy: dict[str, Any]) -> None
         entries.append(("pause", "pause"))
     if timeline.throttles:
         entries.append(("throttle", "throttle"))
+    if timeline.calls:
+        entries.append(("call", "call"))
+    if any(call.resent for call in timeline.calls):
+        entries.append(("call resent", "call re-sent"))
     entries.append(("cost", "cost started"))
     if policy.get("interval_ns"):
         entries.append(("bound", "burst + rate \u00d7 t"))
@@ -404,7 +455,12 @@ def _legend(canvas: _Canvas, timeline: Timeline, policy: dict[str, Any]) -> None
         entries.append(("window-bound", "window limits"))
     position = float(LEFT)
     for cls, label in entries:
-        if cls in ("cost", "bound", "window-bound", "batch"):
+        if cls.startswith("call"):  # a tick, as on the lanes
+            canvas.add(
+                f'<line class="legend {cls}" x1="{_n(position + 7)}" y1="29" '
+                f'x2="{_n(position + 7)}" y2="39"/>'
+            )
+        elif cls in ("cost", "bound", "window-bound", "batch"):
             canvas.add(
                 f'<line class="legend {cls}" x1="{_n(position)}" y1="34" '
                 f'x2="{_n(position + 14)}" y2="34"/>'
