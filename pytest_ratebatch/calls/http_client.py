@@ -127,17 +127,23 @@ def patch(pacer: CallPacer) -> Callable[[], None]:
         pending.chunked = encode_chunked
         if message_body is not None and not isinstance(message_body, (*_BYTES, str)):
             pending.replayable = False  # a file or an iterable: read once
-        pending.headers_done = True  # sends from here are the body's (or the headers')
         endheaders(self, message_body, encode_chunked=encode_chunked)
-        pending.sent_after = []  # what endheaders sent is already kept as the body
+        pending.headers_done = True  # sends from here are the body's (urllib3 sends it so)
+        if any(
+            str(header).lower() == "transfer-encoding" for header, _ in pending.headers
+        ):  # a stream, sent as it is read (urllib3 sends a generator's parts so)
+            pending.replayable = False
 
     def paced_send(self: http.client.HTTPConnection, data: Any) -> None:
         pending: Pending | None = self.__dict__.get(_ATTRIBUTE)
-        if pending is not None and pending.headers_done:
-            if isinstance(data, _BYTES):
+        if pending is not None and pending.headers_done and pending.replayable:
+            # A body sent whole after the headers is kept to be sent again; one sent in
+            # parts is a file or a stream read once (urllib3 reads those a block a time).
+            if isinstance(data, _BYTES) and not pending.sent_after:
                 pending.sent_after.append(data)
             else:
                 pending.replayable = False
+                pending.sent_after = []
         send(self, data)
 
     def paced_getresponse(self: http.client.HTTPConnection) -> http.client.HTTPResponse:

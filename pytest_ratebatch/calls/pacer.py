@@ -54,6 +54,9 @@ class HostPacer:
         self._lock = threading.Lock()
         # A stated limit is known: a throttle pauses, and only auto learns a rate from it.
         self._adapt = limit.auto and pacer.throttling.adapt
+        #: What held calls back, by ``take_bound``'s index: the bucket (throttles' pauses, a
+        #: published budget, and under auto the rate learnt), then each window.
+        self._names = ("auto" if limit.auto else "pauses", *limiter.limit_names[1:])
 
     def _start(self, host: str) -> Call:
         pacer = self.pacer
@@ -69,50 +72,55 @@ class HostPacer:
         call = call or self._start(host)
         clock = self.pacer.clock
         started = clock.now_ns()
+        waited: dict[str, int] = {}
         if self.slots is not None and call.slot is None:
             call.slot = self.slots.acquire()
-            self._waited("concurrency", clock.now_ns() - started)
+            self._slot_wait(waited, clock.now_ns() - started)
         before = clock.now_ns()
-        self.limiter.take(1)
-        self._waited(self._bound_name(), clock.now_ns() - before)
-        return self._admitted(call, started)
+        bound = self.limiter.take_bound(1)
+        if bound >= 0:
+            waited[self._names[bound]] = clock.now_ns() - before
+        return self._admitted(call, started, waited)
 
     async def admit_async(self, host: str, call: Call | None = None) -> Call:
         """``admit`` for a coroutine: the event loop runs while the request waits."""
         call = call or self._start(host)
         clock = self.pacer.clock
         started = clock.now_ns()
+        waited: dict[str, int] = {}
         if self.slots is not None and call.slot is None:
             call.slot = self.slots.acquire(0)
             if call.slot is None:  # the pools block: wait for a slot in a thread
                 import asyncio
 
                 call.slot = await asyncio.to_thread(self.slots.acquire)
-            self._waited("concurrency", clock.now_ns() - started)
+                self._slot_wait(waited, clock.now_ns() - started)
         before = clock.now_ns()
-        await self.limiter.acquire_async(1)
-        self._waited(self._bound_name(), clock.now_ns() - before)
-        return self._admitted(call, started)
+        _, bound = await self.limiter.take_bound_async(1)
+        if bound >= 0:
+            waited[self._names[bound]] = clock.now_ns() - before
+        return self._admitted(call, started, waited)
 
-    def _bound_name(self) -> str:
-        return self.limiter.limit_names[self.limiter.last_bound]
+    @staticmethod
+    def _slot_wait(waited: dict[str, int], waited_ns: int) -> None:
+        # A slot pool does not say whether it waited: under a millisecond is its own time.
+        if waited_ns > 1_000_000:
+            waited["concurrency"] = waited_ns
 
-    def _waited(self, name: str, waited_ns: int) -> None:
-        if waited_ns > 1_000_000:  # a wait of under a millisecond is the store's own time
-            with self._lock:
-                self.stats.bound[name] = self.stats.bound.get(name, 0) + waited_ns
-
-    def _admitted(self, call: Call, started: int) -> Call:
+    def _admitted(self, call: Call, started: int, waited: dict[str, int]) -> Call:
+        """Count the admission; ``waited``: how long each limit held it (none: no wait)."""
         now = self.pacer.clock.now_ns()
-        waited = now - started
         call.start_ns = now - self.pacer.start_ns
-        call.wait_ns += waited
+        if waited:
+            call.wait_ns += now - started
         with self._lock:
             stats = self.stats
             stats.calls += 1
-            if waited > 1_000_000:
+            if waited:
                 stats.waits += 1
-                stats.waited_ns += waited
+                stats.waited_ns += now - started
+                for name, waited_ns in waited.items():
+                    stats.bound[name] = stats.bound.get(name, 0) + waited_ns
             if stats.first_ns < 0:
                 stats.first_ns = call.start_ns
             stats.last_ns = max(stats.last_ns, call.start_ns)

@@ -203,22 +203,57 @@ class RateLimiter:
                 return None  # the retry would end after the timeout
             yield wait
 
+    def _reserve(self, tokens: int, max_wait: int | None) -> tuple[int, int, int, int]:
+        """``take`` in the store, with the limit that set the wait (``windows.RATE`` or a
+        window's index + 1) from the store's own answer: ``last_bound`` is this limiter's,
+        and another thread or task may set it first."""
+        if self._windows:
+            return self.store.take_windowed(
+                tokens, self._interval, self._burst, max_wait, True, self._windows
+            )
+        status, now, wait = self.store.take(tokens, self._interval, self._burst, max_wait, True)
+        return status, now, wait, 0
+
+    def take_bound(self, tokens: int = 1) -> int:
+        """Take ``tokens`` (1 to the largest), sleeping as needed; the limit that made it
+        wait (an index into ``limit_names``), or -1 if it did not."""
+        if type(tokens) is not int or not 0 < tokens <= self.largest:
+            self._check(tokens)
+            raise ValueError(f"tokens must be at least 1, not {tokens!r}")
+        status, now, wait, bound = self._reserve(tokens, None)
+        if status == ADMITTED:
+            return -1
+        waits = self._slot_waits(tokens, now + wait, wait, None)
+        try:
+            while True:
+                self._sleep(next(waits), None)
+        except StopIteration:
+            pass
+        return bound
+
     async def acquire_async(
         self, tokens: int = 1, on_wait: OnWait | None = None, max_wait_ns: int | None = None
     ) -> int | None:
         """``take`` for a coroutine: waits with ``await asyncio.sleep``, so the event loop
         keeps running. The admission time on the store's clock, or ``None`` (taking nothing)
         if that would take more than ``max_wait_ns``."""
+        at_ns, _ = await self.take_bound_async(tokens, on_wait, max_wait_ns)
+        return at_ns
+
+    async def take_bound_async(
+        self, tokens: int = 1, on_wait: OnWait | None = None, max_wait_ns: int | None = None
+    ) -> tuple[int | None, int]:
+        """``acquire_async``, and the limit that made it wait (as ``take_bound``)."""
         import asyncio
 
         if type(tokens) is not int or not 0 < tokens <= self.largest:
             self._check(tokens)
             raise ValueError(f"tokens must be at least 1, not {tokens!r}")
-        status, now, wait = self._store_take(tokens, max_wait_ns, True)
+        status, now, wait, bound = self._reserve(tokens, max_wait_ns)
         if status == ADMITTED:
-            return now
+            return now, -1
         if status == REFUSED:
-            return None
+            return None, bound
         waits = self._slot_waits(tokens, now + wait, wait, max_wait_ns)
         try:
             while True:
@@ -230,7 +265,7 @@ class RateLimiter:
                     await asyncio.sleep(seconds)
         except StopIteration as done:
             at_ns: int | None = done.value
-        return at_ns
+        return at_ns, bound
 
     def _check(self, tokens: object) -> None:
         """Raise for anything but a whole number of tokens within the burst (0 is allowed)."""

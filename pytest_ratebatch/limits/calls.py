@@ -10,6 +10,7 @@ flight to the host at once). Pure: no I/O, no pytest.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import re
 
 from .policy import MAX_COUNT, WindowLimit, _positive_int, _quote, parse_windows
@@ -72,7 +73,18 @@ class CallLimit(Value):
         if self.port is not None and port != self.port:
             return False
         host = host.lower().strip("[]").rstrip(".")
+        if ":" in host:  # an IPv6 address, in whatever spelling the client got
+            host = _normal_address(host)
         return host == self.host or ("*" in self.host and fnmatch.fnmatchcase(host, self.host))
+
+
+def _normal_address(host: str) -> str:
+    """An IPv6 address in its one compressed spelling (``0:0::1`` is ``::1``); a glob or
+    anything else as it is."""
+    try:
+        return ipaddress.IPv6Address(host).compressed
+    except ValueError:
+        return host
 
 
 def _host_text(host: str, port: int | None) -> str:
@@ -93,9 +105,17 @@ def _parse_host(text: str) -> tuple[str, int | None]:
             if not rest.startswith(":"):
                 raise ValueError(f"{_quote(text)}: only :PORT may follow the address")
             port_text = rest[1:]
+            if not port_text:
+                raise ValueError(f"{_quote(text)}: a port after the colon")
         if not re.fullmatch(r"[0-9a-f:.*]+", host) or ":" not in host:
             raise ValueError(f"{_quote(text)}: not an IPv6 address")
+        host = _normal_address(host)
     else:
+        if "/" in text:
+            raise ValueError(
+                f"{_quote(text)}: write the host, not a URL (api.example.com, not "
+                "https://api.example.com/v1)"
+            )
         host, colon, port_text = text.partition(":")
         if colon and ":" in port_text:
             raise ValueError(

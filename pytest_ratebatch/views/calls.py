@@ -72,7 +72,8 @@ class HostStats:
         self.first_ns = -1  # the first and last admission, ns since the session's start
         self.last_ns = -1
         #: How long each limit held calls back: its name (a window's ``describe``,
-        #: ``pauses`` for a throttle's pause or a published budget, ``concurrency``) -> ns.
+        #: ``pauses`` for a throttle's pause, ``auto`` for an auto limit's learnt rate, its
+        #: pauses and published budget, ``concurrency``) -> ns.
         self.bound: dict[str, int] = {}
 
     def to_list(self) -> list[Any]:
