@@ -4,8 +4,9 @@ Every request goes through ``HTTPConnection.putrequest`` and its response throug
 ``getresponse`` (urllib3's connection overrides both and calls them), so those are patched
 on the base class and reach every subclass and every connection, however old. The request
 is admitted in ``putrequest``, after the connection is open (so that connecting does not
-delay the request past its admission); the headers and a body given as bytes are kept, so
-that a throttled request can be sent again on a fresh connection from ``getresponse``.
+delay the request past its admission); ``endheaders`` keeps the header lines http.client
+buffered and ``send`` a body given as bytes, so that a throttled request can be sent again
+on a fresh connection from ``getresponse``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = ["patch", "unpatch"]
 REOPEN_AFTER_NS = 1_000_000_000
 
 _ATTRIBUTE = "_ratebatch_request"
-_NAMES = ("putrequest", "putheader", "endheaders", "send", "getresponse")
+_NAMES = ("putrequest", "endheaders", "send", "getresponse")
 _BYTES = (bytes, bytearray, memoryview)
 
 
@@ -35,9 +36,9 @@ class Pending:
         "body",
         "call",
         "chunked",
-        "headers",
         "headers_done",
         "host",
+        "lines",
         "method",
         "pacer",
         "replayable",
@@ -51,7 +52,8 @@ class Pending:
         self.host = host
         self.method = method
         self.url = url
-        self.headers: list[tuple[str, tuple[Any, ...]]] = []
+        #: The request line and header lines as http.client buffers them before sending.
+        self.lines: list[bytes] = []
         self.body: Any = None
         self.chunked = False
         self.headers_done = False
@@ -81,7 +83,6 @@ def patch(pacer: CallPacer) -> Callable[[], None]:
     cls = http.client.HTTPConnection
     original = {name: cls.__dict__[name] for name in _NAMES}
     putrequest = original["putrequest"]
-    putheader = original["putheader"]
     endheaders = original["endheaders"]
     send = original["send"]
     getresponse = original["getresponse"]
@@ -107,12 +108,6 @@ def patch(pacer: CallPacer) -> Callable[[], None]:
             self.__dict__[_ATTRIBUTE] = Pending(host_pacer, call, host, method, url)
         putrequest(self, method, url, skip_host, skip_accept_encoding)
 
-    def paced_putheader(self: http.client.HTTPConnection, header: Any, *values: Any) -> None:
-        pending: Pending | None = self.__dict__.get(_ATTRIBUTE)
-        if pending is not None and not pending.headers_done:
-            pending.headers.append((header, values))
-        putheader(self, header, *values)
-
     def paced_endheaders(
         self: http.client.HTTPConnection,
         message_body: Any = None,
@@ -125,14 +120,14 @@ def patch(pacer: CallPacer) -> Callable[[], None]:
             return
         pending.body = message_body
         pending.chunked = encode_chunked
+        lines: list[bytes] = self._buffer  # type: ignore[attr-defined]
+        pending.lines = list(lines)  # sent and cleared by endheaders
         if message_body is not None and not isinstance(message_body, (*_BYTES, str)):
             pending.replayable = False  # a file or an iterable: read once
+        elif any(line[:18].lower() == b"transfer-encoding:" for line in lines):
+            pending.replayable = False  # a stream (urllib3 sends a generator's parts so)
         endheaders(self, message_body, encode_chunked=encode_chunked)
         pending.headers_done = True  # sends from here are the body's (urllib3 sends it so)
-        if any(
-            str(header).lower() == "transfer-encoding" for header, _ in pending.headers
-        ):  # a stream, sent as it is read (urllib3 sends a generator's parts so)
-            pending.replayable = False
 
     def paced_send(self: http.client.HTTPConnection, data: Any) -> None:
         pending: Pending | None = self.__dict__.get(_ATTRIBUTE)
@@ -165,14 +160,12 @@ def patch(pacer: CallPacer) -> Callable[[], None]:
 
     def _send_again(self: http.client.HTTPConnection, pending: Pending) -> None:
         putrequest(self, pending.method, pending.url, True, True)
-        for header, values in pending.headers:
-            putheader(self, header, *values)
+        self._buffer[:] = pending.lines  # type: ignore[attr-defined]
         endheaders(self, pending.body, encode_chunked=pending.chunked)
         for part in pending.sent_after:
             send(self, part)
 
     cls.putrequest = paced_putrequest  # type: ignore[method-assign]
-    cls.putheader = paced_putheader  # type: ignore[method-assign]
     cls.endheaders = paced_endheaders  # type: ignore[method-assign]
     cls.send = paced_send  # type: ignore[method-assign]
     cls.getresponse = paced_getresponse  # type: ignore[method-assign]
