@@ -175,4 +175,9 @@ def test_one_call_tests_pass_with_the_apis_limit_stated_as_a_window(workers: lis
     assert code == pytest.ExitCode.OK, output
     assert "ratebatch: limits 10/2s; store:" in output, output
     assert "waited on 10/2s for " in output, output
-    assert api_stats(output) == (25, 0), output
+    requests, rejected = api_stats(output)
+    # A test's call reaches the server a little after its start; the window is kept 50 ms
+    # longer for that. On a heavily loaded machine a call can take longer and be refused
+    # once (the test then runs again and passes); without the limit some 15 are refused.
+    assert rejected <= 1, output
+    assert requests == 25 + rejected, output

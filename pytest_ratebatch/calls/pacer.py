@@ -19,7 +19,8 @@ from ..limits.calls import CallLimit, find_call_limit
 from ..limits.clock import MONOTONIC, Clock
 from ..limits.policy import ThrottlePolicy
 from ..stores.base import SlotPool
-from ..throttle.headers import backoff, remaining, wait_seconds
+from ..throttle.backoff import backoff
+from ..throttle.headers import remaining, wait_seconds
 from ..views.calls import Call, HostStats
 
 __all__ = ["Call", "CallPacer", "HostPacer", "HostStats", "is_throttle"]

@@ -10,32 +10,11 @@ httpx, urllib, aiohttp, botocore's dict of lower-case names); ``header`` reads a
 from __future__ import annotations
 
 import math
-import random
 import re
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-__all__ = [
-    "BACKOFF_CAP",
-    "BACKOFF_FIRST",
-    "Budget",
-    "backoff",
-    "header",
-    "remaining",
-    "wait_seconds",
-]
-
-#: Without a header, the first pause, doubled for each further attempt.
-BACKOFF_FIRST = 0.5
-#: ... up to this, in seconds.
-BACKOFF_CAP = 60.0
-
-
-def backoff(attempt: int) -> float:
-    """Seconds to pause without a header: 0.5 s, 1 s, 2 s, ... up to a minute, +-10% jitter."""
-    base: float = min(BACKOFF_CAP, BACKOFF_FIRST * 2 ** max(0, attempt - 1))
-    return base * random.uniform(0.9, 1.1)
-
+__all__ = ["Budget", "header", "remaining", "wait_seconds"]
 
 #: An ``X-RateLimit-Reset`` above this is an epoch time (2001-09-09), below it seconds.
 EPOCH_THRESHOLD = 1_000_000_000

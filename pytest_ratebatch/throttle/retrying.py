@@ -29,7 +29,7 @@ from _pytest.runner import call_and_report, show_test_item
 from ..engine.limiter import RateLimiter
 from ..engine.scheduler import TaskScheduler
 from ..limits.policy import NANOS_PER_SECOND, ThrottlePolicy, format_duration
-from .headers import BACKOFF_CAP, BACKOFF_FIRST, backoff
+from .backoff import BACKOFF_CAP, BACKOFF_FIRST, backoff
 
 if TYPE_CHECKING:
     from .detect import Throttle
