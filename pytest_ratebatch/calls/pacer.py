@@ -58,6 +58,8 @@ class HostPacer:
         #: What held calls back, by ``take_bound``'s index: the bucket (throttles' pauses, a
         #: published budget, and under auto the rate learnt), then each window.
         self._names = ("auto" if limit.auto else "pauses", *limiter.limit_names[1:])
+        self._auto = limit.auto
+        self._now_ns = pacer.clock.now_ns
 
     def _start(self, host: str) -> Call:
         pacer = self.pacer
@@ -71,23 +73,24 @@ class HostPacer:
     def admit(self, host: str, call: Call | None = None) -> Call:
         """Wait (blocking) until a request to ``host`` may be sent; the call's record."""
         call = call or self._start(host)
-        clock = self.pacer.clock
-        started = clock.now_ns()
+        now_ns = self._now_ns
+        started = before = now_ns()
         waited: dict[str, int] = {}
         if self.slots is not None and call.slot is None:
             call.slot = self.slots.acquire()
-            self._slot_wait(waited, clock.now_ns() - started)
-        before = clock.now_ns()
+            before = now_ns()
+            self._slot_wait(waited, before - started)
         bound = self.limiter.take_bound(1)
+        now = now_ns()
         if bound >= 0:
-            waited[self._names[bound]] = clock.now_ns() - before
-        return self._admitted(call, started, waited)
+            waited[self._names[bound]] = now - before
+        return self._admitted(call, started, now, waited)
 
     async def admit_async(self, host: str, call: Call | None = None) -> Call:
         """``admit`` for a coroutine: the event loop runs while the request waits."""
         call = call or self._start(host)
-        clock = self.pacer.clock
-        started = clock.now_ns()
+        now_ns = self._now_ns
+        started = before = now_ns()
         waited: dict[str, int] = {}
         if self.slots is not None and call.slot is None:
             call.slot = self.slots.acquire(0)
@@ -95,12 +98,13 @@ class HostPacer:
                 import asyncio
 
                 call.slot = await asyncio.to_thread(self.slots.acquire)
-                self._slot_wait(waited, clock.now_ns() - started)
-        before = clock.now_ns()
+                before = now_ns()
+                self._slot_wait(waited, before - started)
         _, bound = await self.limiter.take_bound_async(1)
+        now = now_ns()
         if bound >= 0:
-            waited[self._names[bound]] = clock.now_ns() - before
-        return self._admitted(call, started, waited)
+            waited[self._names[bound]] = now - before
+        return self._admitted(call, started, now, waited)
 
     @staticmethod
     def _slot_wait(waited: dict[str, int], waited_ns: int) -> None:
@@ -108,9 +112,9 @@ class HostPacer:
         if waited_ns > 1_000_000:
             waited["concurrency"] = waited_ns
 
-    def _admitted(self, call: Call, started: int, waited: dict[str, int]) -> Call:
-        """Count the admission; ``waited``: how long each limit held it (none: no wait)."""
-        now = self.pacer.clock.now_ns()
+    def _admitted(self, call: Call, started: int, now: int, waited: dict[str, int]) -> Call:
+        """Count the admission at ``now``; ``waited``: how long each limit held it (none: no
+        wait)."""
         call.start_ns = now - self.pacer.start_ns
         if waited:
             call.wait_ns += now - started
@@ -132,8 +136,8 @@ class HostPacer:
         with retries left and a body that can be sent again; the caller then ``admit``s it
         again, which waits past the pause every sharer now sees)."""
         call.status = status
-        if not is_throttle(status, headers):
-            if self.limit.auto:
+        if status != 429 and (status != 503 or not is_throttle(status, headers)):
+            if self._auto:
                 self._obey_budget(headers)
             return False
         asked = wait_seconds(headers, time.time())
