@@ -65,7 +65,9 @@ def test_parse_cost_rejects(args: tuple[Any, ...], kwargs: dict[str, Any], messa
 
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.ratebatch(cost=1): tokens this test takes*"])
+    result.stdout.fnmatch_lines(
+        ["@pytest.mark.ratebatch(cost=1, pace_calls=True): tokens this test takes*"]
+    )
 
 
 def test_costs_are_taken_at_each_start(pytester: pytest.Pytester) -> None:
