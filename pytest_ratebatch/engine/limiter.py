@@ -223,12 +223,7 @@ class RateLimiter:
         status, now, wait, bound = self._reserve(tokens, None)
         if status == ADMITTED:
             return -1
-        waits = self._slot_waits(tokens, now + wait, wait, None)
-        try:
-            while True:
-                self._sleep(next(waits), None)
-        except StopIteration:
-            pass
+        self._wait_for_slot(tokens, now, wait, False, None)
         return bound
 
     async def acquire_async(

@@ -107,6 +107,15 @@ class WindowLimit(Value):
             return f"{self.count}/{int(seconds // 86400)}d"
         return f"{self.count}/{format_duration(seconds)}"
 
+    def to_json(self) -> dict[str, Any]:
+        """As the JSON report states a window limit."""
+        return {
+            "count": self.count,
+            "window": self.seconds,
+            "window_ns": self.window_ns,
+            "text": self.describe(),
+        }
+
 
 class ThrottlePolicy(Value):
     """What happens when the server throttles a test (HTTP 429, or 503 with Retry-After).
@@ -288,28 +297,12 @@ class ExecutionPolicy(Value):
             "rate_per_minute": ("auto" if rate.learned else rate.per_minute) if rate else None,
             "burst": rate.burst if rate else None,
             "interval_ns": rate.interval_ns if rate else None,
-            "rate_limit": [
-                {
-                    "count": window.count,
-                    "window": window.seconds,
-                    "window_ns": window.window_ns,
-                    "text": window.describe(),
-                }
-                for window in self.windows
-            ],
+            "rate_limit": [window.to_json() for window in self.windows],
             "max_concurrency": self.max_concurrency,
             "call_limits": [
                 {
                     "host": limit.pattern,
-                    "rate_limit": [
-                        {
-                            "count": window.count,
-                            "window": window.seconds,
-                            "window_ns": window.window_ns,
-                            "text": window.describe(),
-                        }
-                        for window in limit.windows
-                    ],
+                    "rate_limit": [window.to_json() for window in limit.windows],
                     "auto": limit.auto,
                     "concurrency": limit.concurrency,
                     "text": limit.text,
