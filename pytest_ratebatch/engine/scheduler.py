@@ -283,7 +283,8 @@ class TaskScheduler:
         slots = self.slots
         assert slots is not None
         began = self._clock.now_ns()
-        slot = slots.acquire(self._max_wait(began))
+        deadline = self._stop_rule.deadline_ns
+        slot = slots.acquire(None if deadline is None else max(0, deadline - began))
         now = self._clock.now_ns()
         wait = now - began
         waited = self.waited_by_limit
