@@ -326,7 +326,7 @@ class TaskScheduler:
             reason = self.ledger.check_stop(arrived, self._stop_rule)
             limiter = self.limiter
             if not reason and limiter is not None and cost:
-                deadline = self._stop_rule.deadline_ns  # inline: every unbatched start
+                deadline = self._stop_rule.deadline_ns
                 max_wait = None if deadline is None else max(0, deadline - arrived)
                 store_ns = limiter.take(cost, max_wait, self._on_tokens)
                 if store_ns is None:
@@ -341,11 +341,6 @@ class TaskScheduler:
             return Ticket(0, cost, store_ns, store_ns - arrived)  # ``_admitted``, one call less
         return self._admitted(0, cost, store_ns, arrived)
 
-    def _max_wait(self, arrived: int) -> int | None:
-        """The longest wait that ends before the total timeout (``None``: no timeout)."""
-        deadline = self._stop_rule.deadline_ns
-        return None if deadline is None else max(0, deadline - arrived)
-
     async def acquire_async(self, cost: int) -> Ticket:
         """``acquire`` for a coroutine: the wait is an ``await``, so the event loop runs on.
         A stop is seen before the wait and after it (a wait in progress runs to its end)."""
@@ -355,7 +350,8 @@ class TaskScheduler:
             reason = self.ledger.check_stop(arrived, self._stop_rule)
             limiter = self.limiter
             if not reason and limiter is not None and cost:
-                max_wait = self._max_wait(arrived)
+                deadline = self._stop_rule.deadline_ns
+                max_wait = None if deadline is None else max(0, deadline - arrived)
                 store_ns = await limiter.acquire_async(cost, self._on_tokens, max_wait)
                 if store_ns is None:
                     reason = self.ledger.stop(self._timeout_ahead())
