@@ -276,6 +276,56 @@ def test_two_sessions_share_a_hosts_limit_through_redis(
     assert redis_server.client().keys(f"*{key}:calls:127.0.0.1*")
 
 
+def test_a_redis_store_that_dies_mid_call_fails_that_call_and_cancels_the_rest(
+    pytester: pytest.Pytester,
+    server: CallServer,
+    private_redis: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The second test stops the server (SHUTDOWN), then calls the limited host: that call
+    # cannot be admitted. It fails its test with the store's reason, the password masked;
+    # the next test's start finds the store gone, and it is cancelled.
+    pytester.makepyfile(
+        test_dying=f"""
+        import os
+
+        import redis
+        import requests
+
+        def test_before():
+            assert requests.get({server.url!r}, timeout=10).status_code == 200
+
+        def test_store_dies():
+            try:
+                redis.Redis.from_url(os.environ["DYING_REDIS"]).shutdown(nosave=True)
+            except redis.ConnectionError:
+                pass  # the server closes the connection as it goes
+            requests.get({server.url!r}, timeout=10)
+
+        def test_after():
+            pass
+        """
+    )
+    monkeypatch.setenv("DYING_REDIS", private_redis.url)  # not in the test's source shown
+    result = run(
+        pytester, "--call-limit", CALL_LIMIT, f"--ratebatch-store={private_redis.url}",
+        "-p", "no:randomly", "-rs",
+    )  # fmt: skip
+    output = result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, output
+    result.assert_outcomes(passed=1, failed=1, skipped=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*StoreError: *redis://:***@127.0.0.1:*",
+            "stop: store unavailable: redis redis://:***@*",
+            "*ratebatch: cancelled (store unavailable: *",
+        ]
+    )
+    assert private_redis.password is not None
+    assert private_redis.password not in output
+    assert "INTERNALERROR" not in output
+
+
 # --- throttles -----------------------------------------------------------------------------------
 
 STRICTER_SERVER = "4 per 2 seconds"
