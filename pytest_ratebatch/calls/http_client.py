@@ -17,7 +17,7 @@ from typing import Any
 
 from .pacer import Call, CallPacer, HostPacer
 
-__all__ = ["patch", "unpatch"]
+__all__ = ["patch"]
 
 #: After a wait this long the connection opened before it may have been closed by the
 #: server (keep-alive timeouts are often a few seconds): open a new one.
@@ -175,7 +175,3 @@ def patch(pacer: CallPacer) -> Callable[[], None]:
             setattr(cls, name, value)
 
     return restore
-
-
-def unpatch() -> None:  # pragma: no cover - kept for symmetry with the other clients
-    """Nothing: ``patch`` returns its own undo."""
