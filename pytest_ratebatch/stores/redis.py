@@ -224,11 +224,13 @@ local function filled(k)
   if st[10] > 0 and st[10] + length_of(k) > now then return st[10] end
   return nil
 end
--- the c-th oldest of a window's last ``count`` starts; nil while fewer were logged
+-- the c-th oldest of a window's last ``count`` starts (counted from the list's tail: one
+-- call, no LLEN), or the loss's mark while fewer were logged
 local function entry(list, k, c)
-  local missing = count_of(k) - redis.call('LLEN', list)
-  if c <= missing then return filled(k) end
-  return tonumber(redis.call('LINDEX', list, c - missing - 1))
+  if c > count_of(k) then return nil end
+  local at = redis.call('LINDEX', list, c - count_of(k) - 1)
+  if not at then return filled(k) end
+  return tonumber(at)
 end
 local function log(list, k, at, c)
   local text, values, length = string.format('%.0f', at), {}, 0
