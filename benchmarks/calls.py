@@ -1131,7 +1131,7 @@ def run_redis_cost(args: argparse.Namespace, redis: RedisHolder) -> list[Figure]
     rows = []
     figures = []
     for name in names:
-        ratios = [value / ping for value, ping in zip(results[name], results["PING"])]
+        ratios = [value / ping for value, ping in zip(results[name], results["PING"], strict=True)]
         ratio = statistics.median(ratios)
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio] * 3
         target = "-" if name == "PING" else "<= 1.3"
@@ -1213,8 +1213,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-instructions", action="store_true", help="part 7: Redis only")
     parser.add_argument("--no-redis-cost", action="store_true", help="part 7: instructions only")
-    parser.add_argument("--redis-calls", type=int, default=None, help="part 7: calls per block (20)")
-    parser.add_argument("--redis-rounds", type=int, default=None, help="part 7: blocks per operation (500)")
+    parser.add_argument(
+        "--redis-calls", type=int, default=None, help="part 7: calls per block (20)"
+    )
+    parser.add_argument(
+        "--redis-rounds", type=int, default=None, help="part 7: blocks per operation (500)"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {

@@ -51,9 +51,9 @@ def test_parse_cost(args: tuple[Any, ...], kwargs: dict[str, Any], cost: int) ->
         ((), {"cost": -1}, "whole number >= 0"),
         ((), {"cost": 1.5}, "whole number >= 0"),
         ((), {"cost": True}, "whole number >= 0"),
-        ((), {"tokens": 2}, "takes cost=N and pace_calls"),
-        ((1, 2), {}, "takes cost=N and pace_calls"),
-        ((1,), {"cost": 1}, "takes cost=N and pace_calls"),
+        ((), {"tokens": 2}, "takes cost=N, priority=N"),
+        ((1, 2), {}, "takes cost=N, priority=N"),
+        ((1,), {"cost": 1}, "takes cost=N, priority=N"),
         ((), {"pace_calls": 0}, "pace_calls must be True or False, not 0"),
         ((), {"cost": 6}, r"cost 6 exceeds the burst \(5\)"),
     ],
@@ -66,7 +66,7 @@ def test_parse_cost_rejects(args: tuple[Any, ...], kwargs: dict[str, Any], messa
 def test_marker_is_registered(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--markers")
     result.stdout.fnmatch_lines(
-        ["@pytest.mark.ratebatch(cost=1, pace_calls=True): tokens this test takes*"]
+        ["@pytest.mark.ratebatch(cost=1, priority=0, resources={}, pace_calls=True): tokens*"]
     )
 
 
@@ -142,7 +142,11 @@ def test_a_batch_costing_more_than_the_burst_is_paced_inside(pytester: pytest.Py
         ("ratebatch(cost=-1)", "cost must be a whole number >= 0, not -1", ["-n", "2"]),
         ("ratebatch(cost='2')", "cost must be a whole number >= 0, not '2'", []),
         ("ratebatch(cost=9)", "cost 9 exceeds the burst (2)*", []),
-        ("ratebatch(calls=2)", "takes cost=N and pace_calls=True|False", []),
+        (
+            "ratebatch(calls=2)",
+            "takes cost=N, priority=N, resources={NAME: AMOUNT} and pace_calls=True|False",
+            [],
+        ),
     ],
 )
 def test_a_bad_marker_is_a_collection_error_naming_the_test(

@@ -19,7 +19,9 @@ if TYPE_CHECKING:
     from .calls import CallLimit
 
 __all__ = [
+    "MARKER_KEYWORDS",
     "MAX_COUNT",
+    "MAX_PRIORITY",
     "MAX_RATE_PER_MINUTE",
     "MAX_SECONDS",
     "MIN_RATE_PER_MINUTE",
@@ -37,6 +39,7 @@ __all__ = [
     "mask_url",
     "parse_cost",
     "parse_duration",
+    "parse_priority",
     "parse_store",
     "parse_value",
     "parse_windows",
@@ -560,6 +563,23 @@ def _key(text: str) -> str:
     return value
 
 
+#: The ``ratebatch`` marker's keywords, and what a misspelt one is told.
+MARKER_KEYWORDS = frozenset({"cost", "pace_calls", "priority", "resources"})
+MARKER_TAKES = "takes cost=N, priority=N, resources={NAME: AMOUNT} and pace_calls=True|False"
+#: The highest priority (and, negated, the lowest) a test may state.
+MAX_PRIORITY = 1_000_000
+
+
+def parse_priority(value: object) -> int:
+    """``@pytest.mark.ratebatch(priority=N)``: a whole number, higher starts first."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"priority must be a whole number, not {value!r}")
+    if not -MAX_PRIORITY <= value <= MAX_PRIORITY:
+        shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:40]}..."
+        raise ValueError(f"priority must be within -{MAX_PRIORITY}..{MAX_PRIORITY}, not {shown}")
+    return value
+
+
 def parse_cost(
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
@@ -569,10 +589,11 @@ def parse_cost(
     """Tokens from ``@pytest.mark.ratebatch(cost=N)`` (or ``ratebatch(N)``); 1 by default.
 
     ``burst`` is the most one start may cost, ``bound`` the limit that says so. The marker's
-    other argument, ``pace_calls=False`` (the test's calls are not paced), is checked here.
+    keywords are checked here too: ``pace_calls=False`` (the test's calls are not paced);
+    ``priority`` and ``resources`` are read on their own (``parse_priority``).
     """
-    if len(args) > 1 or set(kwargs) - {"cost", "pace_calls"} or (args and "cost" in kwargs):
-        raise ValueError("takes cost=N and pace_calls=True|False")
+    if len(args) > 1 or set(kwargs) - MARKER_KEYWORDS or (args and "cost" in kwargs):
+        raise ValueError(MARKER_TAKES)
     pace_calls = kwargs.get("pace_calls", True)
     if not isinstance(pace_calls, bool):
         raise ValueError(f"pace_calls must be True or False, not {pace_calls!r}")

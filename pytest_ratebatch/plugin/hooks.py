@@ -31,9 +31,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "ratebatch(cost=1, pace_calls=True): tokens this test takes at its start; cost=0 "
-        "exempts it from the rate, from batches and from the concurrency cap; "
-        "pace_calls=False leaves its HTTP calls out of the call limits (pytest-ratebatch).",
+        "ratebatch(cost=1, priority=0, resources={}, pace_calls=True): tokens this test "
+        "takes at its start; cost=0 exempts it from the rate, from batches and from the "
+        "concurrency cap; higher priorities start first; resources: amounts of --resources it "
+        "holds while it runs; pace_calls=False leaves its HTTP calls out of the call limits "
+        "(pytest-ratebatch).",
     )
     if config.option.help or config.option.version:
         return

@@ -11,7 +11,7 @@ import pytest
 
 from ..engine.scheduler import TaskScheduler, Ticket
 from ..limits.clock import MONOTONIC
-from ..limits.policy import parse_cost
+from ..limits.policy import parse_cost, parse_priority
 from ..views.report import CANCELLED_PREFIX, Tally
 from .registry import register_hooks
 
@@ -19,24 +19,34 @@ if TYPE_CHECKING:
     from ..throttle.retrying import Throttles
     from .reporter import Reporter
 
-__all__ = ["MARKER", "Pacer", "ProtocolPacing", "SessionPacer", "read_costs"]
+__all__ = [
+    "MARKER",
+    "Pacer",
+    "ProtocolPacing",
+    "SessionPacer",
+    "by_priority",
+    "read_markers",
+]
 
 MARKER = "ratebatch"
 
 
-def read_costs(
+def read_markers(
     items: Sequence[pytest.Item], largest: tuple[int, str] | None
-) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Each test's cost from its closest ``ratebatch`` marker, as pytest resolves it.
+) -> tuple[dict[str, int], dict[str, int], list[tuple[str, str]]]:
+    """Each test's cost from its closest ``ratebatch`` marker, as pytest resolves it, and its
+    priority from the closest marker that states one (a class's ``priority`` holds for a
+    method whose own marker states only a cost).
 
     ``largest`` is the most one start may cost and the limit that says so (``None``: any).
 
-    Returns the costs that are not 1, by node id, and ``(nodeid, problem)`` for each bad
-    marker. Read from the final items, so markers that conftest hooks add and those of any
-    item type (unittest, doctest, plugins' items) count. A parent's closest marker is looked
-    up once, not once per test.
+    Returns the costs that are not 1 and the priorities that are not 0, by node id, and
+    ``(nodeid, problem)`` for each bad marker. Read from the final items, so markers that
+    conftest hooks add and those of any item type (unittest, doctest, plugins' items) count.
+    A parent's closest marker is looked up once, not once per test.
     """
     costs: dict[str, int] = {}
+    priorities: dict[str, int] = {}
     errors: list[tuple[str, str]] = []
     closest_above: dict[pytest.Collector | None, Any] = {None: None}
     most, bound = largest if largest is not None else (None, "")
@@ -57,12 +67,34 @@ def read_costs(
                 continue
         try:
             cost = parse_cost(mark.args, mark.kwargs, most, bound)
+            priority = _stated(item, mark, "priority")
+            if priority is not None:
+                priority = parse_priority(priority)
         except ValueError as error:
             errors.append((item.nodeid, f"@pytest.mark.ratebatch: {error}"))
             continue
         if cost != 1:
             costs[item.nodeid] = cost
-    return costs, errors
+        if priority:
+            priorities[item.nodeid] = priority
+    return costs, priorities, errors
+
+
+def _stated(item: pytest.Item, closest: Any, keyword: str) -> object:
+    """The value of ``keyword`` in the closest ``ratebatch`` marker that states it."""
+    if keyword in closest.kwargs:
+        return closest.kwargs[keyword]
+    for mark in item.iter_markers(MARKER):
+        if keyword in mark.kwargs:
+            return mark.kwargs[keyword]
+    return None
+
+
+def by_priority(items: list[pytest.Item], priorities: dict[str, int]) -> None:
+    """Reorder ``items`` in place: higher priorities first, and within a priority the order
+    they had (pytest's, and the reorderings of plugins before this one)."""
+    if priorities:
+        items.sort(key=lambda item: -priorities.get(item.nodeid, 0))
 
 
 def batch_costs(
@@ -102,6 +134,7 @@ class Pacer:
         self._largest = scheduler.policy.largest_cost
         self._costs: dict[str, int] = {}  # tests whose cost is not 1
         self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
+        self._priorities: dict[str, int] = {}  # tests whose priority is not 0
         self._tally = tally
         scheduler.waited_by_limit = tally.waited_by_limit  # the scheduler accounts its waits
         self._keeps_records = reporter is not None and reporter.records is not None
@@ -116,14 +149,18 @@ class Pacer:
         self._cancelled_running = ""  # the running test a stop cancelled, if any
         self._rerun_counted = ""  # the last test pytest-rerunfailures ran again after a throttle
 
-    @pytest.hookimpl(wrapper=True)
+    # tryfirst and registered after pytest's cacheprovider: the outermost wrapper, so the
+    # priorities order what --ff, --nf, pytest-randomly and pytest-order ordered.
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
     def pytest_collection_modifyitems(
         self, session: pytest.Session, items: list[pytest.Item]
     ) -> Generator[None, None, None]:
         yield  # every other plugin's and conftest's hook first: the items are final after
+        self._costs, priorities, errors = read_markers(items, self._largest)
+        by_priority(items, priorities)
+        self._priorities = priorities
         if self.reporter is not None:
-            self.reporter.collected(items)
-        self._costs, errors = read_costs(items, self._largest)
+            self.reporter.collected(items, priorities)
         self._by_nodeid = bool(self._costs) or self._keeps_records
         if errors:
             self._refuse(session, errors)
@@ -137,8 +174,12 @@ class Pacer:
         """Hand the run's costs to the forecast (where outcomes are reported)."""
         if self.reporter is not None and self.reporter.wants_forecast:
             costs = self._costs
+            priorities = self._priorities
             self.reporter.plan(
-                [costs.get(item.nodeid, 1) for item in items] if costs else [1] * len(items)
+                [costs.get(item.nodeid, 1) for item in items] if costs else [1] * len(items),
+                priorities=[priorities.get(item.nodeid, 0) for item in items]
+                if priorities
+                else None,
             )
 
     def _refuse(self, session: pytest.Session, errors: list[tuple[str, str]]) -> None:

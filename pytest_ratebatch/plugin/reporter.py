@@ -139,22 +139,34 @@ class Reporter:
     def pytest_report_header(self, config: pytest.Config) -> str:
         return f"ratebatch: {self.policy.describe()}; store: {self.store.describe()}"
 
-    def collected(self, items: list[pytest.Item]) -> None:
-        """The session's final items (from the pacer, after every collection hook)."""
+    def collected(self, items: list[pytest.Item], priorities: dict[str, int]) -> None:
+        """The session's final items (from the pacer, after every collection hook) and the
+        priorities that are not 0."""
         self.tally.collected = len(items)
         if self.records is not None:
             # Every collected test gets a record, so the report accounts for tests never reached.
-            for item in items:
-                self.records.setdefault(item.nodeid, TestRecord(item.nodeid, outcome="not run"))
+            self.add_records([item.nodeid for item in items], priorities)
 
-    def plan(self, costs: list[int], costs_known: bool = True) -> None:
-        """The collected tests' costs, in run order: forecast what the policy imposes."""
+    def add_records(self, nodeids: Sequence[str], priorities: dict[str, int]) -> None:
+        assert self.records is not None
+        records = self.records
+        for nodeid in nodeids:
+            record = records.get(nodeid)
+            if record is None:
+                record = records[nodeid] = TestRecord(nodeid, outcome="not run")
+            record.priority = priorities.get(nodeid, 0)
+
+    def plan(
+        self, costs: list[int], costs_known: bool = True, priorities: list[int] | None = None
+    ) -> None:
+        """The collected tests' costs (and priorities, ``None``: all 0), in run order:
+        forecast what the policy imposes."""
         if self.forecast is not None:
             return
         forecast = forecast_policy(self.policy, costs)
         if forecast is not None:
             self.forecast = forecast
-            text = describe_forecast(forecast, self.policy.total_timeout, costs_known)
+            text = describe_forecast(forecast, self.policy.total_timeout, costs_known, priorities)
             self._forecast_line = f"forecast: {text}"
 
     @pytest.hookimpl(trylast=True)

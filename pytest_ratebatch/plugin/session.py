@@ -242,7 +242,7 @@ def configure(
             )
             kind = RecordingWorkerPacer if worker.send_records else WorkerPacer
             worker_pacer = kind(scheduler, worker.start_ns)
-            if wants_forecast(policy):
+            if wants_forecast(policy) or worker.send_records:  # the forecast, the report
                 worker_pacer.costs_to = (worker.directory, worker.worker_id)
             config.stash[pacer_key] = worker_pacer
             throttles = _throttles(config, worker_pacer, settings)

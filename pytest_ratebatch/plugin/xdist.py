@@ -17,7 +17,7 @@ import pytest
 
 from ..engine.scheduler import TaskScheduler, Ticket
 from ..limits.clock import MONOTONIC
-from ..views.report import CANCELLED_PREFIX, Tally, TestRecord, describe_summary
+from ..views.report import CANCELLED_PREFIX, Tally, describe_summary
 from .pacing import Pacer
 from .reporter import Reporter
 from .session_dir import WARNING
@@ -61,14 +61,18 @@ def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
 COSTS_FILE = "costs-{worker}.json"
 
 
-def write_worker_costs(directory: Path, worker: str, costs: dict[str, int]) -> bool:
-    """A worker's costs other than 1, by node id, written whole before its collection ends;
-    ``False`` if they cannot be (the session directory failed: the forecast then counts 1 a
-    test, and the store's own failure stops the session with the reason)."""
+def write_worker_costs(
+    directory: Path, worker: str, costs: dict[str, int], priorities: dict[str, int]
+) -> bool:
+    """A worker's costs other than 1 and priorities other than 0, by node id, written whole
+    before its collection ends; ``False`` if they cannot be (the session directory failed:
+    the forecast then counts 1 a test, and the store's own failure stops the session with
+    the reason)."""
     path = directory / COSTS_FILE.format(worker=worker)
     partial = path.with_name(f".{path.name}.partial")
     try:
-        partial.write_text(json.dumps(costs), encoding="utf-8")
+        data = {"costs": costs, "priorities": priorities}
+        partial.write_text(json.dumps(data), encoding="utf-8")
         os.replace(partial, path)
     except OSError:
         with contextlib.suppress(OSError):
@@ -77,13 +81,19 @@ def write_worker_costs(directory: Path, worker: str, costs: dict[str, int]) -> b
     return True
 
 
-def read_worker_costs(directory: Path, worker: str) -> dict[str, int] | None:
-    """What ``write_worker_costs`` wrote; ``None`` if the worker wrote nothing (bad markers)."""
+def read_worker_costs(directory: Path, worker: str) -> tuple[dict[str, int], dict[str, int]] | None:
+    """What ``write_worker_costs`` wrote (costs, priorities); ``None`` if the worker wrote
+    nothing (bad markers)."""
     try:
         data = json.loads((directory / COSTS_FILE.format(worker=worker)).read_text("utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    costs, priorities = data.get("costs"), data.get("priorities")
+    if not isinstance(costs, dict) or not isinstance(priorities, dict):
+        return None
+    return costs, priorities
 
 
 class ControllerReporter(Reporter):
@@ -147,16 +157,24 @@ class ControllerReporter(Reporter):
         each = self.config.getoption("dist", "load") == "each"
         counts = self._collected.values()
         self.tally.collected = sum(counts) if each else max(counts)
+        # The worker wrote its costs other than 1 and priorities other than 0 before it
+        # reported its collection (when a forecast or a report wants them).
+        known = None
+        if self.records is not None or (self.forecast is None and self.wants_forecast):
+            known = read_worker_costs(self.shared.directory, worker)
+        priorities = {} if known is None else known[1]
         if self.records is not None:
-            for nodeid in ids:
-                self.records.setdefault(nodeid, TestRecord(nodeid, outcome="not run"))
+            self.add_records(ids, priorities)
         repeat = max(1, len(getattr(self.config.option, "tx", None) or ())) if each else 1
         self._plan_calls(ids, repeat)  # at the first collection, from the last run's counts
         if self.forecast is None and self.wants_forecast:
-            # The worker wrote the costs other than 1 before it reported its collection.
-            known = read_worker_costs(self.shared.directory, worker)
-            costs = [1] * len(ids) if known is None else [known.get(id, 1) for id in ids]
-            self.plan(costs * repeat, costs_known=known is not None)
+            costs = [1] * len(ids) if known is None else [known[0].get(id, 1) for id in ids]
+            ordered = [priorities.get(id, 0) for id in ids] if priorities else None
+            self.plan(
+                costs * repeat,
+                costs_known=known is not None,
+                priorities=None if ordered is None else ordered * repeat,
+            )
         self._print_forecast()
 
     @pytest.hookimpl(optionalhook=True)
@@ -256,7 +274,7 @@ class WorkerPacer(Pacer):
     def plan(self, items: list[pytest.Item]) -> None:
         if self.costs_to is not None:
             directory, worker = self.costs_to
-            write_worker_costs(directory, worker, self._costs)
+            write_worker_costs(directory, worker, self._costs, self._priorities)
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
         pass  # only a JSON report lists them

@@ -283,7 +283,10 @@ def format_span(seconds: float) -> str:
 
 
 def describe_forecast(
-    forecast: Forecast, total_timeout: float | None = None, costs_known: bool = True
+    forecast: Forecast,
+    total_timeout: float | None = None,
+    costs_known: bool = True,
+    priorities: Sequence[int] | None = None,
 ) -> str:
     """The forecast line (without the ``ratebatch: forecast:`` prefix).
 
@@ -308,4 +311,17 @@ def describe_forecast(
             f"about {forecast.cancelled} {'test' if forecast.cancelled == 1 else 'tests'} "
             "will be cancelled"
         )
+        if priorities:
+            text += describe_cancelled_priorities(priorities[-forecast.cancelled :])
     return text
+
+
+def describe_cancelled_priorities(priorities: Sequence[int]) -> str:
+    """Which priorities the tests cancelled last in run order have: ``, all of priority 0``
+    or ``: 150 of priority 0, 26 of priority 1`` (lowest first)."""
+    counts: dict[int, int] = {}
+    for priority in priorities:
+        counts[priority] = counts.get(priority, 0) + 1
+    if len(counts) == 1:
+        return f", all of priority {next(iter(counts))}"
+    return ": " + ", ".join(f"{counts[p]} of priority {p}" for p in sorted(counts))

@@ -83,6 +83,7 @@ class TestRecord:
         "acquired",
         "retries",
         "limit",
+        "priority",
     )
     __slots__ = FIELDS
 
@@ -104,6 +105,8 @@ class TestRecord:
         self.retries: list[list[int | None]] = []
         #: The limit it waited for longest before it started (``rate``, ``10/2s``, ...), if any.
         self.limit = ""
+        #: ``@pytest.mark.ratebatch(priority=N)``: higher starts first.
+        self.priority = 0
 
     @property
     def failed(self) -> bool:
