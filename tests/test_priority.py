@@ -167,8 +167,8 @@ def test_a_bad_priority_is_a_collection_error_naming_the_test(pytester: pytest.P
 def test_a_total_timeout_cancels_the_lowest_priorities_and_the_forecast_says_so(
     pytester: pytest.Pytester,
 ) -> None:
-    # 10 tests at 1 start per 0.5 s, burst 1: a total timeout of 2.2 s lets about 5 start
-    # (fewer on a loaded machine), the 3 critical ones first.
+    # 10 tests at 1 start a second, burst 3: a total timeout of 4 s lets about 6 start (fewer
+    # on a loaded machine), the 3 critical ones first, at once.
     pytester.makepyfile(
         test_budget="""
         import pytest
@@ -182,11 +182,11 @@ def test_a_total_timeout_cancels_the_lowest_priorities_and_the_forecast_says_so(
         """
     )
     result = pytester.runpytest(
-        "-v", "--rate-per-minute=120", "--burst=1", "--total-timeout=2.2s",
+        "-v", "--rate-per-minute=60", "--burst=3", "--total-timeout=4s",
         "--ratebatch-report=r.json", "-p", "no:cacheprovider",
     )  # fmt: skip
     result.stdout.fnmatch_lines(
-        ["*forecast: 10 tests take at least 4.5s*about 5 tests will be cancelled, "
+        ["*forecast: 10 tests take at least 7s*about 4 tests will be cancelled, "
          "all of priority 0*"]
     )  # fmt: skip
     report = json.loads((pytester.path / "r.json").read_text())
@@ -260,7 +260,7 @@ def test_priorities_under_xdist_in_the_report_and_the_forecast(
         test_workers="""
         import pytest
 
-        @pytest.mark.parametrize("i", range(6))
+        @pytest.mark.parametrize("i", range(14))
         def test_routine(i): pass
 
         @pytest.mark.ratebatch(priority=2)
@@ -268,18 +268,18 @@ def test_priorities_under_xdist_in_the_report_and_the_forecast(
         def test_critical(i): pass
         """
     )
-    # 1 start a second, burst 1: the forecast cancels 3 of 8 at a total timeout of 5 s. The
-    # critical tests are each worker's first: the first two starts.
+    # 1 start a second, burst 2: the forecast cancels 5 of 16 at a total timeout of 10 s.
+    # The critical tests are each worker's first: the first two starts, at once.
     result = pytester.runpytest_subprocess(
-        "-n", "2", "--rate-per-minute=60", "--burst=1", "--total-timeout=5s",
+        "-n", "2", "--rate-per-minute=60", "--burst=2", "--total-timeout=10s",
         "--ratebatch-report=r.json", "-p", "no:cacheprovider", timeout=120,
     )  # fmt: skip
     result.stdout.fnmatch_lines(
-        ["*forecast: 8 tests*about 3 tests will be cancelled, all of priority 0*"]
+        ["*forecast: 16 tests*about 5 tests will be cancelled, all of priority 0*"]
     )
     report: dict[str, Any] = json.loads((pytester.path / "r.json").read_text())
     tests = {test["nodeid"].split("::")[-1]: test for test in report["tests"]}
     assert [tests[f"test_critical[{i}]"]["priority"] for i in range(2)] == [2, 2]
     assert all(tests[f"test_critical[{i}]"]["outcome"] == "passed" for i in range(2))
-    assert {tests[f"test_routine[{i}]"]["priority"] for i in range(6)} == {0}
+    assert {tests[f"test_routine[{i}]"]["priority"] for i in range(14)} == {0}
     assert any(test["outcome"] == "cancelled" for test in tests.values())

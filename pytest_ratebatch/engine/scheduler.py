@@ -93,7 +93,9 @@ class SlotTicket(Ticket):
 
     __slots__ = ("slot", "slot_wait_ns")
 
-    def __init__(self, ticket: Ticket, slot: Slot | None, slot_wait_ns: int) -> None:
+    def __init__(
+        self, ticket: Ticket, slot: Slot | None, slot_wait_ns: int, gate: str = "concurrency"
+    ) -> None:
         super().__init__(
             ticket.batch,
             ticket.tokens,
@@ -106,7 +108,7 @@ class SlotTicket(Ticket):
         self.slot_wait_ns = slot_wait_ns
         self.limit = ticket.limit
         if slot_wait_ns >= SLOT_WAIT_NAMED_NS and 2 * slot_wait_ns > ticket.waited_ns:
-            self.limit = "concurrency"  # the slot took most of the wait
+            self.limit = gate  # the slot (the cap, resources, the machine) took most of it
 
 
 class TaskScheduler:
@@ -145,8 +147,13 @@ class TaskScheduler:
             from ..stores.memory import MemorySlotPool
 
             slots = MemorySlotPool(policy.max_concurrency)
-        #: The concurrency cap's slots (``None``: no cap).
+        #: The concurrency cap's slots (``None``: no cap), or ``Gates`` (``engine.gates``):
+        #: the cap, the declared resources and the machine's gates as one pool.
         self.slots = slots
+        #: Of the last slot taken, the gate that held it longest (named in its ticket).
+        self._gate = "concurrency"
+        if slots is not None and hasattr(slots, "blocked"):
+            slots.sleep = self._sleep_unless_stopped  # type: ignore[attr-defined]
         #: Unbatched and uncapped: a start only takes its tokens (``acquire``).
         self.direct = policy.batch_size is None and slots is None
         if slots is not None:
@@ -241,14 +248,15 @@ class TaskScheduler:
         slot_wait, slot, reason = self._take_slot(check_after=True)
         if reason:
             self.ledger.leave(batch)
-            return SlotTicket(self._cancelled(reason, arrived), None, slot_wait)
+            return SlotTicket(self._cancelled(reason, arrived), None, slot_wait, self._gate)
         assert slot is not None
         try:
             store_ns = self._commit_tokens(cost)
         except BaseException:
             self._give_back(slot)
             raise
-        return SlotTicket(self._admitted(batch, cost, store_ns, arrived), slot, slot_wait)
+        ticket = self._admitted(batch, cost, store_ns, arrived)
+        return SlotTicket(ticket, slot, slot_wait, self._gate)
 
     def _admit_unbatched(self, cost: int) -> Ticket:
         """An unbatched test under a concurrency cap: a slot first, then its tokens."""
@@ -263,7 +271,7 @@ class TaskScheduler:
         except StoreError as error:
             reason = self.ledger.stop(f"store unavailable: {error}")
         if reason:
-            return SlotTicket(self._cancelled(reason, arrived), None, slot_wait)
+            return SlotTicket(self._cancelled(reason, arrived), None, slot_wait, self._gate)
         assert slot is not None
         try:
             ticket = self.acquire(cost)  # checks the stop conditions again: a wait may be long
@@ -274,7 +282,7 @@ class TaskScheduler:
             slots.release(slot)
             slot = None
         ticket.waited_ns = self._clock.now_ns() - arrived  # the slot's wait included
-        return SlotTicket(ticket, slot, slot_wait)
+        return SlotTicket(ticket, slot, slot_wait, self._gate)
 
     def _take_slot(self, check_after: bool) -> tuple[int, Slot | None, str]:
         """A slot, waiting at most until the total timeout: ``(wait, slot, "")``, or
@@ -284,12 +292,25 @@ class TaskScheduler:
         assert slots is not None
         began = self._clock.now_ns()
         deadline = self._stop_rule.deadline_ns
-        slot = slots.acquire(None if deadline is None else max(0, deadline - began))
+        try:
+            slot = slots.acquire(None if deadline is None else max(0, deadline - began))
+        except WaitCancelled as stopped:  # a gate's wait, when the session stopped
+            return self._clock.now_ns() - began, None, stopped.reason
         now = self._clock.now_ns()
         wait = now - began
         waited = self.waited_by_limit
-        waited["concurrency"] = waited.get("concurrency", 0.0) + wait / NANOS_PER_SECOND
+        gate_waits: dict[str, int] | None = getattr(slots, "waits", None)
+        if gate_waits is None:
+            waited["concurrency"] = waited.get("concurrency", 0.0) + wait / NANOS_PER_SECOND
+        else:  # ``Gates``: each gate's own wait
+            for name, gate_wait in gate_waits.items():
+                waited[name] = waited.get(name, 0.0) + gate_wait / NANOS_PER_SECOND
+            self._gate = max(gate_waits, key=gate_waits.__getitem__, default="concurrency")
         if slot is None:
+            blocked = getattr(slots, "blocked", "")  # a gate that held it to the deadline
+            if blocked:
+                reason = f"total timeout ({self._stop_rule.timeout_text}) reached; {blocked}"
+                return wait, None, self.ledger.stop(reason)
             reason = self.ledger.check_stop(max(now, deadline or now), self._stop_rule)
             return wait, None, reason or self.ledger.stop(self._timeout_ahead())
         if not check_after:
@@ -466,6 +487,15 @@ class TaskScheduler:
         if self._on_wait is not None:
             self._on_wait(what, seconds)
         self._sleep(seconds)
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        """A gate's sleep (``engine.gates``): on the ledger, raising ``WaitCancelled`` if a
+        stop was recorded meanwhile; the gate itself watches the total timeout, to name what
+        it waited for when it passes."""
+        self.ledger.sleep(seconds, self._clock)
+        reason = self.ledger.snapshot().stop_reason
+        if reason:
+            raise WaitCancelled(reason)
 
     def _sleep(self, seconds: float) -> None:
         """Every sleep of an admission (the limiter's too): on the ledger, which wakes it

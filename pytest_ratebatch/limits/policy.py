@@ -17,6 +17,7 @@ from .values import Value
 
 if TYPE_CHECKING:
     from .calls import CallLimit
+    from .machine import MemoryFloor
 
 __all__ = [
     "MARKER_KEYWORDS",
@@ -161,7 +162,10 @@ class ExecutionPolicy(Value):
         "call_limits",
         "max_concurrency",
         "max_failures",
+        "max_load",
+        "min_free_memory",
         "rate_limit",
+        "resources",
         "throttling",
         "total_timeout",
         "windows",
@@ -175,6 +179,10 @@ class ExecutionPolicy(Value):
     windows: tuple[WindowLimit, ...]
     max_concurrency: int | None
     call_limits: tuple[CallLimit, ...]
+    #: ``--resources``: each name's capacity, sorted by name.
+    resources: tuple[tuple[str, float], ...]
+    min_free_memory: MemoryFloor | None
+    max_load: float | None
 
     def __init__(
         self,
@@ -187,6 +195,9 @@ class ExecutionPolicy(Value):
         windows: tuple[WindowLimit, ...] = (),
         max_concurrency: int | None = None,
         call_limits: tuple[CallLimit, ...] = (),
+        resources: tuple[tuple[str, float], ...] = (),
+        min_free_memory: MemoryFloor | None = None,
+        max_load: float | None = None,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, not {batch_size!r}")
@@ -217,6 +228,9 @@ class ExecutionPolicy(Value):
             windows=tuple(windows),
             max_concurrency=max_concurrency,
             call_limits=tuple(call_limits),
+            resources=tuple(sorted(resources)),
+            min_free_memory=min_free_memory,
+            max_load=max_load,
         )
 
     @property
@@ -232,7 +246,13 @@ class ExecutionPolicy(Value):
             or bool(self.windows)
             or self.max_concurrency is not None
             or bool(self.call_limits)
+            or self.gated
         )
+
+    @property
+    def gated(self) -> bool:
+        """Whether a start waits for declared resources or the machine's memory or load."""
+        return bool(self.resources) or self.min_free_memory is not None or self.max_load is not None
 
     @property
     def largest_cost(self) -> tuple[int, str] | None:
@@ -251,6 +271,7 @@ class ExecutionPolicy(Value):
             f"interval {rate.interval_ns} burst {rate.burst}" if rate is not None else "no rate",
             " ".join(f"{window.count}/{window.window_ns}" for window in self.windows),
             f"cap {self.max_concurrency}",
+            " ".join(f"{name}={amount!r}" for name, amount in self.resources),
             " ".join(
                 f"{limit.pattern}:{'auto' if limit.auto else ''}"
                 f"{'+'.join(f'{w.count}/{w.window_ns}' for w in limit.windows)}"
@@ -274,6 +295,14 @@ class ExecutionPolicy(Value):
             parts.append(f"max concurrency {self.max_concurrency}")
         if self.call_limits:
             parts.append("calls " + "; ".join(limit.text for limit in self.call_limits))
+        if self.resources:
+            from .resources import describe_amounts
+
+            parts.append(f"resources {describe_amounts(dict(self.resources))}")
+        if self.min_free_memory is not None:
+            parts.append(f"min free memory {self.min_free_memory.describe()}")
+        if self.max_load is not None:
+            parts.append(f"max load {_format_number(self.max_load)}")
         return parts
 
     def describe(self) -> str:
@@ -312,6 +341,11 @@ class ExecutionPolicy(Value):
                 }
                 for limit in self.call_limits
             ],
+            "resources": dict(self.resources),
+            "min_free_memory": (
+                None if self.min_free_memory is None else self.min_free_memory.describe()
+            ),
+            "max_load": self.max_load,
             "batch_size": self.batch_size,
             "batch_backoff": self.batch_backoff,
             "max_failures": self.max_failures,
@@ -744,6 +778,24 @@ class RawValue(Protocol):
     def describe(self, name: str) -> str: ...
 
 
+def _resources(text: str) -> tuple[tuple[str, float], ...]:
+    from .resources import parse_resources  # loaded only when resources are set
+
+    return tuple(sorted(parse_resources(text).items()))
+
+
+def _min_free_memory(text: str) -> MemoryFloor:
+    from .machine import parse_memory_size
+
+    return parse_memory_size(text)
+
+
+def _max_load(text: str) -> float:
+    from .machine import parse_max_load
+
+    return parse_max_load(text)
+
+
 def _call_limits(text: str) -> tuple[CallLimit, ...]:
     from .calls import parse_call_limits  # loaded only when call limits are set
 
@@ -769,6 +821,9 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "ratebatch_report": _path,
     "ratebatch_timeline": _path,
     "call_limits": _call_limits,
+    "resources": _resources,
+    "min_free_memory": _min_free_memory,
+    "max_load": _max_load,
 }
 
 
@@ -836,4 +891,7 @@ def build_policy(raw: Mapping[str, RawValue]) -> ExecutionPolicy:
         windows=windows,
         max_concurrency=values.get("max_concurrency"),
         call_limits=values.get("call_limits", ()),
+        resources=values.get("resources", ()),
+        min_free_memory=values.get("min_free_memory"),
+        max_load=values.get("max_load"),
     )

@@ -108,6 +108,27 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "across all processes sharing the limiter (1 to 1000000). Default: no limit.",
     ),
     OptionSpec(
+        "resources",
+        "NAME=AMOUNT",
+        "What the machine (or the sessions sharing the store) has of resources you name, "
+        'e.g. "memory=8, gpu=2": a test marked @pytest.mark.ratebatch(resources={"gpu": 1}) '
+        "starts only when its amounts fit in what the tests in flight leave free; waiters in "
+        "order, higher priority first. Amounts are positive numbers up to 1e12. Default: none.",
+    ),
+    OptionSpec(
+        "min_free_memory",
+        "SIZE",
+        "Start a test only while the machine has at least SIZE of memory available "
+        "(/proc/meminfo's MemAvailable): 512MiB, 2GiB, 1.5G, 10%. KiB/MiB/GiB/TiB and K/M/G/T "
+        "are powers of 1024, KB/MB/GB/TB of 1000. Default: no gate.",
+    ),
+    OptionSpec(
+        "max_load",
+        "N",
+        "Start a test only while the 1-minute load average is below N (a positive number up "
+        "to 1000000). Default: no gate.",
+    ),
+    OptionSpec(
         "batch_size",
         "K",
         "Release tests in batches of at most K; a batch starts only after the previous one "

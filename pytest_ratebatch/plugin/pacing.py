@@ -4,7 +4,7 @@ The workers' own pacers live in ``xdist``, loaded only under pytest-xdist."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -31,22 +31,32 @@ __all__ = [
 MARKER = "ratebatch"
 
 
+#: What ``read_markers`` finds: costs, priorities, resources (by node id), bad markers.
+Markers = tuple[dict[str, int], dict[str, int], dict[str, dict[str, float]], list[tuple[str, str]]]
+
+
 def read_markers(
-    items: Sequence[pytest.Item], largest: tuple[int, str] | None
-) -> tuple[dict[str, int], dict[str, int], list[tuple[str, str]]]:
+    items: Sequence[pytest.Item],
+    largest: tuple[int, str] | None,
+    capacity: Mapping[str, float] | None = None,
+) -> Markers:
     """Each test's cost from its closest ``ratebatch`` marker, as pytest resolves it, and its
     priority from the closest marker that states one (a class's ``priority`` holds for a
     method whose own marker states only a cost).
 
     ``largest`` is the most one start may cost and the limit that says so (``None``: any).
 
-    Returns the costs that are not 1 and the priorities that are not 0, by node id, and
-    ``(nodeid, problem)`` for each bad marker. Read from the final items, so markers that
-    conftest hooks add and those of any item type (unittest, doctest, plugins' items) count.
-    A parent's closest marker is looked up once, not once per test.
+    With ``capacity`` (``--resources``), the resources each test declares (closest marker
+    that states them), which must fit in it; without, they are not read.
+
+    Returns the costs that are not 1, the priorities that are not 0 and the resources
+    declared, by node id, and ``(nodeid, problem)`` for each bad marker. Read from the final
+    items, so markers that conftest hooks add and those of any item type (unittest, doctest,
+    plugins' items) count. A parent's closest marker is looked up once, not once per test.
     """
     costs: dict[str, int] = {}
     priorities: dict[str, int] = {}
+    resources: dict[str, dict[str, float]] = {}
     errors: list[tuple[str, str]] = []
     closest_above: dict[pytest.Collector | None, Any] = {None: None}
     most, bound = largest if largest is not None else (None, "")
@@ -70,6 +80,11 @@ def read_markers(
             priority = _stated(item, mark, "priority")
             if priority is not None:
                 priority = parse_priority(priority)
+            request = None
+            if capacity:
+                stated = _stated(item, mark, "resources")
+                if stated is not None:
+                    request = _resources(stated, capacity)
         except ValueError as error:
             errors.append((item.nodeid, f"@pytest.mark.ratebatch: {error}"))
             continue
@@ -77,7 +92,19 @@ def read_markers(
             costs[item.nodeid] = cost
         if priority:
             priorities[item.nodeid] = priority
-    return costs, priorities, errors
+        if request:
+            resources[item.nodeid] = request
+    return costs, priorities, resources, errors
+
+
+def _resources(value: object, capacity: Mapping[str, float]) -> dict[str, float]:
+    from ..limits.resources import check_request, parse_request
+
+    request = parse_request(value)
+    problem = check_request(request, capacity)
+    if problem:
+        raise ValueError(problem)
+    return request
 
 
 def _stated(item: pytest.Item, closest: Any, keyword: str) -> object:
@@ -135,6 +162,10 @@ class Pacer:
         self._costs: dict[str, int] = {}  # tests whose cost is not 1
         self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
         self._priorities: dict[str, int] = {}  # tests whose priority is not 0
+        self._resources: dict[str, dict[str, float]] = {}  # tests that declare resources
+        slots = scheduler.slots
+        #: The gates a start passes (``engine.gates.Gates``), told each test's request.
+        self._gates: Any = slots if slots is not None and hasattr(slots, "request") else None
         self._tally = tally
         scheduler.waited_by_limit = tally.waited_by_limit  # the scheduler accounts its waits
         self._keeps_records = reporter is not None and reporter.records is not None
@@ -156,12 +187,14 @@ class Pacer:
         self, session: pytest.Session, items: list[pytest.Item]
     ) -> Generator[None, None, None]:
         yield  # every other plugin's and conftest's hook first: the items are final after
-        self._costs, priorities, errors = read_markers(items, self._largest)
+        capacity = dict(self.scheduler.policy.resources)
+        self._costs, priorities, resources, errors = read_markers(items, self._largest, capacity)
+        self._resources = resources
         by_priority(items, priorities)
         self._priorities = priorities
         if self.reporter is not None:
             self.reporter.collected(items, priorities)
-        self._by_nodeid = bool(self._costs) or self._keeps_records
+        self._by_nodeid = bool(self._costs) or self._keeps_records or self._gates is not None
         if errors:
             self._refuse(session, errors)
         else:
@@ -195,6 +228,11 @@ class Pacer:
         """Admit ``item``, waiting as the limits require, and account its start; a cancelled
         test is marked skipped (its protocol then reports it so)."""
         nodeid = item.nodeid if self._by_nodeid else ""
+        if self._gates is not None:
+            self._gates.request = (
+                self._resources.get(nodeid, {}),
+                self._priorities.get(nodeid, 0),
+            )
         costs = self._costs
         if not costs:
             ticket = self.scheduler.acquire(1) if self._direct else self.scheduler.admit()

@@ -38,7 +38,8 @@ from .registry import register_hooks
 from .reporter import OutcomeRecorder, Reporter, wants_forecast
 
 if TYPE_CHECKING:
-    from ..stores.base import SlotPool
+    from ..engine.machine import MachineGate
+    from ..stores.base import ResourcePool, SlotPool
     from ..stores.redis import RedisBucketStore
     from .session_dir import SessionDirectory, SharedSession
 
@@ -191,8 +192,65 @@ def open_store(
 def open_slots(
     config: pytest.Config, settings: Settings, shared: SessionDirectory | None
 ) -> SlotPool | None:
-    """The concurrency cap's slots, beside the bucket (``None``: no cap). Imported only when
-    a cap is set."""
+    """The concurrency cap's slots, beside the bucket (``None``: no cap), with the declared
+    resources and the machine's gates (``engine.gates``) when they are set. Imported only
+    when one is."""
+    policy = settings.policy
+    slots = _open_cap(config, settings, shared)
+    if not policy.gated:
+        return slots
+    from ..engine.gates import Gates
+
+    gates = Gates(slots, _open_resources(config, settings, shared), _machine_gate(policy))
+    return gates  # a SlotPool whose request the pacer sets per test
+
+
+def _machine_gate(policy: ExecutionPolicy) -> MachineGate | None:
+    if policy.min_free_memory is None and policy.max_load is None:
+        return None
+    from ..engine.machine import MachineGate, SystemReadings
+
+    readings = SystemReadings()
+    problem = readings.supported(policy.min_free_memory is not None, policy.max_load is not None)
+    gate = MachineGate(policy.min_free_memory, policy.max_load, readings, MONOTONIC)
+    problem = problem or gate.unreachable()
+    if problem:
+        option = "--min-free-memory" if policy.min_free_memory is not None else "--max-load"
+        raise pytest.UsageError(f"ratebatch: {option}: {problem}")
+    return gate
+
+
+def _open_resources(
+    config: pytest.Config, settings: Settings, shared: SessionDirectory | None
+) -> ResourcePool | None:
+    """The declared resources' pool, where the cap's slots live."""
+    capacity = dict(settings.policy.resources)
+    if not capacity:
+        return None
+    choice = store_choice(settings, shared)
+    pool: ResourcePool
+    if choice == "file" and shared is not None:
+        from ..stores.files import FileResourcePool
+
+        pool = FileResourcePool(shared.directory, capacity)
+    elif choice in ("memory", "file"):
+        from ..stores.memory import MemoryResourcePool
+
+        return MemoryResourcePool(capacity)
+    else:
+        from ..stores.redis import DEFAULT_KEY, RedisResourcePool
+
+        try:
+            pool = RedisResourcePool(choice, settings.key or DEFAULT_KEY, capacity)
+        except StoreError as error:
+            raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
+    config.add_cleanup(pool.close)
+    return pool
+
+
+def _open_cap(
+    config: pytest.Config, settings: Settings, shared: SessionDirectory | None
+) -> SlotPool | None:
     capacity = settings.policy.max_concurrency
     if capacity is None:
         return None

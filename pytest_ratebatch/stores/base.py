@@ -2,12 +2,14 @@
 
 A store makes one kind of shared state atomic for everyone who shares it: a
 ``BucketStore`` the token bucket and its window limits, a ``Ledger`` the session's batches
-and stop, a ``SlotPool`` the concurrency cap's slots. The engine sees only these
+and stop, a ``SlotPool`` the concurrency cap's slots, a ``ResourcePool`` the amounts of
+declared resources the tests in flight hold. The engine sees only these
 interfaces; ``memory``, ``files`` and ``redis`` implement them, one module per backend.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from ..limits.batches import Entry, SessionState, StopRule
@@ -17,7 +19,7 @@ from ..limits.gcra import Outcome
 if TYPE_CHECKING:  # loaded with the first window limit: a session without one never needs it
     from ..limits.windows import WindowedOutcome, Windows
 
-__all__ = ["BucketStore", "Ledger", "Slot", "SlotPool", "StoreError"]
+__all__ = ["BucketStore", "Ledger", "ResourcePool", "Slot", "SlotPool", "StoreError"]
 
 
 class StoreError(RuntimeError):
@@ -116,7 +118,8 @@ class Slot:
     """A held slot: what ``acquire`` returns and ``release`` takes back (once).
 
     ``index`` numbers the pool's slots (0 to N - 1) where the pool has fixed slots (-1
-    otherwise); ``token`` names a lease where the pool has leases (Redis).
+    otherwise); ``token`` names a lease where the pool has leases (Redis), or a holding in a
+    ``ResourcePool`` (``""``: a request of nothing, which holds nothing).
     """
 
     __slots__ = ("index", "live", "token")
@@ -145,6 +148,41 @@ class SlotPool(Protocol):
     def release(self, slot: Slot) -> None:
         """Give ``slot`` back (to the longest waiter, if any). Never raises for a store that
         cannot be reached: a shared pool's slots come back by themselves then."""
+        ...
+
+    def describe(self) -> str:
+        """A name safe to print (no credentials)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class ResourcePool(Protocol):
+    """Amounts of declared resources (``limits.resources``) held by every user of the pool
+    together, at most ``capacity`` of each, handed out in a strict line."""
+
+    capacity: dict[str, float]
+
+    def acquire(
+        self, amounts: Mapping[str, float], max_wait_ns: int | None = None, priority: int = 0
+    ) -> Slot | None:
+        """Block until ``amounts`` fit in what the holders leave free and no waiter is ahead
+        (waiters are served higher ``priority`` first, in arrival order within one); ``None``
+        (holding nothing, out of the line) once ``max_wait_ns`` passed first (``0``: only if
+        they fit now and nobody waits ahead). Empty ``amounts`` take nothing and never wait.
+
+        ``ValueError`` for amounts that are not positive numbers or could never fit (they
+        would hold up the line forever). May raise ``StoreError`` if a shared pool cannot be
+        reached."""
+        ...
+
+    def release(self, slot: Slot) -> None:
+        """Give the amounts back (the waiters at the head of the line that now fit start).
+        Once per slot; never raises for a store that cannot be reached."""
+        ...
+
+    def in_use(self) -> dict[str, float]:
+        """The amounts held right now by every user of the pool, by name (none: absent)."""
         ...
 
     def describe(self) -> str:

@@ -44,18 +44,34 @@ The head removes the files of the tickets before its own (their waiters are all 
 the directory holds a few small files whatever the number of tests. A waiter with a
 deadline cannot block on ``flock`` (it has no timeout): a helper thread blocks on it for the
 waiter, which waits for that thread with a timeout instead.
+
+**Resources** (declared amounts, ``limits.resources``) are one JSON record,
+``resources.json``, of the holders and the line of waiters (by priority, then arrival),
+replaced whole (written aside, then renamed) under the ``flock`` of ``resources.lock``,
+which also counts the changes. Whoever frees amounts hands them to the head of the line
+while it fits, in the same update. Each pool holds the ``flock`` of a file of its own,
+``resources.owner-<pid>-<random>``, for as long as it is open, and every entry names its
+owner: an owner whose file can be locked has died, and its entries are dropped by the next
+process that needs the room (at most every ``RESCAN_SECONDS``), so a crashed worker's
+amounts come back. Waiters look again every ``POLL_SECONDS``, backing off to
+``RESOURCE_POLL_SECONDS``; a look at a record that did not change since reads 8 bytes.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import itertools
+import json
 import os
+import re
+import secrets
 import select
 import socket
 import struct
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +97,10 @@ from .base import Slot, StoreError
 __all__ = [
     "POLL_SECONDS",
     "RESCAN_SECONDS",
+    "RESOURCE_POLL_SECONDS",
     "FileBucketStore",
     "FileLedger",
+    "FileResourcePool",
     "FileSlotPool",
     "SharedFile",
 ]
@@ -927,3 +945,388 @@ def _lock(fd: int, deadline: int | None, clock: Clock) -> bool:
 
     threading.Thread(target=wait, name="ratebatch-slot-line", daemon=True).start()
     return locked.wait(left / NANOS_PER_SECOND)
+
+
+# --- resources ---------------------------------------------------------------------------
+
+RESOURCES_LOCK = "resources.lock"
+RESOURCES_FILE = "resources.json"
+OWNER_PREFIX = "resources.owner-"
+#: The longest pause of a waiter for resources between two looks at the line.
+RESOURCE_POLL_SECONDS = 0.02
+_OWNER = r"[0-9]+-[0-9a-f]+"  # the pid, and random digits: a pid reused is another owner
+
+
+class _Waiting:
+    """A waiter in the resources' line."""
+
+    __slots__ = ("amounts", "number", "owner", "priority", "token")
+
+    def __init__(
+        self, token: str, owner: str, priority: int, number: int, amounts: dict[str, float]
+    ) -> None:
+        self.token = token
+        self.owner = owner
+        self.priority = priority
+        self.number = number  # arrival
+        self.amounts = amounts
+
+    def order(self) -> tuple[int, int]:
+        return -self.priority, self.number
+
+
+class _Resources:
+    """The record: the holders (token -> owner, amounts) and the line, in order."""
+
+    __slots__ = ("held", "line", "next_number")
+
+    def __init__(self) -> None:
+        self.held: dict[str, tuple[str, dict[str, float]]] = {}
+        self.line: list[_Waiting] = []
+        self.next_number = 0
+
+    @classmethod
+    def loads(cls, data: bytes) -> _Resources:
+        state = cls()
+        if not data:
+            return state
+        record = json.loads(data)
+        state.next_number = int(record["next"])
+        for token, owner, amounts in record["held"]:
+            state.held[str(token)] = (str(owner), _amounts(amounts))
+        state.line = [
+            _Waiting(str(token), str(owner), int(priority), int(number), _amounts(amounts))
+            for token, owner, priority, number, amounts in record["line"]
+        ]
+        return state
+
+    def dumps(self) -> bytes:
+        record = {
+            "next": self.next_number,
+            "held": [[token, owner, amounts] for token, (owner, amounts) in self.held.items()],
+            "line": [
+                [entry.token, entry.owner, entry.priority, entry.number, entry.amounts]
+                for entry in self.line
+            ],
+        }
+        return json.dumps(record, separators=(",", ":")).encode()
+
+    def in_use(self) -> dict[str, float]:
+        from ..limits.resources import total_amounts
+
+        return total_amounts(amounts for _, amounts in self.held.values())
+
+    def nobody_ahead(self, priority: int) -> bool:
+        return not self.line or self.line[0].priority < priority
+
+    def admit(self, capacity: Mapping[str, float]) -> bool:
+        """Start the waiters at the head of the line while they fit; whether any did."""
+        from ..limits.resources import admissible
+
+        line = self.line
+        count = admissible([entry.amounts for entry in line], self.in_use(), capacity)
+        for entry in line[:count]:
+            self.held[entry.token] = (entry.owner, entry.amounts)
+        del line[:count]
+        return count > 0
+
+    def drop(self, token: str) -> bool:
+        """Take ``token`` out of the holders or the line; whether it was in either."""
+        if self.held.pop(token, None) is not None:
+            return True
+        for index, entry in enumerate(self.line):
+            if entry.token == token:
+                del self.line[index]
+                return True
+        return False
+
+
+def _amounts(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise ValueError(f"amounts are not a dict: {value!r}")
+    return {str(name): float(amount) for name, amount in value.items()}
+
+
+class FileResourcePool:
+    """Declared resources (at most ``capacity`` of each) shared by every process using
+    ``directory``: the holders and the line in one JSON record, under ``flock``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        capacity: Mapping[str, float],
+        clock: Clock = MONOTONIC,
+        rescan_seconds: float = RESCAN_SECONDS,
+    ) -> None:
+        from ..limits.resources import parse_request
+
+        self.capacity = parse_request(capacity)
+        self.directory = directory
+        self._clock = clock
+        self._rescan_ns = int(rescan_seconds * NANOS_PER_SECOND)
+        self._file = SharedFile(directory / RESOURCES_LOCK, _INT)  # the count of changes
+        self._path = directory / RESOURCES_FILE
+        self._owner = f"{os.getpid()}-{secrets.token_hex(6)}"
+        self._owner_path = directory / f"{OWNER_PREFIX}{self._owner}"
+        self._owner_fd = -1  # this pool's life: locked from its first request to ``close``
+        self._tokens = itertools.count()
+        self._lock = threading.Lock()
+        self._swept_at: int | None = None  # when the entries of dead owners were last dropped
+
+    # --- the record, under the lock ---------------------------------------------------
+
+    def _read(self) -> _Resources:
+        try:
+            with open(self._path, "rb") as record:
+                data = record.read()
+        except FileNotFoundError:
+            data = b""
+        try:
+            return _Resources.loads(data)
+        except (ValueError, TypeError, KeyError) as error:  # never written so: not ours
+            raise StoreError(f"the resources' record {self._path} is damaged: {error}") from None
+
+    def _write(self, state: _Resources, changes: int) -> None:
+        """Replace the record whole (a process killed while writing leaves the old one),
+        and count the change, so that waiters see it."""
+        aside = self._path.with_name(RESOURCES_FILE + ".new")  # one writer at a time: the lock
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            data = memoryview(state.dumps())
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
+        os.replace(aside, self._path)
+        self._file.write(changes + 1)
+
+    def _sweep(self, state: _Resources, force: bool = False) -> bool:
+        """Drop the entries of owners that died (at most every ``RESCAN_SECONDS``, unless
+        ``force``); whether any were."""
+        now = self._clock.now_ns()
+        if not force and self._swept_at is not None and now - self._swept_at < self._rescan_ns:
+            return False
+        self._swept_at = now
+        owners = {owner for owner, _ in state.held.values()}
+        owners.update(entry.owner for entry in state.line)
+        owners.discard(self._owner)
+        dead = {owner for owner in owners if not self._alive(owner)}
+        if not dead:
+            return False
+        state.held = {token: held for token, held in state.held.items() if held[0] not in dead}
+        state.line = [entry for entry in state.line if entry.owner not in dead]
+        return True
+
+    def _alive(self, owner: str) -> bool:
+        """Whether the pool ``owner`` is open: its file stays locked until it closes or its
+        process dies (the kernel then lets go of the lock)."""
+        if not re.fullmatch(_OWNER, owner):
+            return False
+        path = self.directory / f"{OWNER_PREFIX}{owner}"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # its owner is gone: nobody will lock it again
+        return False
+
+    def _own(self) -> None:
+        """Lock this pool's own file (once) before any entry names it."""
+        with self._lock:
+            if self._owner_fd >= 0:
+                return
+            fd = os.open(self._owner_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: never contended
+            self._owner_fd = fd
+
+    # --- acquire and release ----------------------------------------------------------
+
+    def acquire(
+        self, amounts: Mapping[str, float], max_wait_ns: int | None = None, priority: int = 0
+    ) -> Slot | None:
+        from ..limits.resources import check_request, parse_request
+
+        wanted = parse_request(amounts)
+        if not wanted:
+            return Slot(-1)
+        problem = check_request(wanted, self.capacity)
+        if problem:
+            raise ValueError(problem)
+        queue = max_wait_ns is None or max_wait_ns > 0
+        deadline = None if max_wait_ns is None else self._clock.now_ns() + max(0, max_wait_ns)
+        token = f"{self._owner}-{next(self._tokens)}"
+        try:
+            self._own()
+            granted, seen = self._attempt(token, wanted, priority, queue, None)
+        except OSError as error:
+            raise session_error(self.directory, error) from None
+        if granted:
+            return Slot(-1, token)
+        if not queue:
+            return None
+        try:
+            granted = self._wait(token, wanted, priority, deadline, seen)
+        except BaseException:  # Ctrl-C, a failed directory: out of the line, amounts back
+            with contextlib.suppress(StoreError, OSError):
+                self._leave(token, keep=False)
+            raise
+        return Slot(-1, token) if granted else None
+
+    def _attempt(
+        self, token: str, wanted: dict[str, float], priority: int, queue: bool, seen: int | None
+    ) -> tuple[bool, int]:
+        """One look at the record: whether ``token`` holds its amounts (taking them if it
+        may start, else standing in line if ``queue``), and the count of changes as seen. A
+        waiter that saw the record at the count ``seen`` reads it again only if it changed
+        since, or when dead owners are due to be looked for."""
+        with self._file as stored:
+            changes = int(stored[0]) if stored else 0
+            if changes == seen and not self._sweep_due():
+                return False, changes
+            state = self._read()
+            if token in state.held:  # handed over while it waited
+                return True, changes
+            # Not in line: a newcomer (or a waiter whose record was lost: it stands again).
+            waiting = any(entry.token == token for entry in state.line)
+            changed = False
+            if not self._may_start(state, token, wanted, priority, waiting) and self._sweep(state):
+                state.admit(self.capacity)  # the room of dead owners goes to the line first
+                changed = True
+            if token in state.held:
+                pass
+            elif self._may_start(state, token, wanted, priority, waiting):
+                state.held[token] = (self._owner, wanted)
+                changed = True
+            elif not waiting and queue:
+                entry = _Waiting(token, self._owner, priority, state.next_number, wanted)
+                state.next_number += 1
+                bisect.insort(state.line, entry, key=_Waiting.order)
+                changed = True
+            if changed:
+                self._write(state, changes)
+                changes += 1
+            return token in state.held, changes
+
+    def _may_start(
+        self,
+        state: _Resources,
+        token: str,
+        wanted: dict[str, float],
+        priority: int,
+        waiting: bool,
+    ) -> bool:
+        """Whether a newcomer may take ``wanted`` now: nobody waits ahead of it, and it fits.
+        (A waiter is handed its amounts by whoever frees them.)"""
+        from ..limits.resources import fits
+
+        return (
+            not waiting
+            and state.nobody_ahead(priority)
+            and fits(wanted, state.in_use(), self.capacity)
+        )
+
+    def _sweep_due(self) -> bool:
+        swept_at = self._swept_at
+        return swept_at is None or self._clock.now_ns() - swept_at >= self._rescan_ns
+
+    def _wait(
+        self,
+        token: str,
+        wanted: dict[str, float],
+        priority: int,
+        deadline: int | None,
+        seen: int,
+    ) -> bool:
+        """Look at the line until ``token`` was handed its amounts (``True``) or the
+        deadline passed (``False``, out of the line)."""
+        pause = POLL_SECONDS
+        while True:
+            wait = pause
+            if deadline is not None:
+                left = deadline - self._clock.now_ns()
+                if left <= 0:
+                    return self._leave(token, keep=True)  # handed over just now: kept
+                wait = min(wait, left / NANOS_PER_SECOND)
+            self._clock.sleep(wait)
+            try:
+                granted, seen = self._attempt(token, wanted, priority, True, seen)
+            except OSError as error:
+                raise session_error(self.directory, error) from None
+            if granted:
+                return True
+            pause = min(2 * pause, RESOURCE_POLL_SECONDS)
+
+    def _leave(self, token: str, keep: bool) -> bool:
+        """Take ``token`` out of the line, or (unless ``keep``) give back what it holds, the
+        waiters behind then served; whether it holds amounts after this."""
+        try:
+            with self._file as stored:
+                changes = int(stored[0]) if stored else 0
+                state = self._read()
+                if keep and token in state.held:
+                    return True
+                if state.drop(token):
+                    state.admit(self.capacity)
+                    self._write(state, changes)
+                return False
+        except OSError as error:
+            raise session_error(self.directory, error) from None
+
+    def release(self, slot: Slot) -> None:
+        with self._lock:
+            if not slot.live:
+                return
+            slot.live = False
+        if slot.token:
+            # Unreachable (the directory removed): the pool ends with the session anyway.
+            with contextlib.suppress(StoreError):
+                self._leave(slot.token, keep=False)
+
+    def in_use(self) -> dict[str, float]:
+        """The amounts held right now by every process (those of dead ones dropped)."""
+        try:
+            with self._file as stored:
+                changes = int(stored[0]) if stored else 0
+                state = self._read()
+                if self._sweep(state, force=True):
+                    state.admit(self.capacity)
+                    self._write(state, changes)
+                return state.in_use()
+        except OSError as error:
+            raise session_error(self.directory, error) from None
+
+    def describe(self) -> str:
+        from ..limits.resources import describe_amounts
+
+        return (
+            f"file (shared by this session's workers), resources {describe_amounts(self.capacity)}"
+        )
+
+    def close(self) -> None:
+        """Give back what this pool holds and leave the line (the other processes would
+        find it closed anyway), then let go of its own file."""
+        with self._lock:
+            fd, self._owner_fd = self._owner_fd, -1
+        if fd >= 0:
+            with contextlib.suppress(StoreError, OSError), self._file as stored:
+                changes = int(stored[0]) if stored else 0
+                state = self._read()
+                before = (len(state.held), len(state.line))
+                state.held = {
+                    token: held for token, held in state.held.items() if held[0] != self._owner
+                }
+                state.line = [entry for entry in state.line if entry.owner != self._owner]
+                if (len(state.held), len(state.line)) != before:
+                    state.admit(self.capacity)
+                    self._write(state, changes)
+            with contextlib.suppress(OSError):
+                os.unlink(self._owner_path)
+            os.close(fd)
+        self._file.close()

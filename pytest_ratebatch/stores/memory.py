@@ -6,8 +6,11 @@ blocking waits (the barrier between batches, a slot) wait on a condition or an e
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 from collections import deque
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from ..limits import gcra
@@ -31,7 +34,7 @@ from .base import Slot
 if TYPE_CHECKING:  # loaded with the first window limit: a session without one never needs it
     from ..limits.windows import WindowedOutcome, WindowLog, Windows
 
-__all__ = ["MemoryBucketStore", "MemoryLedger", "MemorySlotPool"]
+__all__ = ["MemoryBucketStore", "MemoryLedger", "MemoryResourcePool", "MemorySlotPool"]
 
 
 class MemoryBucketStore:
@@ -286,6 +289,118 @@ class MemorySlotPool:
 
     def describe(self) -> str:
         return f"memory, {self.capacity} slots"
+
+    def close(self) -> None:
+        pass
+
+
+class _ResourceWaiter:
+    __slots__ = ("amounts", "event", "order", "slot")
+
+    def __init__(self, amounts: dict[str, float], order: tuple[int, int]) -> None:
+        self.amounts = amounts
+        self.order = order  # (-priority, arrival): the line's sort key
+        self.event = threading.Event()
+        self.slot: Slot | None = None
+
+
+class MemoryResourcePool:
+    """Declared resources shared by the threads of one process.
+
+    Waiters stand in a line sorted by priority, then arrival. Whoever frees amounts (a
+    release, a waiter leaving the line) hands them to the head of the line while it fits,
+    under the pool's lock, so a newcomer never takes what a waiter ahead of it is owed.
+    Waits block on a ``threading.Event``.
+    """
+
+    def __init__(self, capacity: Mapping[str, float]) -> None:
+        from ..limits.resources import parse_request
+
+        self.capacity = parse_request(capacity)
+        self._lock = threading.Lock()
+        self._held: dict[str, dict[str, float]] = {}  # by the slot's token
+        self._line: list[_ResourceWaiter] = []  # sorted by ``order``
+        self._numbers = itertools.count()  # tokens, and arrival order in the line
+
+    def acquire(
+        self, amounts: Mapping[str, float], max_wait_ns: int | None = None, priority: int = 0
+    ) -> Slot | None:
+        from ..limits.resources import check_request, fits, parse_request, total_amounts
+
+        wanted = parse_request(amounts)
+        if not wanted:
+            return Slot(-1)
+        problem = check_request(wanted, self.capacity)
+        if problem:
+            raise ValueError(problem)
+        with self._lock:
+            line = self._line
+            # Ahead of it: any waiter of its priority or higher (the line's head is the first).
+            nobody_ahead = not line or line[0].order[0] > -priority
+            if nobody_ahead and fits(wanted, total_amounts(self._held.values()), self.capacity):
+                return self._hold(wanted)
+            if max_wait_ns is not None and max_wait_ns <= 0:
+                return None
+            waiter = _ResourceWaiter(wanted, (-priority, next(self._numbers)))
+            bisect.insort(line, waiter, key=lambda entry: entry.order)
+        timeout = None if max_wait_ns is None else max_wait_ns / NANOS_PER_SECOND
+        try:
+            waiter.event.wait(timeout)
+        except BaseException:  # interrupted (Ctrl-C): leave the line, give back what came
+            handed = self._leave(waiter)
+            if handed is not None:
+                self.release(handed)
+            raise
+        return self._leave(waiter)  # amounts handed over just as the wait timed out are kept
+
+    def _hold(self, amounts: dict[str, float]) -> Slot:
+        """Under the lock: ``amounts`` held, under a new slot."""
+        token = str(next(self._numbers))
+        self._held[token] = amounts
+        return Slot(-1, token)
+
+    def _leave(self, waiter: _ResourceWaiter) -> Slot | None:
+        """The slot handed to ``waiter``; if none, take the waiter out of the line (which may
+        let the waiters behind it start: it no longer holds them up)."""
+        with self._lock:
+            if waiter.slot is None:
+                self._line.remove(waiter)
+                self._admit()
+            return waiter.slot
+
+    def _admit(self) -> None:
+        """Under the lock: start the waiters at the head of the line while they fit."""
+        from ..limits.resources import admissible, total_amounts
+
+        line = self._line
+        if not line:
+            return
+        count = admissible(
+            [waiter.amounts for waiter in line], total_amounts(self._held.values()), self.capacity
+        )
+        for waiter in line[:count]:
+            waiter.slot = self._hold(waiter.amounts)
+            waiter.event.set()
+        del line[:count]
+
+    def release(self, slot: Slot) -> None:
+        with self._lock:
+            if not slot.live:
+                return
+            slot.live = False
+            if self._held.pop(slot.token, None) is not None:
+                self._admit()
+
+    def in_use(self) -> dict[str, float]:
+        from ..limits.resources import total_amounts
+
+        with self._lock:
+            return total_amounts(self._held.values())
+
+    def describe(self) -> str:
+        from ..limits.resources import describe_amounts
+
+        return f"memory, resources {describe_amounts(self.capacity)}"
 
     def close(self) -> None:
         pass

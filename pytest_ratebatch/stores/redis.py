@@ -35,6 +35,14 @@ at least every ``POLL_SECONDS`` (0.25 s) — for leases that expired, which push
 a waiter that stops asking for ``ALIVE_POLLS`` polls (2 s; its session was killed) leaves the
 line. The keys expire after a minute of idleness.
 
+**Resources** (declared amounts, ``limits.resources``) work the same way, under
+``pytest-ratebatch:<key>:resources``: a holder's lease (renewed by the same kind of thread)
+and its amounts; waiters in a line sorted by priority, then arrival, each asking again at
+least every ``POLL_SECONDS`` and dropped once silent for ``ALIVE_POLLS`` polls. Every
+script first drops expired leases and silent waiters, then hands the room to the head of
+the line while it fits (leasing it for the waiter, and pushing its wake-up): a newcomer
+starts at once only if it fits and nobody of its priority or higher waits.
+
 The scripts name the wake-up lists themselves, which a single Redis server (not a cluster)
 allows.
 """
@@ -47,7 +55,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..limits import gcra
@@ -56,6 +64,7 @@ from ..limits.bucket import throttle as adapt_throttle
 from ..limits.clock import MONOTONIC, Clock
 from ..limits.gcra import Outcome
 from ..limits.policy import NANOS_PER_SECOND, mask_url, parse_store, url_secrets
+from ..limits.resources import check_request, describe_amounts, parse_request
 from ..limits.windows import WindowedOutcome, Windows
 from .base import Slot, StoreError
 
@@ -68,6 +77,7 @@ __all__ = [
     "PolicyConflict",
     "RedisBucketStore",
     "RedisConnection",
+    "RedisResourcePool",
     "RedisSlotPool",
 ]
 
@@ -994,6 +1004,353 @@ class RedisSlotPool:
         for slot in held:
             self.release(slot)
         self._client.close()
+
+
+# --- resources ---------------------------------------------------------------------------
+
+# KEYS: leases (a sorted set of tokens by lease expiry), line (a sorted set of places
+# ``<arrival, 16 digits>:<token>`` scored by minus the priority: higher priority first, then
+# arrival, as equal scores sort by member), alive (waiters' tokens by when they count as
+# gone), amounts (a hash of every holder's and waiter's amounts, ``name=amount,...``),
+# places (a hash of each waiter's place in line), counter (arrivals).
+# ARGV[1] the capacity (``name=amount,...``), ARGV[2] the wake-up lists' prefix, ARGV[3]
+# the keys' expiry (ms), ARGV[4] a lease (us); the rest per script.
+_RESOURCES_PREAMBLE = """
+local clock = redis.call('TIME')
+local now = clock[1] * 1000000 + clock[2]
+local leases, line, alive, amounts, places = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local prefix, keep_ms, lease_us = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local function decode(text)
+  local result = {}
+  for name, amount in string.gmatch(text, '([^,=]+)=([^,]+)') do
+    result[name] = tonumber(amount)
+  end
+  return result
+end
+local capacity = decode(ARGV[1])
+-- Leases that ran out (their holders stopped renewing), and waiters that stopped asking.
+for _, token in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
+  redis.call('HDEL', amounts, token)
+end
+redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+local function out_of_line(token)
+  local place = redis.call('HGET', places, token)
+  if place then redis.call('ZREM', line, place) end
+  redis.call('HDEL', places, token)
+  redis.call('ZREM', alive, token)
+end
+for _, token in ipairs(redis.call('ZRANGEBYSCORE', alive, '-inf', now)) do
+  out_of_line(token)
+  redis.call('HDEL', amounts, token)
+end
+-- What the holders hold, by name (summed afresh: no rounding errors gather).
+local used = {}
+local function tally()
+  used = {}
+  for _, token in ipairs(redis.call('ZRANGE', leases, 0, -1)) do
+    local held = redis.call('HGET', amounts, token)
+    if held then
+      for name, amount in pairs(decode(held)) do used[name] = (used[name] or 0) + amount end
+    end
+  end
+end
+-- limits.resources.fits
+local function fits(wanted)
+  for name, amount in pairs(wanted) do
+    local room = capacity[name] or 0
+    if (used[name] or 0) + amount > room + 1e-9 * room then return false end
+  end
+  return true
+end
+local function hold(token, wanted, expiry)
+  redis.call('ZADD', leases, expiry, token)
+  for name, amount in pairs(wanted) do used[name] = (used[name] or 0) + amount end
+end
+-- Hand the room to the head of the line while it fits, and wake those it went to. Until the
+-- waiter takes it (and leases it in full), it is leased for as long as the waiter counts as
+-- alive: the room handed to a waiter that died comes back as soon as its place would have.
+local function admit()
+  while true do
+    local head = redis.call('ZRANGE', line, 0, 0)
+    if #head == 0 then return end
+    local token = string.sub(head[1], 18)
+    local text = redis.call('HGET', amounts, token)
+    if text then
+      local wanted = decode(text)
+      if not fits(wanted) then return end
+      hold(token, wanted, tonumber(redis.call('ZSCORE', alive, token) or now + lease_us))
+      redis.call('RPUSH', prefix .. token, 1)
+      redis.call('PEXPIRE', prefix .. token, keep_ms)
+    end
+    out_of_line(token)
+  end
+end
+local function settle()
+  tally()
+  admit()
+end
+local function keep()
+  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, keep_ms) end
+end
+"""
+
+# ARGV[5] token, ARGV[6] how long a waiter stays in line unheard (us), ARGV[7] '1' to stand
+# in line unless it may start, ARGV[8] the priority, ARGV[9] the amounts. Returns 1 if the
+# token holds its amounts (taken now, or handed over while it waited), else 0.
+ACQUIRE_RESOURCES_SCRIPT = (
+    _RESOURCES_PREAMBLE
+    + """
+local token, priority = ARGV[5], tonumber(ARGV[8])
+settle()
+keep()
+if redis.call('ZSCORE', leases, token) then  -- handed over while it waited: taken in full
+  redis.call('ZADD', leases, now + lease_us, token)
+  redis.call('DEL', prefix .. token)
+  return 1
+end
+if not redis.call('HGET', places, token) then
+  local head = redis.call('ZRANGE', line, 0, 0, 'WITHSCORES')
+  local wanted = decode(ARGV[9])
+  -- Nobody of its priority or higher waits, and it fits: it starts now.
+  if (#head == 0 or tonumber(head[2]) > -priority) and fits(wanted) then
+    redis.call('HSET', amounts, token, ARGV[9])
+    hold(token, wanted, now + lease_us)
+    return 1
+  end
+  if ARGV[7] ~= '1' then return 0 end
+  local place = string.format('%016d', redis.call('INCR', KEYS[6])) .. ':' .. token
+  redis.call('ZADD', line, -priority, place)
+  redis.call('HSET', places, token, place)
+  redis.call('HSET', amounts, token, ARGV[9])
+end
+redis.call('ZADD', alive, now + tonumber(ARGV[6]), token)
+return 0
+"""
+)
+
+# ARGV[5] token, ARGV[6] '1' to keep amounts handed over meanwhile (a wait that ran out):
+# out of the line, and (unless kept) its amounts given back. Returns 1 if it holds them.
+LEAVE_RESOURCES_SCRIPT = (
+    _RESOURCES_PREAMBLE
+    + """
+local token = ARGV[5]
+keep()
+redis.call('DEL', prefix .. token)
+if ARGV[6] == '1' and redis.call('ZSCORE', leases, token) then
+  redis.call('ZADD', leases, now + lease_us, token)
+  return 1
+end
+redis.call('ZREM', leases, token)
+out_of_line(token)
+redis.call('HDEL', amounts, token)
+settle()
+return 0
+"""
+)
+
+# ARGV[5...] token and amounts, in pairs: extend their leases. Returns the tokens whose lease
+# was gone (expired while its holder stalled, or lost with the server's state): each is
+# leased again, since its test still runs.
+RENEW_RESOURCES_SCRIPT = (
+    _RESOURCES_PREAMBLE
+    + """
+local lost = {}
+for i = 5, #ARGV, 2 do
+  if not redis.call('ZSCORE', leases, ARGV[i]) then lost[#lost + 1] = ARGV[i] end
+  redis.call('ZADD', leases, now + lease_us, ARGV[i])
+  redis.call('HSET', amounts, ARGV[i], ARGV[i + 1])
+end
+settle()
+keep()
+return lost
+"""
+)
+
+# The amounts held (expired leases dropped), as ``name=amount,...``.
+COUNT_RESOURCES_SCRIPT = (
+    _RESOURCES_PREAMBLE
+    + """
+settle()
+local parts = {}
+for name, amount in pairs(used) do
+  parts[#parts + 1] = name .. '=' .. string.format('%.17g', amount)
+end
+return table.concat(parts, ',')
+"""
+)
+
+
+class RedisResourcePool:
+    """Declared resources (at most ``capacity`` of each) as renewed leases in Redis, shared by
+    every session on ``key``.
+
+    ``lease_seconds`` and ``poll_seconds`` are there for tests (and unusual setups); give
+    every session sharing a key the same capacity (the key's claim sees to it).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        capacity: Mapping[str, float],
+        *,
+        lease_seconds: float = LEASE_SECONDS,
+        poll_seconds: float = POLL_SECONDS,
+        clock: Clock = MONOTONIC,
+    ) -> None:
+        self.capacity = parse_request(capacity)
+        if not (math.isfinite(lease_seconds) and lease_seconds > 0):
+            raise ValueError(f"lease_seconds must be > 0, not {lease_seconds!r}")
+        if not (math.isfinite(poll_seconds) and poll_seconds > 0):
+            raise ValueError(f"poll_seconds must be > 0, not {poll_seconds!r}")
+        self.url = url
+        self.lease_seconds = lease_seconds
+        self._poll = poll_seconds
+        self._clock = clock
+        # Replies wait as long as a BLPOP below, and the usual margin beyond.
+        self._redis = RedisConnection(url, socket_timeout=poll_seconds + SOCKET_TIMEOUT)
+        self._client = self._redis.client
+        self.base = f"{KEY_PREFIX}{key}:resources"
+        self.keys = tuple(
+            f"{self.base}:{name}"
+            for name in ("leases", "line", "alive", "amounts", "places", "counter")
+        )
+        self._wake_prefix = f"{self.base}:wake:"
+        self._capacity_text = _encode(self.capacity)
+        self._lease_us = max(1, int(lease_seconds * 1_000_000))
+        self._alive_us = max(1, int(ALIVE_POLLS * poll_seconds * 1_000_000))
+        keep_seconds = max(lease_seconds, ALIVE_POLLS * poll_seconds)
+        self._keep_ms = math.ceil(keep_seconds * 1000) + IDLE_EXPIRY_MS
+        self._acquire = Script(ACQUIRE_RESOURCES_SCRIPT)
+        self._leave = Script(LEAVE_RESOURCES_SCRIPT)
+        self._renew = Script(RENEW_RESOURCES_SCRIPT)
+        self._count = Script(COUNT_RESOURCES_SCRIPT)
+        self._lock = threading.Lock()
+        self._held: dict[str, str] = {}  # the amounts this process holds, by token
+        self._renewer: threading.Thread | None = None
+        self._closing = threading.Event()
+        #: Leases found gone at renewal (their holder was stalled longer than a lease, or the
+        #: server lost its state); each was leased again.
+        self.lost = 0
+
+    def _call(self, script: Script, *args: object) -> Any:
+        """One script call on the pool's keys."""
+        head = (self._capacity_text, self._wake_prefix, self._keep_ms, self._lease_us)
+        return self._redis.run(script, self.keys, (*head, *args), self.describe)
+
+    # --- acquire and release -------------------------------------------------------------
+
+    def acquire(
+        self, amounts: Mapping[str, float], max_wait_ns: int | None = None, priority: int = 0
+    ) -> Slot | None:
+        wanted = parse_request(amounts)
+        if not wanted:
+            return Slot(-1)
+        problem = check_request(wanted, self.capacity)
+        if problem:
+            raise ValueError(problem)
+        text = _encode(wanted)
+        token = secrets.token_hex(8)
+        queue = max_wait_ns is None or max_wait_ns > 0
+        started = self._clock.now_ns()
+        request = (token, self._alive_us, int(queue), int(priority), text)
+        try:
+            granted = self._call(self._acquire, *request)
+            while not granted:
+                if not queue:
+                    return None
+                wait = self._poll
+                if max_wait_ns is not None:
+                    left = max_wait_ns - (self._clock.now_ns() - started)
+                    if left <= 0:
+                        # Out of the line; amounts handed over just now are kept.
+                        granted = self._call(self._leave, token, 1)
+                        break
+                    wait = min(wait, left / NANOS_PER_SECOND)
+                self._wait_for_wake(token, wait)
+                granted = self._call(self._acquire, *request)
+        except StoreError:
+            raise  # the server is gone: the line forgets this waiter by itself
+        except BaseException:
+            # Ctrl-C: out of the line, and amounts handed over meanwhile back.
+            with contextlib.suppress(StoreError):
+                self._call(self._leave, token, 0)
+            raise
+        return self._leased(token, text) if granted else None
+
+    def _wait_for_wake(self, token: str, seconds: float) -> None:
+        # BLPOP reads its timeout to the millisecond, and 0 would mean "forever".
+        wake = [self._wake_prefix + token]
+        timeout = max(0.001, round(seconds, 3))
+        self._redis.call(lambda: self._client.blpop(wake, timeout), self.describe)
+
+    def _leased(self, token: str, text: str) -> Slot:
+        slot = Slot(-1, token)
+        with self._lock:
+            self._held[token] = text
+            if self._renewer is None:
+                self._renewer = threading.Thread(
+                    target=self._renew_leases, name="ratebatch-resource-leases", daemon=True
+                )
+                self._renewer.start()
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        with self._lock:
+            if not slot.live:
+                return
+            slot.live = False
+            self._held.pop(slot.token, None)
+        if slot.token:
+            with contextlib.suppress(StoreError):  # unreachable: the lease expires by itself
+                self._call(self._leave, slot.token, 0)
+
+    def _renew_leases(self) -> None:
+        """The renewing thread: every third of a lease, extend the leases still held."""
+        every = self.lease_seconds / 3
+        while not self._closing.wait(every):
+            with self._lock:
+                held = [part for pair in self._held.items() for part in pair]
+            if not held:
+                continue
+            try:
+                lost = self._call(self._renew, *held)
+            except StoreError:
+                continue  # try again next time; the leases may lapse if it stays down
+            with self._lock:
+                self.lost += sum(1 for token in lost if _text(token) in self._held)
+
+    def in_use(self) -> dict[str, float]:
+        """The amounts held right now (expired leases dropped), by every session on the key."""
+        text = _text(self._call(self._count))
+        used = {}
+        for part in text.split(",") if text else ():
+            name, _, amount = part.partition("=")
+            used[name] = float(amount)
+        return used
+
+    def describe(self) -> str:
+        return (
+            f"redis {mask_url(self.url)} key {self.base}, "
+            f"resources {describe_amounts(self.capacity)}, leases of {self.lease_seconds:g}s"
+        )
+
+    def close(self) -> None:
+        """Stop renewing, give back what is still held, and close the connections."""
+        self._closing.set()
+        renewer = self._renewer
+        if renewer is not None:
+            renewer.join(timeout=5)
+        with self._lock:
+            held = list(self._held)
+        for token in held:
+            self.release(Slot(-1, token))
+        self._client.close()
+
+
+def _encode(amounts: Mapping[str, float]) -> str:
+    """``name=amount,...`` for the scripts (``repr``: the float reads back exactly)."""
+    return ",".join(f"{name}={float(amount)!r}" for name, amount in amounts.items())
 
 
 def _text(value: bytes | str) -> str:
