@@ -255,7 +255,7 @@ def add_options(parser: pytest.Parser) -> None:
             dest=spec.dest,
             metavar=spec.metavar,
             default=None,
-            help=spec.help,
+            help=spec.help.replace("%", "%%"),  # argparse formats a flag's help with %
             action="append" if spec.name in _REPEATED else "store",
         )
         parser.addini(spec.name, help=spec.help, default=None)
