@@ -15,12 +15,14 @@ from pytest_ratebatch.limits.policy import (
     ExecutionPolicy,
     PolicyError,
     RateLimit,
+    WindowLimit,
     build_policy,
     format_duration,
     format_rate,
     mask_url,
     parse_duration,
     parse_value,
+    parse_windows,
     url_secrets,
 )
 from pytest_ratebatch.plugin.options import (
@@ -570,3 +572,11 @@ def test_shared_limits_are_the_rate_the_windows_and_the_cap() -> None:
     assert len(prints) == len(others)
     assert base.shared_limits()[0] not in prints
     assert ExecutionPolicy().shared_limits()[1] == "no rate"
+
+
+def test_a_window_stated_twice_is_one_limit() -> None:
+    # Redis names a window's log by its count and length: two equal windows would share it.
+    assert parse_windows("2000/h, 2000/h; 10/s") == (
+        WindowLimit(2000, 3600 * 1_000_000_000),
+        WindowLimit(10, 1_000_000_000),
+    )

@@ -684,7 +684,9 @@ def parse_windows(text: str) -> tuple[WindowLimit, ...]:
         seconds = _window_seconds(entry, window_text.strip().lower().replace(" ", ""))
         if not MIN_SECONDS <= seconds <= MAX_SECONDS:
             raise ValueError(f"{_quote(entry)}: the window must be from 1us to {MAX_SECONDS_TEXT}")
-        windows.append(WindowLimit(count, round(seconds * NANOS_PER_SECOND)))
+        window = WindowLimit(count, round(seconds * NANOS_PER_SECOND))
+        if window not in windows:  # stated twice, one limit (a store keeps one log for it)
+            windows.append(window)
     return tuple(windows)
 
 
