@@ -206,6 +206,19 @@ PLAUSIBLE: dict[str, st.SearchStrategy[str]] = {
     "ratebatch_key": st.from_regex(r"[A-Za-z0-9_:.-]{1,20}", fullmatch=True),
     "ratebatch_report": st.from_regex(r"[a-z0-9_/-]{1,20}\.json", fullmatch=True),
     "ratebatch_timeline": st.from_regex(r"[a-z0-9_/-]{1,20}\.svg", fullmatch=True),
+    "resources": st.dictionaries(
+        st.from_regex(r"[A-Za-z_][A-Za-z0-9_.-]{0,8}", fullmatch=True),
+        st.one_of(st.integers(1, 10**12).map(str), st.sampled_from(["0.5", "1.25", "1e3"])),
+        min_size=1,
+        max_size=3,
+    ).map(lambda amounts: ", ".join(f"{name}={amount}" for name, amount in amounts.items())),
+    # Within what any machine running the suite has: a floor above it is refused on use.
+    "min_free_memory": st.one_of(
+        st.integers(1, 64).map(lambda count: f"{count}MiB"),
+        st.integers(1, 5).map(lambda percent: f"{percent}%"),
+        st.sampled_from(["1K", "100kB", "0.5M", "1048576"]),
+    ),
+    "max_load": st.one_of(st.integers(1000, 10**6).map(str), st.sampled_from(["1e4", "2000.5"])),
 }
 #: Each option's own kind of value, in any spelling.
 OWN: dict[str, st.SearchStrategy[str]] = {
@@ -231,6 +244,17 @@ OWN: dict[str, st.SearchStrategy[str]] = {
     "ratebatch_key": st.one_of(texts, st.sampled_from(["", " ", "a b", "key\n"])),
     "ratebatch_report": st.one_of(texts, paths),
     "ratebatch_timeline": st.one_of(texts, paths),
+    "resources": st.one_of(
+        st.tuples(texts, st.sampled_from(["=", " = ", ""]), anything).map("".join),
+        texts,
+    ),
+    "min_free_memory": st.one_of(
+        st.tuples(numbers, st.sampled_from(["", "B", "kib", "MB", "g", "TiB", "%", "PB"])).map(
+            "".join
+        ),
+        texts,
+    ),
+    "max_load": st.one_of(numbers, spelled),
 }
 assert set(OWN) == set(PLAUSIBLE) == set(NAMES)
 
@@ -440,6 +464,9 @@ PAST_BOUNDS = {
     "ratebatch_key": "a b",
     "ratebatch_report": "~no-such-user-here/r.json",
     "ratebatch_timeline": "~no-such-user-here/t.svg",
+    "resources": "gpu=1e13",
+    "min_free_memory": "1000000TiB",
+    "max_load": "1e7",
 }
 assert set(PAST_BOUNDS) == set(NAMES)
 
@@ -488,7 +515,12 @@ def test_every_option_through_whole_sessions(
             if expected == "accepted":
                 # Parsed well, refused on use: a store that cannot be reached, exception
                 # types that cannot be loaded.
-                assert name in ("ratebatch_store", "ratebatch_throttle_exceptions"), error
+                # A memory floor above this machine's.
+                assert name in (
+                    "ratebatch_store",
+                    "ratebatch_throttle_exceptions",
+                    "min_free_memory",
+                ), error
                 assert option in error or "the store cannot be used" in error, error
             else:
                 assert expected == name, (expected, error)

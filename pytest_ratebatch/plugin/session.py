@@ -201,22 +201,28 @@ def open_slots(
         return slots
     from ..engine.gates import Gates
 
-    gates = Gates(slots, _open_resources(config, settings, shared), _machine_gate(policy))
+    gates = Gates(slots, _open_resources(config, settings, shared), machine_gate(settings))
     return gates  # a SlotPool whose request the pacer sets per test
 
 
-def _machine_gate(policy: ExecutionPolicy) -> MachineGate | None:
+def machine_gate(settings: Settings) -> MachineGate | None:
+    """The machine's gates (``None``: neither is set); a usage error naming the option if
+    this machine cannot read what it needs, or can never pass (a floor above its memory)."""
+    policy = settings.policy
     if policy.min_free_memory is None and policy.max_load is None:
         return None
     from ..engine.machine import MachineGate, SystemReadings
 
     readings = SystemReadings()
-    problem = readings.supported(policy.min_free_memory is not None, policy.max_load is not None)
     gate = MachineGate(policy.min_free_memory, policy.max_load, readings, MONOTONIC)
-    problem = problem or gate.unreachable()
-    if problem:
-        option = "--min-free-memory" if policy.min_free_memory is not None else "--max-load"
-        raise pytest.UsageError(f"ratebatch: {option}: {problem}")
+    problems = {
+        "min_free_memory": policy.min_free_memory is not None
+        and (readings.supported(True, False) or gate.unreachable()),
+        "max_load": policy.max_load is not None and readings.supported(False, True),
+    }
+    for name, problem in problems.items():
+        if problem:
+            raise pytest.UsageError(f"ratebatch: {settings.raw[name].describe(name)}: {problem}")
     return gate
 
 
@@ -287,6 +293,7 @@ def configure(
     drawn = settings.report_path is not None or settings.timeline_path is not None
     if not (policy.is_active or throttling_set or drawn):
         return
+    machine_gate(settings)  # checked in every process, the xdist controller's first
     if hasattr(config, "workerinput"):
         from .session_dir import worker_session
         from .xdist import RecordingWorkerPacer, WorkerPacer
