@@ -78,16 +78,15 @@ class Gates:
                     self.blocked = reason
                     return None
             amounts, priority = self.request
-            if self.resources is not None and amounts:
+            resources = self.resources
+            if resources is not None and amounts:
                 slot = self._take(
-                    RESOURCES,
-                    deadline,
-                    lambda left: self.resources.acquire(amounts, left, priority),  # type: ignore[union-attr]
+                    RESOURCES, deadline, lambda left: resources.acquire(amounts, left, priority)
                 )
                 if slot is None:
                     self.blocked = f"waited for resources ({_amounts(amounts)})"
                     return None
-                held.append((self.resources, slot))
+                held.append((resources, slot))
             if self.slots is not None:
                 slot = self._take("concurrency", deadline, self.slots.acquire)
                 if slot is None:

@@ -31,6 +31,7 @@ from .limiter import UNLIMITED, RateLimiter
 
 if TYPE_CHECKING:
     from ..stores.base import Slot, SlotPool
+    from .gates import Gates
 
 __all__ = ["OnWait", "SlotTicket", "TaskScheduler", "Ticket", "WaitCancelled"]
 
@@ -124,6 +125,7 @@ class TaskScheduler:
         session_start_ns: int | None = None,
         on_wait: OnWait | None = None,
         slots: SlotPool | None = None,
+        gates: Gates | None = None,
     ) -> None:
         self.policy = policy
         self.ledger: Ledger = ledger if ledger is not None else MemoryLedger()
@@ -147,13 +149,15 @@ class TaskScheduler:
             from ..stores.memory import MemorySlotPool
 
             slots = MemorySlotPool(policy.max_concurrency)
-        #: The concurrency cap's slots (``None``: no cap), or ``Gates`` (``engine.gates``):
-        #: the cap, the declared resources and the machine's gates as one pool.
+        #: The declared resources and the machine's gates, around the cap (``None``: none).
+        self.gates = gates
+        if gates is not None:
+            gates.sleep = self._sleep_unless_stopped
+            slots = gates  # taken as one slot, where the cap's is
+        #: The concurrency cap's slots (``None``: no cap), or the gates around them.
         self.slots = slots
         #: Of the last slot taken, the gate that held it longest (named in its ticket).
         self._gate = "concurrency"
-        if slots is not None and hasattr(slots, "blocked"):
-            slots.sleep = self._sleep_unless_stopped  # type: ignore[attr-defined]
         #: Unbatched and uncapped: a start only takes its tokens (``acquire``).
         self.direct = policy.batch_size is None and slots is None
         if slots is not None:
@@ -299,17 +303,16 @@ class TaskScheduler:
         now = self._clock.now_ns()
         wait = now - began
         waited = self.waited_by_limit
-        gate_waits: dict[str, int] | None = getattr(slots, "waits", None)
-        if gate_waits is None:
+        gates = self.gates
+        if gates is None:
             waited["concurrency"] = waited.get("concurrency", 0.0) + wait / NANOS_PER_SECOND
-        else:  # ``Gates``: each gate's own wait
-            for name, gate_wait in gate_waits.items():
+        else:  # each gate's own wait
+            for name, gate_wait in gates.waits.items():
                 waited[name] = waited.get(name, 0.0) + gate_wait / NANOS_PER_SECOND
-            self._gate = max(gate_waits, key=gate_waits.__getitem__, default="concurrency")
+            self._gate = max(gates.waits, key=gates.waits.__getitem__, default="concurrency")
         if slot is None:
-            blocked = getattr(slots, "blocked", "")  # a gate that held it to the deadline
-            if blocked:
-                reason = f"total timeout ({self._stop_rule.timeout_text}) reached; {blocked}"
+            if gates is not None and gates.blocked:  # a gate held it to the deadline
+                reason = f"total timeout ({self._stop_rule.timeout_text}) reached; {gates.blocked}"
                 return wait, None, self.ledger.stop(reason)
             reason = self.ledger.check_stop(max(now, deadline or now), self._stop_rule)
             return wait, None, reason or self.ledger.stop(self._timeout_ahead())

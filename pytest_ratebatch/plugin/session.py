@@ -38,6 +38,7 @@ from .registry import register_hooks
 from .reporter import OutcomeRecorder, Reporter, wants_forecast
 
 if TYPE_CHECKING:
+    from ..engine.gates import Gates
     from ..engine.machine import MachineGate
     from ..stores.base import ResourcePool, SlotPool
     from ..stores.redis import RedisBucketStore
@@ -190,19 +191,20 @@ def open_store(
 
 
 def open_slots(
-    config: pytest.Config, settings: Settings, shared: SessionDirectory | None
-) -> SlotPool | None:
-    """The concurrency cap's slots, beside the bucket (``None``: no cap), with the declared
-    resources and the machine's gates (``engine.gates``) when they are set. Imported only
-    when one is."""
-    policy = settings.policy
+    config: pytest.Config,
+    settings: Settings,
+    shared: SessionDirectory | None,
+    machine: MachineGate | None = None,
+) -> tuple[SlotPool | None, Gates | None]:
+    """The concurrency cap's slots, beside the bucket (``None``: no cap), and the gates
+    (``engine.gates``: the cap, the declared resources, the machine's ``machine``) when
+    resources or a machine gate are set. Imported only when one is."""
     slots = _open_cap(config, settings, shared)
-    if not policy.gated:
-        return slots
+    if not settings.policy.gated:
+        return slots, None
     from ..engine.gates import Gates
 
-    gates = Gates(slots, _open_resources(config, settings, shared), machine_gate(settings))
-    return gates  # a SlotPool whose request the pacer sets per test
+    return slots, Gates(slots, _open_resources(config, settings, shared), machine)
 
 
 def machine_gate(settings: Settings) -> MachineGate | None:
@@ -293,7 +295,7 @@ def configure(
     drawn = settings.report_path is not None or settings.timeline_path is not None
     if not (policy.is_active or throttling_set or drawn):
         return
-    machine_gate(settings)  # checked in every process, the xdist controller's first
+    machine = machine_gate(settings)  # checked in every process, the xdist controller's first
     if hasattr(config, "workerinput"):
         from .session_dir import worker_session
         from .xdist import RecordingWorkerPacer, WorkerPacer
@@ -301,9 +303,9 @@ def configure(
         worker = worker_session(config)
         if worker is not None:
             store = open_store(config, settings, worker)
-            slots = open_slots(config, settings, worker)
+            slots, gates = open_slots(config, settings, worker, machine)
             scheduler = _scheduler(
-                policy, store, worker.ledger(), worker.start_ns, worker.announce, slots
+                policy, store, worker.ledger(), worker.start_ns, worker.announce, slots, gates
             )
             kind = RecordingWorkerPacer if worker.send_records else WorkerPacer
             worker_pacer = kind(scheduler, worker.start_ns)
@@ -332,8 +334,8 @@ def configure(
     reporter = Reporter(
         config, policy, settings.report_path, store, ledger, start_ns, settings.timeline_path
     )
-    slots = open_slots(config, settings, None)
-    scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait, slots)
+    slots, gates = open_slots(config, settings, None, machine)
+    scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait, slots, gates)
     pacer = SessionPacer(scheduler, start_ns, reporter.tally, reporter)
     config.stash[pacer_key] = pacer
     throttles = _throttles(config, pacer, settings)
@@ -462,6 +464,7 @@ def _scheduler(
     start_ns: int,
     on_wait: Callable[[str, float], None],
     slots: SlotPool | None = None,
+    gates: Gates | None = None,
 ) -> TaskScheduler:
     limiter = RateLimiter(policy.rate_limit or UNLIMITED, store, windows=policy.windows)
     return TaskScheduler(
@@ -471,4 +474,5 @@ def _scheduler(
         session_start_ns=start_ns,
         on_wait=on_wait,
         slots=slots,
+        gates=gates,
     )
