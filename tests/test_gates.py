@@ -5,10 +5,22 @@ and load read for real."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pytest_ratebatch.engine.gates import FREE_MEMORY, RESOURCES, Gates, GateSlot
+from pytest_ratebatch.engine.machine import MachineGate
+from pytest_ratebatch.limits.machine import MemoryFloor
+from pytest_ratebatch.stores.memory import MemoryResourcePool, MemorySlotPool
+from tests.fakes import FakeClock
+from tests.redis_server import RedisServer
+
+GIB = 2**30
 
 HEAVY_SUITE = """
 import os
@@ -70,6 +82,8 @@ def test_four_workers_share_a_capacity(pytester: pytest.Pytester) -> None:
     assert report["policy"]["resources"] == {"gpu": 1.0, "memory": 4.0}
     assert report["summary"]["waited_by_limit"]["resources"] > 0
     assert any(test["limit"] == "resources" for test in report["tests"])
+    held = {test["nodeid"].split("::")[-1][:10]: test["resources"] for test in report["tests"]}
+    assert held == {"test_heavy": {"memory": 2.0}, "test_light": {}}
 
 
 def test_one_process_with_a_capacity_of_one_request(pytester: pytest.Pytester) -> None:
@@ -160,3 +174,141 @@ def test_a_floor_above_the_machines_memory_is_a_usage_error(pytester: pytest.Pyt
     result = pytester.runpytest("--min-free-memory=1000000TiB")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "--min-free-memory" in result.stderr.str()
+
+
+def test_two_sessions_on_one_redis_key_share_the_capacity(
+    pytester: pytest.Pytester, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    log = pytester.path / "log"
+    pytester.makepyfile(test_heavy=HEAVY_SUITE.format(log=str(log), count=4, sleep=0.1))
+    key = f"resources-{os.getpid()}-{request.node.name}"
+    command = [
+        sys.executable, "-m", "pytest", "-n", "2", "--resources=memory=4", "-p",
+        "no:cacheprovider", f"--ratebatch-store={redis_server.url}", f"--ratebatch-key={key}",
+    ]  # fmt: skip
+    sessions = [
+        subprocess.Popen(command, cwd=pytester.path, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    for session in sessions:
+        output, _ = session.communicate(timeout=120)
+        assert session.returncode == 0, output
+        assert "6 passed" in output
+        assert "resources memory=4; store: redis" in output
+    assert most_in_flight(log) == (2, 8)  # 4 workers of 2 sessions, 2 of memory=2 at once
+
+
+def test_two_sessions_stating_other_capacities_on_one_key_are_refused(
+    pytester: pytest.Pytester, redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    pytester.makepyfile(
+        test_slow="""
+        import time
+
+        def test_a():
+            time.sleep(3)
+        """
+    )
+    key = f"resources-{os.getpid()}-{request.node.name}"
+    store = [f"--ratebatch-store={redis_server.url}", f"--ratebatch-key={key}"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--resources=gpu=2", *store],
+        cwd=pytester.path,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        second = pytester.runpytest_subprocess("--resources=gpu=4", *store, timeout=60)
+        # Whichever claimed the key first, the other one is refused at its start.
+        refused = second.ret == pytest.ExitCode.USAGE_ERROR
+        output, _ = first.communicate(timeout=60)
+        if refused:
+            assert "gpu=2" in second.stderr.str()
+        else:
+            assert first.returncode == pytest.ExitCode.USAGE_ERROR, output
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+
+# --- the gates on a fake clock ---------------------------------------------------------------
+
+
+class Readings:
+    """Memory readings a test sets: (available, total)."""
+
+    def __init__(self, available: int) -> None:
+        self.available = available
+
+    def memory(self) -> tuple[int, int] | None:
+        return self.available, 16 * GIB
+
+    def load(self) -> float | None:
+        return 0.5
+
+
+def test_gates_name_each_wait_and_give_everything_back() -> None:
+    clock = FakeClock()
+    readings = Readings(1 * GIB)
+    machine = MachineGate(MemoryFloor(bytes=2 * GIB), None, readings, clock)
+    resources = MemoryResourcePool({"gpu": 2})
+    cap = MemorySlotPool(1)
+    gates = Gates(cap, resources, machine, clock)
+
+    def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+        readings.available = 4 * GIB  # memory frees after the first poll
+
+    gates.sleep = sleep
+    gates.request = ({"gpu": 2}, 0)
+    slot = gates.acquire(None)
+    assert isinstance(slot, GateSlot)
+    assert set(gates.waits) == {FREE_MEMORY}
+    assert resources.in_use() == {"gpu": 2.0}
+    assert cap.in_use() == 1
+    gates.release(slot)
+    gates.release(slot)  # a second release gives nothing back twice
+    assert resources.in_use() == {}
+    assert cap.in_use() == 0
+
+
+def test_gates_give_the_resources_back_when_the_cap_times_out() -> None:
+    resources = MemoryResourcePool({"gpu": 2})
+    cap = MemorySlotPool(1)
+    held = cap.acquire()
+    gates = Gates(cap, resources, None)
+    gates.request = ({"gpu": 1}, 0)
+    assert gates.acquire(0) is None
+    assert resources.in_use() == {}
+    assert gates.blocked == ""  # the cap's own timeout: the scheduler names it
+    assert held is not None
+    cap.release(held)
+
+
+def test_gates_name_the_resources_they_waited_for_at_the_deadline() -> None:
+    resources = MemoryResourcePool({"gpu": 2})
+    other = resources.acquire({"gpu": 2})
+    gates = Gates(None, resources, None)
+    gates.request = ({"gpu": 1}, 0)
+    assert gates.acquire(1_000_000) is None
+    assert gates.blocked == "waited for resources (gpu=1)"
+    assert RESOURCES in gates.waits
+    assert other is not None
+    resources.release(other)
+
+
+def test_gates_give_the_resources_back_on_an_interruption() -> None:
+    resources = MemoryResourcePool({"gpu": 2})
+
+    class Interrupting(MemorySlotPool):
+        def acquire(self, max_wait_ns: int | None = None) -> Any:
+            raise KeyboardInterrupt
+
+    gates = Gates(Interrupting(1), resources, None)
+    gates.request = ({"gpu": 2}, 0)
+    with pytest.raises(KeyboardInterrupt):
+        gates.acquire(None)
+    # The amounts came back: another request gets them at once.
+    again = resources.acquire({"gpu": 2}, 0)
+    assert again is not None
+    resources.release(again)

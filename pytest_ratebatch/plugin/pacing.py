@@ -163,9 +163,8 @@ class Pacer:
         self._batch_costs: dict[str, int] = {}  # the cost of the batch a test would open
         self._priorities: dict[str, int] = {}  # tests whose priority is not 0
         self._resources: dict[str, dict[str, float]] = {}  # tests that declare resources
-        slots = scheduler.slots
-        #: The gates a start passes (``engine.gates.Gates``), told each test's request.
-        self._gates: Any = slots if slots is not None and hasattr(slots, "request") else None
+        #: The gates a start passes (``engine.gates``), told each test's request.
+        self._gates = scheduler.gates
         self._tally = tally
         scheduler.waited_by_limit = tally.waited_by_limit  # the scheduler accounts its waits
         self._keeps_records = reporter is not None and reporter.records is not None
@@ -193,7 +192,7 @@ class Pacer:
         by_priority(items, priorities)
         self._priorities = priorities
         if self.reporter is not None:
-            self.reporter.collected(items, priorities)
+            self.reporter.collected(items, priorities, resources)
         self._by_nodeid = bool(self._costs) or self._keeps_records or self._gates is not None
         if errors:
             self._refuse(session, errors)

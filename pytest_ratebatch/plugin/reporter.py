@@ -139,15 +139,25 @@ class Reporter:
     def pytest_report_header(self, config: pytest.Config) -> str:
         return f"ratebatch: {self.policy.describe()}; store: {self.store.describe()}"
 
-    def collected(self, items: list[pytest.Item], priorities: dict[str, int]) -> None:
-        """The session's final items (from the pacer, after every collection hook) and the
-        priorities that are not 0."""
+    def collected(
+        self,
+        items: list[pytest.Item],
+        priorities: dict[str, int],
+        resources: dict[str, dict[str, float]],
+    ) -> None:
+        """The session's final items (from the pacer, after every collection hook), the
+        priorities that are not 0 and the resources declared."""
         self.tally.collected = len(items)
         if self.records is not None:
             # Every collected test gets a record, so the report accounts for tests never reached.
-            self.add_records([item.nodeid for item in items], priorities)
+            self.add_records([item.nodeid for item in items], priorities, resources)
 
-    def add_records(self, nodeids: Sequence[str], priorities: dict[str, int]) -> None:
+    def add_records(
+        self,
+        nodeids: Sequence[str],
+        priorities: dict[str, int],
+        resources: dict[str, dict[str, float]],
+    ) -> None:
         assert self.records is not None
         records = self.records
         for nodeid in nodeids:
@@ -155,6 +165,7 @@ class Reporter:
             if record is None:
                 record = records[nodeid] = TestRecord(nodeid, outcome="not run")
             record.priority = priorities.get(nodeid, 0)
+            record.resources = resources.get(nodeid, {})
 
     def plan(
         self, costs: list[int], costs_known: bool = True, priorities: list[int] | None = None

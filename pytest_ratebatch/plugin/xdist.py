@@ -61,17 +61,20 @@ def ticket_start(ticket: Ticket, start_offset: int) -> list[Any]:
 COSTS_FILE = "costs-{worker}.json"
 
 
-def write_worker_costs(
-    directory: Path, worker: str, costs: dict[str, int], priorities: dict[str, int]
-) -> bool:
-    """A worker's costs other than 1 and priorities other than 0, by node id, written whole
-    before its collection ends; ``False`` if they cannot be (the session directory failed:
-    the forecast then counts 1 a test, and the store's own failure stops the session with
-    the reason)."""
+#: What a worker's markers say, by node id: costs other than 1, priorities other than 0,
+#: resources declared (``write_worker_costs``).
+WorkerMarkers = tuple[dict[str, int], dict[str, int], dict[str, dict[str, float]]]
+
+
+def write_worker_costs(directory: Path, worker: str, markers: WorkerMarkers) -> bool:
+    """What a worker's markers say, written whole before its collection ends; ``False`` if
+    it cannot be (the session directory failed: the forecast then counts 1 a test, and the
+    store's own failure stops the session with the reason)."""
     path = directory / COSTS_FILE.format(worker=worker)
     partial = path.with_name(f".{path.name}.partial")
+    costs, priorities, resources = markers
     try:
-        data = {"costs": costs, "priorities": priorities}
+        data = {"costs": costs, "priorities": priorities, "resources": resources}
         partial.write_text(json.dumps(data), encoding="utf-8")
         os.replace(partial, path)
     except OSError:
@@ -81,19 +84,19 @@ def write_worker_costs(
     return True
 
 
-def read_worker_costs(directory: Path, worker: str) -> tuple[dict[str, int], dict[str, int]] | None:
-    """What ``write_worker_costs`` wrote (costs, priorities); ``None`` if the worker wrote
-    nothing (bad markers)."""
+def read_worker_costs(directory: Path, worker: str) -> WorkerMarkers | None:
+    """What ``write_worker_costs`` wrote; ``None`` if the worker wrote nothing (bad
+    markers)."""
     try:
         data = json.loads((directory / COSTS_FILE.format(worker=worker)).read_text("utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict):
         return None
-    costs, priorities = data.get("costs"), data.get("priorities")
-    if not isinstance(costs, dict) or not isinstance(priorities, dict):
+    markers = (data.get("costs"), data.get("priorities"), data.get("resources"))
+    if not all(isinstance(part, dict) for part in markers):
         return None
-    return costs, priorities
+    return markers  # type: ignore[return-value]  # as written by this version
 
 
 class ControllerReporter(Reporter):
@@ -164,7 +167,7 @@ class ControllerReporter(Reporter):
             known = read_worker_costs(self.shared.directory, worker)
         priorities = {} if known is None else known[1]
         if self.records is not None:
-            self.add_records(ids, priorities)
+            self.add_records(ids, priorities, {} if known is None else known[2])
         repeat = max(1, len(getattr(self.config.option, "tx", None) or ())) if each else 1
         self._plan_calls(ids, repeat)  # at the first collection, from the last run's counts
         if self.forecast is None and self.wants_forecast:
@@ -274,7 +277,8 @@ class WorkerPacer(Pacer):
     def plan(self, items: list[pytest.Item]) -> None:
         if self.costs_to is not None:
             directory, worker = self.costs_to
-            write_worker_costs(directory, worker, self._costs, self._priorities)
+            markers = (self._costs, self._priorities, self._resources)
+            write_worker_costs(directory, worker, markers)
 
     def acquired(self, nodeid: str, acquisition: list[int | None]) -> None:
         pass  # only a JSON report lists them

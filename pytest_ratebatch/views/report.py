@@ -84,6 +84,7 @@ class TestRecord:
         "retries",
         "limit",
         "priority",
+        "resources",
     )
     __slots__ = FIELDS
 
@@ -107,6 +108,9 @@ class TestRecord:
         self.limit = ""
         #: ``@pytest.mark.ratebatch(priority=N)``: higher starts first.
         self.priority = 0
+        #: ``@pytest.mark.ratebatch(resources={...})``: what it held while it ran (with
+        #: ``--resources``).
+        self.resources: dict[str, float] = {}
 
     @property
     def failed(self) -> bool:
