@@ -222,3 +222,8 @@ def test_learning_an_unknown_rate_costs_few_throttles(
     span = server.accepted[-1] - server.accepted[0]
     assert server.refused <= 4
     assert span <= 1.25 * ideal
+
+
+def test_a_bucket_states_values_follow_its_fields() -> None:
+    state = BucketState(*range(1, len(BucketState.FIELDS) + 1))
+    assert state.values() == tuple(getattr(state, name) for name in BucketState.FIELDS)

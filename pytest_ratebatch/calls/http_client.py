@@ -124,7 +124,7 @@ def patch(pacer: CallPacer) -> Callable[[], None]:
         pending.lines = list(lines)  # sent and cleared by endheaders
         if message_body is not None and not isinstance(message_body, (*_BYTES, str)):
             pending.replayable = False  # a file or an iterable: read once
-        elif any(line[:18].lower() == b"transfer-encoding:" for line in lines):
+        elif b"\r\ntransfer-encoding:" in b"\r\n".join(lines).lower():
             pending.replayable = False  # a stream (urllib3 sends a generator's parts so)
         endheaders(self, message_body, encode_chunked=encode_chunked)
         pending.headers_done = True  # sends from here are the body's (urllib3 sends it so)

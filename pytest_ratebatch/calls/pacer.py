@@ -59,6 +59,7 @@ class HostPacer:
         #: published budget, and under auto the rate learnt), then each window.
         self._names = ("auto" if limit.auto else "pauses", *limiter.limit_names[1:])
         self._auto = limit.auto
+        self._pattern = limit.pattern  # derived anew on each read: kept for every call
         self._now_ns = pacer.clock.now_ns
 
     def _start(self, host: str) -> Call:
@@ -66,7 +67,7 @@ class HostPacer:
         call = Call(host, pacer.nodeid)
         call.attempts += 1
         counts = pacer.counts.setdefault(call.nodeid, {})
-        pattern = self.limit.pattern
+        pattern = self._pattern
         counts[pattern] = counts.get(pattern, 0) + 1
         return call
 

@@ -74,7 +74,18 @@ class BucketState:
         self.throttles = throttles
 
     def values(self) -> tuple[int, ...]:
-        return tuple(getattr(self, name) for name in self.FIELDS)
+        """The fields in ``FIELDS`` order (written out: every take of the file store, for a
+        test or a call, writes them)."""
+        return (
+            self.reserved,
+            self.admitted,
+            self.interval,
+            self.count,
+            self.mark_ns,
+            self.mark_count,
+            self.recover_at,
+            self.throttles,
+        )
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)}" for name in self.FIELDS)
