@@ -81,7 +81,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import venv
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -89,6 +88,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from xml.etree import ElementTree
 
+from overhead import count, install
 from tables import print_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -889,42 +889,6 @@ def cost_args(variant: CostVariant) -> list[str]:
     return [*COMMON, *STORES[variant.store], *limit]
 
 
-def install(venv_dir: Path) -> Path:
-    """A virtualenv with this checkout as users install it (not editable), requests, httpx."""
-    python = venv_dir / "bin" / "python"
-    if not python.exists():
-        venv.EnvBuilder(with_pip=True).create(venv_dir)
-    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "pytest>=8.0", "requests>=2.32", "httpx>=0.27"], check=True)
-    subprocess.run([*pip, "--force-reinstall", "--no-deps", str(REPO_ROOT)], check=True)
-    return python
-
-
-def count_instructions(python: Path, directory: Path, args: list[str], env: dict[str, str]) -> int:
-    """Instructions of one pytest run under callgrind, every process summed."""
-    import re
-
-    summary = re.compile(rb"^summary:\s*(\d+)", re.MULTILINE)
-    with tempfile.TemporaryDirectory(prefix="callgrind-") as out:
-        command = [
-            "valgrind", "--tool=callgrind", "--trace-children=yes",
-            f"--callgrind-out-file={out}/callgrind.%p", "--log-file=/dev/null",
-            str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(directory), *args,
-        ]  # fmt: skip
-        result = subprocess.run(
-            command, cwd=directory, env=env, capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
-            raise SystemExit(f"exit {result.returncode}: {' '.join(command)}\n{tail}")
-        total = 0
-        for path in Path(out).iterdir():
-            match = summary.search(path.read_bytes())
-            if match:
-                total += int(match.group(1))
-    return total
-
-
 def cost_env(url: str, requests: int, seed: int) -> dict[str, str]:
     env = {
         key: value
@@ -945,7 +909,7 @@ def cost_env(url: str, requests: int, seed: int) -> dict[str, str]:
 def run_instructions(args: argparse.Namespace, tmp: Path) -> list[Figure]:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is required for part 7 (Debian package valgrind)")
-    python = install(args.venv or tmp / "venv")
+    python = install(args.venv or tmp / "venv", ("pytest>=8.0", "requests>=2.32", "httpx>=0.27"))
     directory = tmp / "suite-cost"
     directory.mkdir()
     (directory / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
@@ -958,7 +922,7 @@ def run_instructions(args: argparse.Namespace, tmp: Path) -> list[Figure]:
         def one(job: tuple[CostVariant, int]) -> None:
             variant, seed = job
             env = cost_env(server.url, n if variant.requests else 0, seed)
-            total = count_instructions(python, directory, cost_args(variant), env)
+            total, _ = count(python, directory, cost_args(variant), env)
             counts[variant][seed] = total
             print(f"  part 7 {variant.name} seed {seed}: {total:,}", file=sys.stderr, flush=True)
 

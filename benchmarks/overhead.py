@@ -125,14 +125,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def install(venv_dir: Path) -> Path:
-    """A virtualenv holding this checkout as users install it (not editable) and xdist."""
+def install(venv_dir: Path, packages: tuple[str, ...] = ("pytest-xdist>=3.5",)) -> Path:
+    """A virtualenv holding this checkout as users install it (not editable) and
+    ``packages`` (xdist by default)."""
     python = venv_dir / "bin" / "python"
     if not python.exists():
         venv.EnvBuilder(with_pip=True).create(venv_dir)
     # --force-reinstall of the project alone: the measured code is this checkout's.
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "pytest-xdist>=3.5"], check=True)
+    subprocess.run([*pip, *packages], check=True)
     subprocess.run([*pip, "--force-reinstall", "--no-deps", str(REPO_ROOT)], check=True)
     return python
 
