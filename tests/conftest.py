@@ -8,6 +8,17 @@ import pytest
 from tests.fakes import FakeClock
 from tests.redis_server import RedisServer
 
+#: What every pytest a test runs is given: pytest-randomly (a test dependency, to test the
+#: priorities with it) off, so that the sessions run their tests in the order they assert.
+NO_RANDOMLY = "-p no:randomly"
+
+
+@pytest.fixture(autouse=True)
+def _randomly_off(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")  # it clears PYTEST_ADDOPTS as it starts
+    monkeypatch.setenv("PYTEST_ADDOPTS", NO_RANDOMLY)
+
 
 @pytest.fixture
 def clock() -> FakeClock:

@@ -45,6 +45,7 @@ def run_suite(
         if not name.startswith(("RATE_LIMITED_API_", "PYTEST_"))
     }
     assert "RATE_LIMITED_API_URL" not in env
+    env["PYTEST_ADDOPTS"] = "-p no:randomly"  # a test dependency; it would reorder the run
     if server_limit is not None:
         env["RATE_LIMITED_API_LIMIT"] = server_limit
     completed = subprocess.run(

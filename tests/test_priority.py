@@ -283,3 +283,59 @@ def test_priorities_under_xdist_in_the_report_and_the_forecast(
     assert all(tests[f"test_critical[{i}]"]["outcome"] == "passed" for i in range(2))
     assert {tests[f"test_routine[{i}]"]["priority"] for i in range(14)} == {0}
     assert any(test["outcome"] == "cancelled" for test in tests.values())
+
+
+def test_pytest_randomly_shuffles_within_a_tier(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    importlib.import_module("pytest_randomly")  # a test dependency: fails, not skips, if missing
+    monkeypatch.delenv("PYTEST_ADDOPTS")  # on, as where it is installed
+    pytester.makepyfile(
+        test_shuffled="""
+        import pytest
+
+        @pytest.mark.parametrize("i", range(8))
+        def test_low(i): pass
+
+        @pytest.mark.ratebatch(priority=1)
+        @pytest.mark.parametrize("i", range(3))
+        def test_high(i): pass
+        """
+    )
+    tiers = []
+    for seed in (1, 2, 3):
+        result = pytester.runpytest(
+            "-v", "--rate-per-minute=600000", "-p randomly", f"--randomly-seed={seed}"
+        )
+        order = [
+            line.split("::")[-1].split(" ")[0] for line in result.outlines if " PASSED" in line
+        ]
+        assert len(order) == 11, result.outlines
+        assert {name.split("[")[0] for name in order[:3]} == {"test_high"}  # the tier first
+        tiers.append(tuple(order[3:]))
+    assert len(set(tiers)) > 1  # pytest-randomly did shuffle within the tier
+
+
+def test_stepwise_resumes_at_the_failure_and_priorities_order_the_rest(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makepyfile(
+        test_sw="""
+        import os
+        import pytest
+
+        def test_a(): pass
+        def test_b(): assert not os.environ.get("FAIL_B")
+        @pytest.mark.ratebatch(priority=3)
+        def test_c(): pass
+        def test_d(): pass
+        """
+    )
+    monkeypatch.setenv("FAIL_B", "1")
+    first = pytester.runpytest("-v", "--rate-per-minute=600000", "--sw")
+    assert run_order(first) == ["test_c", "test_a", "test_b"]  # --sw stops at the failure
+    monkeypatch.delenv("FAIL_B")
+    second = pytester.runpytest("-v", "--rate-per-minute=600000", "--sw")
+    # --sw skips what came before the failure in pytest's order; the priority tier still
+    # comes first among the rest.
+    assert run_order(second) == ["test_c", "test_b", "test_d"]

@@ -158,6 +158,23 @@ class RateLimiter:
         admission = self._wait_for_slot(tokens, now, wait, False, on_wait, max_wait_ns)
         return None if admission is None else admission.at_ns
 
+    def take_within(
+        self, tokens: int, within_ns: int, on_wait: OnWait | None = None
+    ) -> tuple[int | None, int]:
+        """``take`` only if the tokens are due within ``within_ns`` (sleeping until they are):
+        ``(admission time, 0)``; else, taking nothing, ``(None, how long until they are)``."""
+        if not 0 < tokens <= self.largest:
+            self._check(tokens)
+            raise ValueError(f"tokens must be at least 1, not {tokens!r}")
+        status, now, wait = self._store_take(tokens, within_ns, True)
+        if status == ADMITTED:
+            return now, 0
+        if status == REFUSED:
+            return None, wait
+        admission = self._wait_for_slot(tokens, now, wait, False, on_wait)
+        assert admission is not None  # no deadline
+        return admission.at_ns, 0
+
     def _wait_for_slot(
         self,
         tokens: int,

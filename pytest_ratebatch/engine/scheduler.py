@@ -15,10 +15,17 @@ checks the stop when it wakes: a test waiting when the session stops is cancelle
 started. The tokens such a waiter reserved stay reserved: a GCRA bucket's tokens are time, so
 they hold back later starts by the waiter's own cost in intervals, once, and are never lost
 for good; and after a stop its session starts nothing more anyway.
+
+With a start line (``open_start_line``: priorities stated, or other sessions on the store),
+an unbatched start takes its tokens only in its turn: starts waiting for tokens when they
+come due, in any worker or session on the store, take them highest ``priority`` first, in
+arrival order within one. Nothing is reserved ahead: a start whose tokens are not due soon
+sleeps out of the line, so a start arriving meanwhile with a higher priority still goes first.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,10 +37,19 @@ from ..stores.memory import MemoryLedger
 from .limiter import UNLIMITED, RateLimiter
 
 if TYPE_CHECKING:
-    from ..stores.base import Slot, SlotPool
+    from ..stores.base import ResourcePool, Slot, SlotPool
     from .gates import Gates
 
-__all__ = ["OnWait", "SlotTicket", "TaskScheduler", "Ticket", "WaitCancelled"]
+__all__ = [
+    "START_TURN",
+    "TURN_LEAD_NS",
+    "OnWait",
+    "SlotTicket",
+    "TaskScheduler",
+    "Ticket",
+    "WaitCancelled",
+    "line_rank",
+]
 
 #: How often a test retries while the batch it waits for is being opened by a new opener.
 ORPHAN_RETRY_SECONDS = 0.01
@@ -44,6 +60,28 @@ SLOT_WAIT_NAMED_NS = 1_000_000
 
 #: Called before a wait of known length: ``on_wait(what, seconds)``.
 OnWait = Callable[[str, float], None]
+
+#: What a start holds from the start line while it takes its tokens: the one turn.
+START_TURN = {"turn": 1.0}
+
+#: A start in the start line takes its tokens when they are due within this; further off,
+#: it sleeps until this long before they are and stands in line again. Longer than a wake-up
+#: and a turn's hand-over take (the file store's line is looked at every 5-20 ms).
+TURN_LEAD_NS = 25_000_000
+
+#: Arrivals ranked within a priority, in hundredths of a second of the wall clock (shared by
+#: the processes of a machine, and close enough across machines).
+_ARRIVAL_UNIT_NS = 10_000_000
+_ARRIVALS = 1 << 32  # 497 days of hundredths: the ranks of one priority never overlap another's
+
+
+def line_rank(priority: int, arrived_wall_ns: int) -> int:
+    """A start's rank in the start line (higher first): its priority, then the earlier
+    arrival. The line orders equal ranks by the moment they stood in it; a start stands in
+    it again after each sleep, so its first arrival is folded into the rank to keep its place.
+    Exact in Redis (a double): ``MAX_PRIORITY`` times ``2**32`` is below ``2**53``."""
+    arrival = (arrived_wall_ns // _ARRIVAL_UNIT_NS) % _ARRIVALS
+    return priority * _ARRIVALS + (_ARRIVALS - 1 - arrival)
 
 
 class WaitCancelled(Exception):
@@ -160,6 +198,12 @@ class TaskScheduler:
         self._gate = "concurrency"
         #: Unbatched and uncapped: a start only takes its tokens (``acquire``).
         self.direct = policy.batch_size is None and slots is None
+        #: Opens the line starts stand in for their tokens, by priority, when they must wait
+        #: (``None``: they take them in arrival order); opened at the first such wait.
+        self.open_start_line: Callable[[], ResourcePool] | None = None
+        self._start_line: ResourcePool | None = None
+        #: The priority of the test being admitted, its place in the start line.
+        self.priority = 0
         if slots is not None:
             # Chosen once here, so that ``finish`` costs nothing more without a cap.
             self.finish = self._finish_releasing  # type: ignore[method-assign]
@@ -188,7 +232,7 @@ class TaskScheduler:
         (default: the batch size times ``cost``).
         """
         if self.direct or not cost:  # exempt tests (cost 0) take no batch, no slot
-            return self.acquire(cost)  # no batch to join: the test takes its own tokens
+            return self.acquire(cost, start=True)  # no batch to join: its own tokens
         if self.policy.batch_size is None:
             return self._admit_unbatched(cost)
         arrived = self._clock.now_ns()
@@ -278,7 +322,8 @@ class TaskScheduler:
             return SlotTicket(self._cancelled(reason, arrived), None, slot_wait, self._gate)
         assert slot is not None
         try:
-            ticket = self.acquire(cost)  # checks the stop conditions again: a wait may be long
+            # Checks the stop conditions again: a wait may be long.
+            ticket = self.acquire(cost, start=True)
         except BaseException:
             slots.release(slot)
             raise
@@ -341,18 +386,21 @@ class TaskScheduler:
             self._longest_wait = 0.0
         return ticket
 
-    def acquire(self, cost: int) -> Ticket:
-        """Tokens outside any batch, for an unbatched test's start or a running test: a
-        ticket, or a cancelled one."""
+    def acquire(self, cost: int, start: bool = False) -> Ticket:
+        """Tokens outside any batch, for an unbatched test's ``start`` (in the start line, if
+        there is one) or a running test: a ticket, or a cancelled one."""
         arrived = self._clock.now_ns()
         store_ns = None
         try:
             reason = self.ledger.check_stop(arrived, self._stop_rule)
             limiter = self.limiter
             if not reason and limiter is not None and cost:
-                deadline = self._stop_rule.deadline_ns
-                max_wait = None if deadline is None else max(0, deadline - arrived)
-                store_ns = limiter.take(cost, max_wait, self._on_tokens)
+                if start and self.open_start_line is not None:
+                    store_ns = self._take_in_line(limiter, cost)
+                else:
+                    deadline = self._stop_rule.deadline_ns
+                    max_wait = None if deadline is None else max(0, deadline - arrived)
+                    store_ns = limiter.take(cost, max_wait, self._on_tokens)
                 if store_ns is None:
                     reason = self.ledger.stop(self._timeout_ahead())
         except StoreError as error:
@@ -364,6 +412,60 @@ class TaskScheduler:
         if store_ns is not None and self._local_clock and not self._waited_on:
             return Ticket(0, cost, store_ns, store_ns - arrived)  # ``_admitted``, one call less
         return self._admitted(0, cost, store_ns, arrived)
+
+    def _take_in_line(self, limiter: RateLimiter, cost: int) -> int | None:
+        """A start's tokens: at once if they are due within ``TURN_LEAD_NS``, else in its
+        turn in the start line. The admission time on the store's clock, or ``None`` if the
+        total timeout would pass first.
+
+        The line hands the turn out by rank (``line_rank``: priority, then arrival). Its
+        holder sleeps until shortly before its tokens are due, then takes them, unless a
+        start of a higher rank waits by then: it lets that one go first and stands in line
+        again. So the tokens go to the highest priority waiting when they come due, and none
+        is reserved further ahead than ``TURN_LEAD_NS``."""
+        on_tokens = self._on_tokens
+        assert on_tokens is not None
+        admitted, wait = limiter.take_within(cost, TURN_LEAD_NS, on_tokens)
+        if admitted is not None:
+            return admitted
+        line = self._start_line
+        if line is None:
+            assert self.open_start_line is not None
+            line = self._start_line = self.open_start_line()
+        clock = self._clock
+        rule = self._stop_rule
+        deadline = rule.deadline_ns
+        rank = line_rank(self.priority, time.time_ns())
+        while True:
+            began = clock.now_ns()
+            turn = line.acquire(
+                START_TURN, None if deadline is None else max(0, deadline - began), rank
+            )
+            if turn is None:
+                return None
+            try:
+                now = clock.now_ns()
+                if now - began >= SLOT_WAIT_NAMED_NS:  # the starts ahead took the tokens
+                    self._account(
+                        limiter.limit_names[limiter.last_bound], (now - began) / NANOS_PER_SECOND
+                    )
+                while True:
+                    reason = self.ledger.check_stop(clock.now_ns(), rule)
+                    if reason:
+                        raise WaitCancelled(reason)
+                    admitted, wait = limiter.take_within(cost, TURN_LEAD_NS, on_tokens)
+                    if admitted is not None:
+                        return admitted
+                    if deadline is not None and clock.now_ns() + wait > deadline:
+                        return None
+                    seconds = (wait - TURN_LEAD_NS) / NANOS_PER_SECOND
+                    on_tokens(seconds)  # accounted to the limit that set ``wait``
+                    self._sleep(seconds)  # ``WaitCancelled`` at a stop
+                    first = line.first_waiting()
+                    if first is not None and first > rank:
+                        break  # a higher rank came meanwhile: it goes first
+            finally:
+                line.release(turn)
 
     async def acquire_async(self, cost: int) -> Ticket:
         """``acquire`` for a coroutine: the wait is an ``await``, so the event loop runs on.
@@ -476,14 +578,17 @@ class TaskScheduler:
         assert limiter is not None
 
         def waiting(seconds: float) -> None:
-            limit = limiter.limit_names[limiter.last_bound]
-            self.waited_by_limit[limit] = self.waited_by_limit.get(limit, 0.0) + seconds
-            if seconds > self._longest_wait:
-                self._waited_on, self._longest_wait = limit, seconds
+            self._account(limiter.limit_names[limiter.last_bound], seconds)
             if on_wait is not None:
                 on_wait(what, seconds)
 
         return waiting
+
+    def _account(self, limit: str, seconds: float) -> None:
+        """A wait of the test being admitted, for ``limit``."""
+        self.waited_by_limit[limit] = self.waited_by_limit.get(limit, 0.0) + seconds
+        if seconds > self._longest_wait:
+            self._waited_on, self._longest_wait = limit, seconds
 
     def _wait(self, what: str, wait_ns: int) -> None:
         seconds = wait_ns / NANOS_PER_SECOND

@@ -4,7 +4,7 @@ The workers' own pacers live in ``xdist``, loaded only under pytest-xdist."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -16,6 +16,7 @@ from ..views.report import CANCELLED_PREFIX, Tally
 from .registry import register_hooks
 
 if TYPE_CHECKING:
+    from ..stores.base import ResourcePool
     from ..throttle.retrying import Throttles
     from .reporter import Reporter
 
@@ -24,6 +25,7 @@ __all__ = [
     "Pacer",
     "ProtocolPacing",
     "SessionPacer",
+    "StartLineOpener",
     "by_priority",
     "read_markers",
 ]
@@ -144,6 +146,19 @@ def batch_costs(
     return result
 
 
+class StartLineOpener:
+    """Opens the start line (``engine.scheduler``) where other processes take tokens from the
+    bucket too. The starts of a session stand in it when it states priorities, or ``always``
+    where sessions that do may share the bucket (a Redis key): a start of theirs must not find
+    the tokens it waits for reserved ahead by one of this session."""
+
+    __slots__ = ("always", "open")
+
+    def __init__(self, open_line: Callable[[], ResourcePool], always: bool) -> None:
+        self.open = open_line
+        self.always = always
+
+
 class Pacer:
     """Where tests run: admit each test at its start, or cancel it."""
 
@@ -178,6 +193,9 @@ class Pacer:
         self._plain_starts = not self._keeps_records and type(self).started is Pacer.started
         self._cancelled_running = ""  # the running test a stop cancelled, if any
         self._rerun_counted = ""  # the last test pytest-rerunfailures ran again after a throttle
+        #: Opens the start line, where other processes share the bucket (``None``: none do).
+        self.start_line: StartLineOpener | None = None
+        self._ranked = False  # starts stand in the start line by their priorities
 
     # tryfirst and registered after pytest's cacheprovider: the outermost wrapper, so the
     # priorities order what --ff, --nf, pytest-randomly and pytest-order ordered.
@@ -193,14 +211,26 @@ class Pacer:
         self._priorities = priorities
         if self.reporter is not None:
             self.reporter.collected(items, priorities, resources)
-        self._by_nodeid = bool(self._costs) or self._keeps_records or self._gates is not None
         if errors:
             self._refuse(session, errors)
         else:
+            line = self.start_line
+            if line is not None and (priorities or line.always):
+                self._rank_starts(line.open)
             self.plan(items)
+        self._by_nodeid = (
+            bool(self._costs) or self._keeps_records or self._gates is not None or self._ranked
+        )
         batch_size = self.scheduler.policy.batch_size
         if batch_size is not None and self._costs and self.reporter is not None:
             self._batch_costs = batch_costs(items, self._costs, batch_size)
+
+    def _rank_starts(self, open_line: Callable[[], ResourcePool]) -> None:
+        """Starts of this process that must wait for tokens wait in the line shared with the
+        other processes, by priority (``engine.scheduler``)."""
+        self.scheduler.open_start_line = open_line
+        self._ranked = True
+        self._direct = False  # a start goes through ``admit``, which knows the line
 
     def plan(self, items: list[pytest.Item]) -> None:
         """Hand the run's costs to the forecast (where outcomes are reported)."""
@@ -232,6 +262,8 @@ class Pacer:
                 self._resources.get(nodeid, {}),
                 self._priorities.get(nodeid, 0),
             )
+        if self._ranked:
+            self.scheduler.priority = self._priorities.get(nodeid, 0)
         costs = self._costs
         if not costs:
             ticket = self.scheduler.acquire(1) if self._direct else self.scheduler.admit()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ..engine.limiter import UNLIMITED, RateLimiter
-from ..engine.scheduler import TaskScheduler
+from ..engine.scheduler import START_TURN, TaskScheduler
 from ..limits.clock import MONOTONIC
 from ..limits.policy import ExecutionPolicy, PolicyError, build_policy, parse_value
 from ..limits.values import Value
@@ -33,7 +33,7 @@ from .options import (
     TIMELINE_OPTION,
     RawValue,
 )
-from .pacing import Pacer, ProtocolPacing, SessionPacer
+from .pacing import Pacer, ProtocolPacing, SessionPacer, StartLineOpener
 from .registry import register_hooks
 from .reporter import OutcomeRecorder, Reporter, wants_forecast
 
@@ -52,6 +52,7 @@ __all__ = [
     "open_slots",
     "open_store",
     "parse_settings",
+    "start_line_opener",
     "store_choice",
 ]
 
@@ -236,24 +237,59 @@ def _open_resources(
     if not capacity:
         return None
     choice = store_choice(settings, shared)
-    pool: ResourcePool
-    if choice == "file" and shared is not None:
-        from ..stores.files import FileResourcePool
-
-        pool = FileResourcePool(shared.directory, capacity)
-    elif choice in ("memory", "file"):
+    if choice in ("memory", "file") and shared is None:
         from ..stores.memory import MemoryResourcePool
 
         return MemoryResourcePool(capacity)
-    else:
-        from ..stores.redis import DEFAULT_KEY, RedisResourcePool
-
-        try:
-            pool = RedisResourcePool(choice, settings.key or DEFAULT_KEY, capacity)
-        except StoreError as error:
-            raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
+    try:
+        pool = _shared_pool(choice, settings, shared, capacity, "resources")
+    except StoreError as error:
+        raise pytest.UsageError(f"ratebatch: the store cannot be used: {error}") from None
     config.add_cleanup(pool.close)
     return pool
+
+
+def _shared_pool(
+    choice: str,
+    settings: Settings,
+    shared: SessionDirectory | None,
+    capacity: dict[str, float],
+    name: str,
+) -> ResourcePool:
+    """A ``ResourcePool`` shared by the session's workers (the session directory's
+    ``name``) or by every session on the Redis key (under ``name``)."""
+    if choice == "file":
+        from ..stores.files import FileResourcePool
+
+        assert shared is not None
+        directory = shared.directory if name == "resources" else shared.directory / name
+        directory.mkdir(exist_ok=True)
+        return FileResourcePool(directory, capacity)
+    from ..stores.redis import DEFAULT_KEY, RedisResourcePool
+
+    return RedisResourcePool(choice, settings.key or DEFAULT_KEY, capacity, name=name)
+
+
+def start_line_opener(
+    config: pytest.Config, settings: Settings, shared: SessionDirectory | None
+) -> StartLineOpener | None:
+    """What opens the start line (``engine.scheduler``) where starts of other processes take
+    tokens from the same bucket: the session directory under xdist (whose workers see the
+    same priorities), a Redis key (always: other sessions may state priorities). ``None``
+    where this process alone takes them, or nothing is paced."""
+    policy = settings.policy
+    choice = store_choice(settings, shared)
+    if (policy.rate_limit is None and not policy.windows) or (
+        choice in ("memory", "file") and shared is None
+    ):
+        return None
+
+    def open_line() -> ResourcePool:
+        pool = _shared_pool(choice, settings, shared, dict(START_TURN), "start-line")
+        config.add_cleanup(pool.close)
+        return pool
+
+    return StartLineOpener(open_line, always=choice != "file")
 
 
 def _open_cap(
@@ -309,6 +345,7 @@ def configure(
             )
             kind = RecordingWorkerPacer if worker.send_records else WorkerPacer
             worker_pacer = kind(scheduler, worker.start_ns)
+            worker_pacer.start_line = start_line_opener(config, settings, worker)
             if wants_forecast(policy) or worker.send_records:  # the forecast, the report
                 worker_pacer.costs_to = (worker.directory, worker.worker_id)
             config.stash[pacer_key] = worker_pacer
@@ -337,6 +374,7 @@ def configure(
     slots, gates = open_slots(config, settings, None, machine)
     scheduler = _scheduler(policy, store, ledger, start_ns, reporter.announce_wait, slots, gates)
     pacer = SessionPacer(scheduler, start_ns, reporter.tally, reporter)
+    pacer.start_line = start_line_opener(config, settings, None)
     config.stash[pacer_key] = pacer
     throttles = _throttles(config, pacer, settings)
     reporter.events = throttles.events

@@ -185,6 +185,10 @@ class ResourcePool(Protocol):
         """The amounts held right now by every user of the pool, by name (none: absent)."""
         ...
 
+    def first_waiting(self) -> int | None:
+        """The priority of the waiter at the head of the line (``None``: nobody waits)."""
+        ...
+
     def describe(self) -> str:
         """A name safe to print (no credentials)."""
         ...

@@ -1289,6 +1289,13 @@ class FileResourcePool:
             with contextlib.suppress(StoreError):
                 self._leave(slot.token, keep=False)
 
+    def first_waiting(self) -> int | None:
+        try:  # the record is replaced whole: read as it stands, without the lock
+            line = self._read().line
+        except OSError as error:
+            raise session_error(self.directory, error) from None
+        return line[0].priority if line else None
+
     def in_use(self) -> dict[str, float]:
         """The amounts held right now by every process (those of dead ones dropped)."""
         try:

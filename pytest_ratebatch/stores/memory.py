@@ -397,6 +397,10 @@ class MemoryResourcePool:
         with self._lock:
             return total_amounts(self._held.values())
 
+    def first_waiting(self) -> int | None:
+        with self._lock:
+            return -self._line[0].order[0] if self._line else None
+
     def describe(self) -> str:
         from ..limits.resources import describe_amounts
 

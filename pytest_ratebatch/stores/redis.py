@@ -1185,7 +1185,8 @@ class RedisResourcePool:
     every session on ``key``.
 
     ``lease_seconds`` and ``poll_seconds`` are there for tests (and unusual setups); give
-    every session sharing a key the same capacity (the key's claim sees to it).
+    every session sharing a key the same capacity (the key's claim sees to it). ``name``
+    keeps another pool under the same key apart (the start line's, ``engine.scheduler``).
     """
 
     def __init__(
@@ -1197,6 +1198,7 @@ class RedisResourcePool:
         lease_seconds: float = LEASE_SECONDS,
         poll_seconds: float = POLL_SECONDS,
         clock: Clock = MONOTONIC,
+        name: str = "resources",
     ) -> None:
         self.capacity = parse_request(capacity)
         if not (math.isfinite(lease_seconds) and lease_seconds > 0):
@@ -1210,7 +1212,7 @@ class RedisResourcePool:
         # Replies wait as long as a BLPOP below, and the usual margin beyond.
         self._redis = RedisConnection(url, socket_timeout=poll_seconds + SOCKET_TIMEOUT)
         self._client = self._redis.client
-        self.base = f"{KEY_PREFIX}{key}:resources"
+        self.base = f"{KEY_PREFIX}{key}:{name}"
         self.keys = tuple(
             f"{self.base}:{name}"
             for name in ("leases", "line", "alive", "amounts", "places", "counter")
@@ -1319,6 +1321,13 @@ class RedisResourcePool:
                 continue  # try again next time; the leases may lapse if it stays down
             with self._lock:
                 self.lost += sum(1 for token in lost if _text(token) in self._held)
+
+    def first_waiting(self) -> int | None:
+        line = self.keys[1]
+        head = self._redis.call(
+            lambda: self._client.zrange(line, 0, 0, withscores=True), self.describe
+        )
+        return -int(head[0][1]) if head else None
 
     def in_use(self) -> dict[str, float]:
         """The amounts held right now (expired leases dropped), by every session on the key."""
