@@ -428,13 +428,15 @@ class TaskScheduler:
         admitted, wait = limiter.take_within(cost, TURN_LEAD_NS, on_tokens)
         if admitted is not None:
             return admitted
+        clock = self._clock
+        rule = self._stop_rule
+        deadline = rule.deadline_ns
+        if deadline is not None and clock.now_ns() + wait > deadline:
+            return None
         line = self._start_line
         if line is None:
             assert self.open_start_line is not None
             line = self._start_line = self.open_start_line()
-        clock = self._clock
-        rule = self._stop_rule
-        deadline = rule.deadline_ns
         rank = line_rank(self.priority, time.time_ns())
         while True:
             began = clock.now_ns()

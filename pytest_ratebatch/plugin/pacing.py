@@ -216,7 +216,7 @@ class Pacer:
         else:
             line = self.start_line
             if line is not None and (priorities or line.always):
-                self._rank_starts(line.open)
+                self._rank_starts(line.open, ranked=bool(priorities))
             self.plan(items)
         self._by_nodeid = (
             bool(self._costs) or self._keeps_records or self._gates is not None or self._ranked
@@ -225,11 +225,12 @@ class Pacer:
         if batch_size is not None and self._costs and self.reporter is not None:
             self._batch_costs = batch_costs(items, self._costs, batch_size)
 
-    def _rank_starts(self, open_line: Callable[[], ResourcePool]) -> None:
+    def _rank_starts(self, open_line: Callable[[], ResourcePool], ranked: bool) -> None:
         """Starts of this process that must wait for tokens wait in the line shared with the
-        other processes, by priority (``engine.scheduler``)."""
+        other processes, by priority (``engine.scheduler``); ``ranked``: priorities stated
+        here (else all of its starts stand in it at priority 0)."""
         self.scheduler.open_start_line = open_line
-        self._ranked = True
+        self._ranked = ranked
         self._direct = False  # a start goes through ``admit``, which knows the line
 
     def plan(self, items: list[pytest.Item]) -> None:
