@@ -181,6 +181,25 @@ def test_a_stop_while_holding_the_turn_cancels_the_start_and_gives_it_back(
     assert line.released == len(line.turns)
 
 
+@pytest.mark.timeout(60)
+def test_a_stop_ends_the_wait_for_a_turn_another_process_holds() -> None:
+    line = MemoryResourcePool(START_TURN)
+    held = line.acquire(START_TURN)  # another process's start holds the turn, for long
+    assert held is not None
+    scheduler = TaskScheduler(ExecutionPolicy(rate_limit=RateLimit(60, 1)))  # the real clock
+    scheduler.open_start_line = lambda: line
+    assert not scheduler.admit().cancelled  # the burst's token: the next waits, in line
+    stopper = threading.Timer(0.3, scheduler.ledger.stop, ("max failures (1) reached",))
+    stopper.start()
+    began = time.monotonic()
+    ticket = scheduler.admit()
+    stopper.join()
+    assert ticket.cancelled == "max failures (1) reached"
+    assert time.monotonic() - began < 5  # a slice of the wait, not the holder's leisure
+    assert line.first_waiting() is None  # it left the line
+    line.release(held)
+
+
 def waiting_priority(pool: ResourcePool, priority: int) -> int | None:
     """``first_waiting`` while another thread waits in line with ``priority``, behind a
     holder; ``None`` before and after."""

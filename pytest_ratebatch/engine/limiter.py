@@ -171,8 +171,9 @@ class RateLimiter:
             return now, 0
         if status == REFUSED:
             return None, wait
-        admission = self._wait_for_slot(tokens, now, wait, False, on_wait)
-        assert admission is not None  # no deadline
+        admission = self._wait_for_slot(tokens, now, wait, False, on_wait, within_ns)
+        if admission is None:  # woken late and overtaken: nothing taken, ask again
+            return self.take_within(tokens, within_ns, on_wait)
         return admission.at_ns, 0
 
     def _wait_for_slot(

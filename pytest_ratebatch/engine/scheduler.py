@@ -69,6 +69,10 @@ START_TURN = {"turn": 1.0}
 #: and a turn's hand-over take (the file store's line is looked at every 5-20 ms).
 TURN_LEAD_NS = 25_000_000
 
+#: A start waits for its turn in the start line this long at most before it looks at the
+#: session's stop (and stands in line again, at its rank).
+TURN_SLICE_NS = 500_000_000
+
 #: Arrivals ranked within a priority, in hundredths of a second of the wall clock (shared by
 #: the processes of a machine, and close enough across machines).
 _ARRIVAL_UNIT_NS = 10_000_000
@@ -425,10 +429,14 @@ class TaskScheduler:
         is reserved further ahead than ``TURN_LEAD_NS``."""
         on_tokens = self._on_tokens
         assert on_tokens is not None
+        clock = self._clock
+        asked = clock.now_ns()
         admitted, wait = limiter.take_within(cost, TURN_LEAD_NS, on_tokens)
         if admitted is not None:
             return admitted
-        clock = self._clock
+        # Waking, looking at the line and taking are two round trips to the store: a far
+        # one (a Redis server across a network) needs a longer lead.
+        lead = TURN_LEAD_NS + 3 * (clock.now_ns() - asked)
         rule = self._stop_rule
         deadline = rule.deadline_ns
         if deadline is not None and clock.now_ns() + wait > deadline:
@@ -439,28 +447,17 @@ class TaskScheduler:
             line = self._start_line = self.open_start_line()
         rank = line_rank(self.priority, time.time_ns())
         while True:
-            began = clock.now_ns()
-            turn = line.acquire(
-                START_TURN, None if deadline is None else max(0, deadline - began), rank
-            )
+            turn = self._turn(line, rank, limiter)
             if turn is None:
                 return None
             try:
-                now = clock.now_ns()
-                if now - began >= SLOT_WAIT_NAMED_NS:  # the starts ahead took the tokens
-                    self._account(
-                        limiter.limit_names[limiter.last_bound], (now - began) / NANOS_PER_SECOND
-                    )
                 while True:
-                    reason = self.ledger.check_stop(clock.now_ns(), rule)
-                    if reason:
-                        raise WaitCancelled(reason)
-                    admitted, wait = limiter.take_within(cost, TURN_LEAD_NS, on_tokens)
+                    admitted, wait = limiter.take_within(cost, lead, on_tokens)
                     if admitted is not None:
                         return admitted
                     if deadline is not None and clock.now_ns() + wait > deadline:
                         return None
-                    seconds = (wait - TURN_LEAD_NS) / NANOS_PER_SECOND
+                    seconds = (wait - lead) / NANOS_PER_SECOND
                     on_tokens(seconds)  # accounted to the limit that set ``wait``
                     self._sleep(seconds)  # ``WaitCancelled`` at a stop
                     first = line.first_waiting()
@@ -468,6 +465,40 @@ class TaskScheduler:
                         break  # a higher rank came meanwhile: it goes first
             finally:
                 line.release(turn)
+
+    def _turn(self, line: ResourcePool, rank: int, limiter: RateLimiter) -> Slot | None:
+        """The start line's turn for ``rank``; ``None`` at the total timeout. Asked for in
+        slices of ``TURN_SLICE_NS``, the stop checked between them (``WaitCancelled``): the
+        pools know nothing of the session's stop. The rank keeps the place in between. The
+        wait counts as one for the limit that bound the tokens (the starts ahead took them)."""
+        clock = self._clock
+        rule = self._stop_rule
+        deadline = rule.deadline_ns
+        began = clock.now_ns()
+        while True:
+            now = clock.now_ns()
+            reason = self.ledger.check_stop(now, rule)
+            if reason:
+                raise WaitCancelled(reason)
+            left = TURN_SLICE_NS if deadline is None else min(TURN_SLICE_NS, deadline - now)
+            if left <= 0:
+                return None
+            turn = line.acquire(START_TURN, left, rank)
+            if turn is not None:
+                break
+        waited = clock.now_ns() - began
+        if waited >= SLOT_WAIT_NAMED_NS:
+            limit = limiter.limit_names[limiter.last_bound]
+            self._account(limit, waited / NANOS_PER_SECOND)
+        try:
+            reason = self.ledger.check_stop(clock.now_ns(), rule)
+        except BaseException:
+            line.release(turn)
+            raise
+        if reason:
+            line.release(turn)
+            raise WaitCancelled(reason)
+        return turn
 
     async def acquire_async(self, cost: int) -> Ticket:
         """``acquire`` for a coroutine: the wait is an ``await``, so the event loop runs on.

@@ -263,7 +263,10 @@ def _shared_pool(
 
         assert shared is not None
         directory = shared.directory if name == "resources" else shared.directory / name
-        directory.mkdir(exist_ok=True)
+        try:
+            directory.mkdir(exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot create {directory}: {error.strerror or error}") from None
         return FileResourcePool(directory, capacity)
     from ..stores.redis import DEFAULT_KEY, RedisResourcePool
 
