@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from pytest_ratebatch.engine.limiter import UNLIMITED
 from pytest_ratebatch.limits import gcra
@@ -45,13 +44,6 @@ def cli(**values: str) -> dict[str, RawValue]:
 
 def unique_key(request: pytest.FixtureRequest) -> str:
     return f"test-{os.getpid()}-{request.node.name}".replace("[", "-").replace("]", "")
-
-
-def bucket_fields(client: redis.Redis, key: str) -> list[str]:
-    """The fields of a bucket's string, as the scripts keep them."""
-    stored = client.get(key)
-    assert isinstance(stored, bytes)
-    return stored.decode().split(":")
 
 
 # --- the store itself ----------------------------------------------------------------
@@ -139,7 +131,7 @@ def test_the_window_logs_expire_once_idle_renewed_about_once_a_minute(
     assert all(0 < ttl_ms < min(first) for ttl_ms in later), (first, later)  # not renewed yet
     # Past its spare minute (here: the expiry cut short), the next start renews it.
     client.pexpire(logs[0], 1_000)
-    stored = bucket_fields(client, KEY_PREFIX + unique_key(request))
+    stored = client.get(KEY_PREFIX + unique_key(request)).decode().split(":")
     stored[10] = str(int(stored[10]) - 61_000_000)  # kept until: a minute earlier
     client.set(KEY_PREFIX + unique_key(request), ":".join(stored), px=60_000)
     store.take_windowed(1, 0, 100, None, True, windows)
@@ -717,7 +709,7 @@ def test_a_reservation_queues_alike_whether_the_bucket_remembers_the_last_or_not
         store = RedisBucketStore(redis_server.url, name)
         takes = [store.take_windowed(1, 0, 100, None, True, windows) for _ in range(4)]
         if not known:
-            stored = bucket_fields(client, KEY_PREFIX + name)
+            stored = client.get(KEY_PREFIX + name).decode().split(":")
             stored[11] = "-1"
             client.set(KEY_PREFIX + name, ":".join(stored), px=60_000)
         takes.append(store.take_windowed(1, 0, 100, None, True, windows))
