@@ -108,37 +108,6 @@ def test_the_key_expires_once_idle(
     store.close()
 
 
-def test_the_window_logs_expire_once_idle_renewed_about_once_a_minute(
-    redis_server: RedisServer, request: pytest.FixtureRequest
-) -> None:
-    store = RedisBucketStore(redis_server.url, unique_key(request))
-    client = redis_server.client()
-    windows = ((20, 2 * SECOND),)
-    logs = [f"{KEY_PREFIX}{unique_key(request)}:window:20/2000000us:{side}" for side in
-            ("reserved", "admitted")]  # fmt: skip
-
-    def expiries() -> list[int]:
-        return [client.pttl(log) for log in logs]
-
-    store.take_windowed(1, 0, 100, None, True, windows)
-    first = expiries()
-    # The window (2 s), a minute of idleness and a minute to spare before it is renewed.
-    assert all(120_000 < ttl_ms <= 122_000 for ttl_ms in first), first
-    time.sleep(0.05)
-    for _ in range(5):
-        store.take_windowed(1, 0, 100, None, True, windows)
-    later = expiries()
-    assert all(0 < ttl_ms < min(first) for ttl_ms in later), (first, later)  # not renewed yet
-    # Past its spare minute (here: the expiry cut short), the next start renews it.
-    client.pexpire(logs[0], 1_000)
-    stored = client.get(KEY_PREFIX + unique_key(request)).decode().split(":")
-    stored[10] = str(int(stored[10]) - 61_000_000)  # kept until: a minute earlier
-    client.set(KEY_PREFIX + unique_key(request), ":".join(stored), px=60_000)
-    store.take_windowed(1, 0, 100, None, True, windows)
-    assert all(60_000 < ttl_ms <= 122_000 for ttl_ms in expiries()), expiries()
-    store.close()
-
-
 def test_unreachable_store_is_a_store_error() -> None:
     store = RedisBucketStore(f"redis://127.0.0.1:{free_port()}/0", "x")
     with pytest.raises(StoreError, match=r"redis redis://127\.0\.0\.1:\d+/0 key"):
@@ -694,29 +663,3 @@ def test_other_limits_claimed_after_a_restart_are_told(private_redis: RedisServe
     assert told == ["rate 600/min, burst 1"]
     ours.close()
     theirs.close()
-
-
-def test_a_reservation_queues_alike_whether_the_bucket_remembers_the_last_or_not(
-    redis_server: RedisServer, request: pytest.FixtureRequest
-) -> None:
-    # The latest reservation is kept in the bucket's string; a string without it (an older
-    # one, or the bucket expired while its logs live) reads it from the reserved log.
-    client = redis_server.client()
-    windows = ((1, SECOND), (3, 10 * SECOND))
-    answers = []
-    for known in (True, False):
-        name = f"{unique_key(request)}-{known}"
-        store = RedisBucketStore(redis_server.url, name)
-        takes = [store.take_windowed(1, 0, 100, None, True, windows) for _ in range(4)]
-        if not known:
-            stored = client.get(KEY_PREFIX + name).decode().split(":")
-            stored[11] = "-1"
-            client.set(KEY_PREFIX + name, ":".join(stored), px=60_000)
-        takes.append(store.take_windowed(1, 0, 100, None, True, windows))
-        store.close()
-        first_at = takes[0][1]
-        # Each start's moment from the first's, to the millisecond, and the limit that bound.
-        answers.append([(status, round((at + wait - first_at) / 1e6), bound)
-                        for status, at, wait, bound in takes])  # fmt: skip
-    assert answers[0] == answers[1]
-    assert [moment for _, moment, _ in answers[0]] == [0, 1000, 2000, 10000, 11000]

@@ -159,7 +159,6 @@ local function save()
   local busy_ms = math.max(math.ceil((math.max(reserved, admitted, keep_until) - now) / 1000), 0)
   st[1], st[2] = reserved, admitted
   local text = string.format('%.0f:%.0f:%.0f:%.0f:%.0f:%.0f:%.0f:%.0f:%.0f:%.0f', unpack(st, 1, 10))
-  if st[11] then text = text .. string.format(':%.0f:%.0f', st[11], st[12] or -1) end
   redis.call('SET', KEYS[1], text, 'PX', busy_ms + idle_ms)
 end
 -- The reply, and what the client keeps to tell a lost state: the epoch, the time, the loss.
@@ -223,33 +222,12 @@ return {math.max(reserved, admitted) - now, interval}
 # and length. Each check reads one entry near a list's head, each start appends and trims:
 # O(cost), whatever the count. After a loss of the store's state (st[10]) each window counts
 # as full at that moment, until it has passed: the starts it lost may have filled it.
-# Two more fields of the bucket's string spare calls: st[11], until when the logs are kept
-# (their expiry is renewed when it no longer covers their longest window and the idle time
-# ahead, then a minute beyond: about once a minute, not at every start), and st[12], the
-# latest reservation logged (the reserved log's last entry; -1: not known, read the log).
 _WINDOWS = """
 local windows = (#ARGV - 8) / 2
 local function count_of(k) return tonumber(ARGV[7 + 2 * k]) end
 local function length_of(k) return tonumber(ARGV[8 + 2 * k]) end
-local longest = 0
 for k = 1, windows do
   if st[10] > 0 then keep_until = math.max(keep_until, st[10] + length_of(k)) end
-  longest = math.max(longest, length_of(k))
-end
--- the logs must outlive their longest window and the idle time; renewed with time to spare
-local kept_until = st[11] or 0
-local needed = now + longest + idle_ms * 1000
-local renew = kept_until < needed
-if renew then kept_until = needed + 60000000 end
-local keep_ms = math.ceil((kept_until - now) / 1000)
--- before a script writes to the logs: renew their expiry if it is due
-local function keep_logs()
-  if not renew then return end
-  for k = 1, windows do
-    redis.call('PEXPIRE', KEYS[2 * k], keep_ms)
-    redis.call('PEXPIRE', KEYS[2 * k + 1], keep_ms)
-  end
-  st[11], dirty, renew = kept_until, true, false
 end
 -- Window k's starts before those logged: at the loss, while the window still holds it
 local function filled(k)
@@ -267,7 +245,6 @@ end
 local function log(list, k, at, c)
   local text, values, length = string.format('%.0f', at), {}, 0
   c = math.min(c, count_of(k))
-  local pushed = c
   -- in chunks: unpack() takes at most a few thousand values (a start may cost a million)
   for i = 1, math.min(c, 1000) do values[i] = text end
   while c > 0 do
@@ -278,7 +255,7 @@ local function log(list, k, at, c)
   if length > count_of(k) then
     redis.call('LTRIM', list, -count_of(k), -1)
   end
-  if length <= pushed then redis.call('PEXPIRE', list, keep_ms) end  -- new: as the others
+  redis.call('PEXPIRE', list, math.ceil(length_of(k) / 1000) + idle_ms)
 end
 """
 
@@ -290,12 +267,8 @@ TAKE_WINDOWS_SCRIPT = (
 local base = math.max(reserved, admitted, now)
 local rate_start = base + (cost - burst) * interval
 local start, bound = rate_start, 0
-local last = st[12]
-if last == nil or last < 0 then  -- not known: from the log
-  last = redis.call('LINDEX', KEYS[2], -1)
-  if last then last = tonumber(last) end
-end
-if last then start = math.max(start, last) end
+local last = redis.call('LINDEX', KEYS[2], -1)
+if last then last = tonumber(last); start = math.max(start, last) end
 -- windows.take: the most binding window, named even when the line before it binds more
 local latest, latest_bound = start, 0
 for k = 1, windows do
@@ -327,12 +300,10 @@ else
     status = 0
   end
 end
-keep_logs()
 for k = 1, windows do
   log(KEYS[2 * k], k, now + wait, cost)
   if status == 0 then log(KEYS[2 * k + 1], k, now, cost) end
 end
-st[12] = now + wait
 return reply({status, now, wait, bound}, true)
 """
 )
@@ -357,7 +328,6 @@ if wait > 0 then
 end
 admitted = math.max(admitted, now) + cost * interval
 st[4] = st[4] + cost
-keep_logs()
 for k = 1, windows do log(KEYS[2 * k + 1], k, now, cost) end
 return reply({0, now, 0, bound}, true)
 """
