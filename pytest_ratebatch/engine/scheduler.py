@@ -19,8 +19,9 @@ for good; and after a stop its session starts nothing more anyway.
 With a start line (``open_start_line``: priorities stated, or other sessions on the store),
 an unbatched start takes its tokens only in its turn: starts waiting for tokens when they
 come due, in any worker or session on the store, take them highest ``priority`` first, in
-arrival order within one. Nothing is reserved ahead: a start whose tokens are not due soon
-sleeps out of the line, so a start arriving meanwhile with a higher priority still goes first.
+arrival order within one. Nothing is reserved further ahead than a short lead: a start
+whose tokens are further off holds its turn while it sleeps, and gives it up to a start of a
+higher priority that came meanwhile, which then goes first.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ OnWait = Callable[[str, float], None]
 #: What a start holds from the start line while it takes its tokens: the one turn.
 START_TURN = {"turn": 1.0}
 
-#: A start in the start line takes its tokens when they are due within this; further off,
-#: it sleeps until this long before they are and stands in line again. Longer than a wake-up
-#: and a turn's hand-over take (the file store's line is looked at every 5-20 ms).
+#: A start takes its tokens when they are due within this (and three round trips to the
+#: store); further off, it sleeps until then, in the start line. Longer than a wake-up and a
+#: turn's hand-over take (the file store's line is looked at every 5-20 ms).
 TURN_LEAD_NS = 25_000_000
 
 #: A start waits for its turn in the start line this long at most before it looks at the
@@ -82,7 +83,8 @@ _ARRIVALS = 1 << 32  # 497 days of hundredths: the ranks of one priority never o
 def line_rank(priority: int, arrived_wall_ns: int) -> int:
     """A start's rank in the start line (higher first): its priority, then the earlier
     arrival. The line orders equal ranks by the moment they stood in it; a start stands in
-    it again after each sleep, so its first arrival is folded into the rank to keep its place.
+    it again after it gave its turn up, or a slice of its wait passed, so its first arrival
+    is folded into the rank to keep its place.
     Exact in Redis (a double): ``MAX_PRIORITY`` times ``2**32`` is below ``2**53``."""
     arrival = (arrived_wall_ns // _ARRIVAL_UNIT_NS) % _ARRIVALS
     return priority * _ARRIVALS + (_ARRIVALS - 1 - arrival)
@@ -419,14 +421,15 @@ class TaskScheduler:
 
     def _take_in_line(self, limiter: RateLimiter, cost: int) -> int | None:
         """A start's tokens: at once if they are due within ``TURN_LEAD_NS``, else in its
-        turn in the start line. The admission time on the store's clock, or ``None`` if the
-        total timeout would pass first.
+        turn in the start line (the lead then grows by three of the store's round trips).
+        The admission time on the store's clock, or ``None`` if the total timeout would pass
+        first.
 
         The line hands the turn out by rank (``line_rank``: priority, then arrival). Its
         holder sleeps until shortly before its tokens are due, then takes them, unless a
         start of a higher rank waits by then: it lets that one go first and stands in line
         again. So the tokens go to the highest priority waiting when they come due, and none
-        is reserved further ahead than ``TURN_LEAD_NS``."""
+        is reserved further ahead than the lead."""
         on_tokens = self._on_tokens
         assert on_tokens is not None
         clock = self._clock
