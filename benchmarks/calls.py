@@ -49,10 +49,12 @@ Parts (rows; each in one process and, where it says, with ``-n 4``):
    own instructions). Then Redis admission per call: ``RedisBucketStore.take``
    with the interval of ``UNLIMITED`` (an auto or windowless limit's path) and
    ``take_windowed`` with a 20/2s window (a stated limit's path: past 20 calls it reserves
-   later slots, still one EVALSHA) against ``PING`` on the same kind of connection, in
-   interleaved blocks of a few calls (their order rotated): the median over blocks of each
-   block's time to its neighbouring PING block's (target <= 1.3), with its quartiles, and
-   the commands' own server time (``INFO commandstats``).
+   later slots, still one EVALSHA) against redis-py's ``ping()`` (the round trip a redis-py
+   client pays for the cheapest command), in interleaved blocks of a few calls (their order
+   rotated): the median over blocks of each block's time to its neighbouring PING block's
+   (target <= 1.3), with its quartiles, and the commands' own server time (``INFO
+   commandstats``). Beside them, a bare PING (packed once, sent and read on a connection of
+   its own, as the store sends its scripts): the wire's share, and each script's ratio to it.
 
 Medians over ``--repeats`` runs (default 2; the rows run interleaved, their order rotated
 each round); part 7 counts each variant under ``PYTHONHASHSEED`` 1..repeats. Needs openai,
@@ -1052,13 +1054,20 @@ def run_redis_cost(args: argparse.Namespace, redis: RedisHolder) -> list[Figure]
     interval, burst = UNLIMITED.interval_ns, UNLIMITED.burst
     windows = ((WINDOW_COUNT, int(WINDOW_S * 1e9) + CALL_WINDOW_MARGIN_NS),)
     client = redis_py.Redis.from_url(url)
-    names = ("PING", "take (UNLIMITED interval)", "take_windowed (20/2s)")
-    commands = {"PING": "ping"}  # the others are one EVALSHA each
+    names = ("PING", "bare PING", "take (UNLIMITED interval)", "take_windowed (20/2s)")
+    commands = {"PING": "ping"}  # the others are one EVALSHA each (or a PING)
     prefix = f"bench-calls-cost-{os.getpid()}"
     take = RedisBucketStore(url, f"{prefix}-take")
     windowed = RedisBucketStore(url, f"{prefix}-windowed")
+    bare: Any = client.connection_pool.make_connection()  # redis-py leaves it untyped
+
+    def bare_ping() -> object:
+        bare.send_packed_command([b"*1\r\n$4\r\nPING\r\n"], check_health=False)
+        return bare.read_response()
+
     calls: dict[str, Callable[[], object]] = {
         "PING": client.ping,
+        "bare PING": bare_ping,
         "take (UNLIMITED interval)": partial(take.take, 1, interval, burst, None, True),
         "take_windowed (20/2s)": partial(
             windowed.take_windowed, 1, interval, burst, None, True, windows
@@ -1077,12 +1086,13 @@ def run_redis_cost(args: argparse.Namespace, redis: RedisHolder) -> list[Figure]
     # when the machine's speed drifts between blocks; the median of those ratios is quoted.
     results: dict[str, list[float]] = {name: [] for name in names}
     for block in range(args.redis_rounds):
-        order = names[block % 3 :] + names[: block % 3]
+        order = names[block % len(names) :] + names[: block % len(names)]
         for name in order:
             results[name].append(per_call_us(calls[name], args.redis_calls))
     after = {name: command_stats(commands.get(name, "evalsha")) for name in ("PING", "take")}
     take.close()
     windowed.close()
+    bare.disconnect()
     client.close()
     server_us = {
         name: (after[name][1] - before[name][1]) / max(1, after[name][0] - before[name][0])
@@ -1094,11 +1104,15 @@ def run_redis_cost(args: argparse.Namespace, redis: RedisHolder) -> list[Figure]
     )
     rows = []
     figures = []
+
+    def block_ratios(name: str, reference: str) -> list[float]:
+        return [value / ping for value, ping in zip(results[name], results[reference], strict=True)]
+
     for name in names:
-        ratios = [value / ping for value, ping in zip(results[name], results["PING"], strict=True)]
+        ratios = block_ratios(name, "PING")
         ratio = statistics.median(ratios)
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio] * 3
-        target = "-" if name == "PING" else "<= 1.3"
+        target = "<= 1.3" if name.startswith("take") else "-"
         server = (
             f"{server_us['PING']:.1f}" if name == "PING"
             else f"{server_us['take']:.1f} (both)" if name.startswith("take (")
@@ -1106,16 +1120,22 @@ def run_redis_cost(args: argparse.Namespace, redis: RedisHolder) -> list[Figure]
         )  # fmt: skip
         rows.append(
             (name, f"{statistics.median(results[name]):.1f}", server, f"{ratio:.2f}",
-             f"{quartiles[0]:.2f}-{quartiles[2]:.2f}", target)
+             f"{quartiles[0]:.2f}-{quartiles[2]:.2f}",
+             f"{statistics.median(block_ratios(name, 'bare PING')):.2f}", target)
         )  # fmt: skip
-        if name != "PING":
+        if name.startswith("take"):
             figures.append(
                 Figure(7, f"Redis {name} / PING", f"{ratio:.2f}", "<= 1.3", ratio <= 1.3)
             )
-    header = ("operation", "us/call", "server us/call", "ratio to PING", "quartiles", "target")
+    header = (
+        "operation", "us/call", "server us/call", "ratio to PING", "quartiles",
+        "to bare PING", "target",
+    )  # fmt: skip
     print_table(header, rows)
     print(
-        "ratio to PING: median over blocks of the block's time / the neighbouring PING block's;"
+        "ratio to PING: median over blocks of the block's time / the neighbouring block's of"
+        " redis-py's ping(); to bare PING: the same, to a PING packed once and sent on a"
+        " connection of its own (the wire alone, as the store sends its scripts);"
         " server us/call: INFO commandstats (PING's, and EVALSHA's over both scripts)"
     )
     print(

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,19 @@ import pytest
 
 from pytest_ratebatch.engine.limiter import UNLIMITED
 from pytest_ratebatch.limits import gcra
+from pytest_ratebatch.limits.bucket import UNSET, BucketState, current_interval
 from pytest_ratebatch.limits.policy import RateLimit, build_policy
 from pytest_ratebatch.plugin.options import COMMAND_LINE, RawValue
 from pytest_ratebatch.stores.base import StoreError
 from pytest_ratebatch.stores.redis import (
+    CLAIM_FORMAT,
     KEY_PREFIX,
+    STATE_FORMAT,
     PolicyConflict,
     RedisBucketStore,
     RedisSlotPool,
+    _dump,
+    _load,
 )
 from pytest_ratebatch.views.report import worst_excess
 from tests.redis_server import RedisServer, free_port
@@ -498,6 +504,105 @@ def test_a_key_held_with_other_limits_is_refused(
     same.close()
     other.claim(*loose)  # once they ended, the key is free for other limits
     other.close()
+
+
+def test_a_key_held_by_an_older_version_is_refused_clearly(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    """A version that kept the bucket as text claimed without ``CLAIM_FORMAT``: it would
+    misread this version's state, so the two refuse each other, whatever the limits."""
+    key = unique_key(request)
+    fingerprint, text = build_policy(cli(rate_per_minute="120")).shared_limits()
+    older = f"0123456789abcdef\t{fingerprint}\t{text}"
+    client = redis_server.client()
+    claims = f"{KEY_PREFIX}{key}:sessions"
+    server_seconds, _ = client.time()
+    client.zadd(claims, {older: (server_seconds + 60) * 1_000_000})
+    store = RedisBucketStore(redis_server.url, key)
+    with pytest.raises(StoreError, match="in use by a session of an older pytest-ratebatch"):
+        store.claim(fingerprint, text)
+    client.delete(claims)
+    store.claim(fingerprint, text)
+    (ours,) = client.zrange(claims, 0, -1)
+    assert isinstance(ours, bytes)
+    assert ours.decode().split("\t")[1] == fingerprint + CLAIM_FORMAT
+    store.close()
+
+
+def test_a_bucket_kept_as_text_by_an_older_version_reads_on(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    """A value of the text format (``reserved:admitted:...`` in us) is read, then written
+    back packed (``STATE_FORMAT``); its reservations hold."""
+    key = unique_key(request)
+    client = redis_server.client()
+    server_seconds, micros = client.time()
+    now_us = server_seconds * 1_000_000 + micros
+    ahead = now_us + 3_000_000  # a bucket reserved 3 s ahead, an epoch, no loss
+    client.set(KEY_PREFIX + key, f"{ahead}:{ahead}:-1:7:-1:0:0:0:{now_us}:0", px=60_000)
+    store = RedisBucketStore(redis_server.url, key)
+    interval = RateLimit(60, 1).interval_ns
+    status, _, wait = store.take(1, interval, 1, None, True)
+    assert status == gcra.RESERVED
+    assert 2 * SECOND < wait <= 3 * SECOND
+    stored = client.get(KEY_PREFIX + key)
+    assert stored is not None
+    assert stored[:1] == STATE_FORMAT
+    state, (epoch, loss) = _load(stored)
+    assert (state.count, epoch, loss, store.losses) == (7, now_us, 0, 0)
+    assert state.reserved == (ahead + 1_000_000) * 1000  # the new reservation, after it
+    store.close()
+
+
+def test_the_packed_state_round_trips_through_python() -> None:
+    """The throttle's read-modify-write (``_load``/``_dump``) and the scripts share one form."""
+    state = BucketState(
+        reserved=1_796_275_561_729_771_000, admitted=5_000, interval=-1, count=3,
+        mark_ns=-1, mark_count=2, recover_at=9_000, throttles=1,
+    )  # fmt: skip
+    loaded, tail = _load(_dump(state, (1_796_275_561_000_000, 0)))
+    assert (loaded.values(), tail) == (state.values(), (1_796_275_561_000_000, 0))
+    text, text_tail = _load(b"1796275561729771:5:-1:3:-1:2:9:1")
+    assert (text.values(), text_tail) == (state.values(), ())
+
+
+def test_an_adapted_interval_of_a_few_microseconds_recovers(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    """An interval under 16 us shortens by 1 us per recovery step (a 16th of it rounds to 0:
+    it would stay adapted for good), as ``limits.bucket.current_interval`` does."""
+    key = unique_key(request)
+    client = redis_server.client()
+    server_seconds, micros = client.time()
+    now_us = server_seconds * 1_000_000 + micros
+    # ten recovery periods (1 s each) due: 10 us down to the configured 0
+    adapted = BucketState(interval=10_000, recover_at=(now_us - 10_500_000) * 1000)
+    client.set(KEY_PREFIX + key, _dump(adapted, (now_us, 0)), px=60_000)
+    store = RedisBucketStore(redis_server.url, key)
+    assert store.take(1, 0, 1, None, True)[0] == gcra.ADMITTED
+    state, _ = _load(client.get(KEY_PREFIX + key))
+    assert state.interval == UNSET
+    python = BucketState(interval=10, recover_at=0)  # the same in nanoseconds
+    assert current_interval(python, 10 * SECOND + 1, 0) == 0
+    assert python.interval == UNSET
+    store.close()
+
+
+def test_threads_share_one_store(redis_server: RedisServer, request: pytest.FixtureRequest) -> None:
+    """Calls from several threads at once: one goes on the store's own connection, the
+    others through redis-py's pool; every take is counted once."""
+    store = RedisBucketStore(redis_server.url, unique_key(request))
+    interval, burst = UNLIMITED.interval_ns, UNLIMITED.burst
+
+    def takes() -> list[int]:
+        return [store.take(1, interval, burst, None, True)[0] for _ in range(200)]
+
+    with ThreadPoolExecutor(4) as pool:
+        statuses = [status for result in pool.map(lambda _: takes(), range(4)) for status in result]
+    assert statuses == [gcra.ADMITTED] * 800
+    state, _ = _load(redis_server.client().get(store.key))
+    assert state.count == 800
+    store.close()
 
 
 def test_a_killed_sessions_claim_lapses(

@@ -104,7 +104,8 @@ def current_interval(state: BucketState, now: int, configured: int) -> int:
         return configured
     recover_at = state.recover_at
     while now >= recover_at and interval > configured:
-        interval = max(configured, interval - interval // RECOVERY_STEP)
+        # (at least 1: an interval under RECOVERY_STEP would never shorten)
+        interval = max(configured, interval - max(1, interval // RECOVERY_STEP))
         recover_at += _period(interval)
     if interval <= configured:
         state.interval = UNSET
