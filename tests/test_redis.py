@@ -548,7 +548,7 @@ def test_a_bucket_kept_as_text_by_an_older_version_reads_on(
     stored = client.get(KEY_PREFIX + key)
     assert stored is not None
     assert stored[:1] == STATE_FORMAT
-    state, (epoch, loss) = _load(stored)
+    state, (epoch, loss, *_) = _load(stored)
     assert (state.count, epoch, loss, store.losses) == (7, now_us, 0, 0)
     assert state.reserved == (ahead + 1_000_000) * 1000  # the new reservation, after it
     store.close()
@@ -560,8 +560,9 @@ def test_the_packed_state_round_trips_through_python() -> None:
         reserved=1_796_275_561_729_771_000, admitted=5_000, interval=-1, count=3,
         mark_ns=-1, mark_count=2, recover_at=9_000, throttles=1,
     )  # fmt: skip
-    loaded, tail = _load(_dump(state, (1_796_275_561_000_000, 0)))
-    assert (loaded.values(), tail) == (state.values(), (1_796_275_561_000_000, 0))
+    tail = (1_796_275_561_000_000, 0, 1_796_275_560_000_000, 1_796_275_562_000_000)
+    loaded, loaded_tail = _load(_dump(state, tail))
+    assert (loaded.values(), loaded_tail) == (state.values(), tail)
     text, text_tail = _load(b"1796275561729771:5:-1:3:-1:2:9:1")
     assert (text.values(), text_tail) == (state.values(), ())
 

@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -324,17 +325,40 @@ def test_redis_holds_every_window_across_clients(
     assert sum(cost for _, cost in admitted) == 17
     for limit in limits:
         assert worst_window(admitted, limit) <= limit.count  # on the server's clock
-    # State stays bounded: each log holds at most its count.
+    # 17 starts: within each log's slack, not trimmed yet (``test_redis_logs_stay_bounded``)
     client_ = redis_server.client()
     lengths = {name: client_.llen(name) for name in client_.keys(f"*{key}:window:*")}
+    assert lengths == dict.fromkeys(lengths, 17)
     assert len(lengths) == 4
-    assert lengths == {
-        name: 3 if b":window:3/" in name else 5 for name in lengths
-    }  # fmt: skip
     # 17 cost at 5 per 0.6 s: the last start is at least 3 windows after the first.
     times = sorted(at for at, _ in admitted)
     assert times[-1] - times[0] >= 3 * 600_000_000
     assert stores[0].level(UNLIMITED.interval_ns, UNLIMITED.burst, limiters[0]._windows) >= 0
+
+
+def test_redis_logs_stay_bounded_and_outlive_their_windows(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    """A log is trimmed to its count once it holds LOG_SLACK more; its expiry (the window
+    and the idle time) is renewed every half of the idle time, and on the list's birth."""
+    from pytest_ratebatch.stores.redis import LOG_SLACK, RedisBucketStore
+
+    key = f"windows-{request.node.name}"
+    store = RedisBucketStore(redis_server.url, key, idle_expiry_ms=600)
+    limiter = RateLimiter(UNLIMITED, store, windows=parse_windows("2/1ms"))
+    client = redis_server.client()
+    for _ in range(3 * LOG_SLACK):
+        assert limiter.take(1) is not None
+    names = client.keys(f"*{key}:window:*")
+    assert len(names) == 2
+    for name in names:
+        assert 2 <= client.llen(name) <= 2 + LOG_SLACK
+        assert 0 < client.pttl(name) <= 1 + 50 + 600  # the window, its margin, idle time
+    time.sleep(0.4)  # past half the idle time: the next start renews
+    assert limiter.take(1) is not None
+    for name in names:
+        assert client.pttl(name) > 400  # (not renewed: 221 ms or less)
+    store.close()
 
 
 def test_redis_windowed_outcomes_name_the_bound(

@@ -97,12 +97,13 @@ SOCKET_TIMEOUT = 2.0
 
 # Shared preamble: the server's clock and the bucket, in microseconds. The bucket is one
 # string (one GET, one SET with its expiry: fewest calls per round trip): a format byte (2)
-# and ten little-endian doubles, packed and unpacked in C (``struct``: text cost the script
-# a third of its time), exact to 2**53 us. The numbers of ``BucketState``, then two of its
-# own: its epoch (when this value was created, so a client can tell a new one from the one
-# it saw) and the moment a loss of the store's state was last found (0: never; the windows
-# count as full from then). A value of an older version, the numbers as text joined by ":"
-# (shorter still, older yet), still reads.
+# and twelve little-endian doubles, packed and unpacked in C (``struct``: text cost the
+# script a third of its time), exact to 2**53 us. The numbers of ``BucketState``, then four
+# of its own: its epoch (when this value was created, so a client can tell a new one from
+# the one it saw), the moment a loss of the store's state was last found (0: never; the
+# windows count as full from then), and for window limits, when the logs' expiry was last
+# renewed (st[11]) and the latest reservation logged (st[12]). A value of an
+# older version, the numbers as text joined by ":" (shorter still, older yet), still reads.
 #
 # A lost state (a server restarted without persistence, a flushed database): the client
 # sends the epoch it knows (ARGV[7], 0: none yet) and the bucket's theoretical arrival time
@@ -117,11 +118,11 @@ local now = clock[1] * 1000000 + clock[2]
 local cost, interval, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local idle_ms, known, seen = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local lost, dirty, keep_until = 0, false, 0
-local st = {0, 0, -1, 0, -1, 0, 0, 0, 0, 0}
+local st = {0, 0, -1, 0, -1, 0, 0, 0, 0, 0, 0, 0}
 local stored = redis.call('GET', KEYS[1])
 if stored then
   if string.byte(stored, 1) == 2 then
-    st = {struct.unpack('<dddddddddd', stored, 2)}
+    st = {struct.unpack('<dddddddddddd', stored, 2)}
   else
     local i = 1
     for field in string.gmatch(stored, '[^:]+') do st[i] = tonumber(field); i = i + 1 end
@@ -166,7 +167,7 @@ local reserved, admitted = st[1], st[2]
 local function save()
   local busy_ms = math.max(math.ceil((math.max(reserved, admitted, keep_until) - now) / 1000), 0)
   st[1], st[2] = reserved, admitted
-  local packed = string.char(2) .. struct.pack('<dddddddddd', unpack(st, 1, 10))
+  local packed = string.char(2) .. struct.pack('<dddddddddddd', unpack(st, 1, 12))
   redis.call('SET', KEYS[1], packed, 'PX', busy_ms + idle_ms)
 end
 -- The reply, and what the client keeps to tell a lost state: the epoch, the time, the loss.
@@ -226,10 +227,14 @@ return {math.max(reserved, admitted) - now, interval}
 )
 
 # Window limits (``windows``): KEYS[2k] and KEYS[2k+1] are window k's reserved and admitted
-# logs, lists of their last ``count`` starts (oldest first); ARGV[7+2k], ARGV[8+2k] its count
-# and length. Each check reads one entry near a list's head, each start appends and trims:
-# O(cost), whatever the count. After a loss of the store's state (st[10]) each window counts
-# as full at that moment, until it has passed: the starts it lost may have filled it.
+# logs, lists of their starts (oldest first), of which the last ``count`` matter; ARGV[7+2k],
+# ARGV[8+2k] its count and length. Each check reads one entry counted from a list's tail,
+# each start appends: O(cost), whatever the count. Calls saved, as each costs the script
+# more than its arithmetic: a list is trimmed once it holds LOG_SLACK entries more than its
+# count, and its expiry renewed every half minute (st[11]: the last renewal), not on every
+# start. After a loss of the store's state (st[10]) each window counts as full at that
+# moment, until it has passed: the starts it lost may have filled it.
+LOG_SLACK = 64
 _WINDOWS = """
 local windows = (#ARGV - 8) / 2
 local function count_of(k) return tonumber(ARGV[7 + 2 * k]) end
@@ -237,6 +242,9 @@ local function length_of(k) return tonumber(ARGV[8 + 2 * k]) end
 for k = 1, windows do
   if st[10] > 0 then keep_until = math.max(keep_until, st[10] + length_of(k)) end
 end
+-- Each renewal keeps a list for its window and the idle minute: renewed after half a
+-- minute, it always outlives a start's window by half a minute or more.
+local renew = now - st[11] > idle_ms * 500
 -- Window k's starts before those logged: at the loss, while the window still holds it
 local function filled(k)
   if st[10] > 0 and st[10] + length_of(k) > now then return st[10] end
@@ -252,20 +260,29 @@ local function entry(list, k, c)
 end
 local function log(list, k, at, c)
   local text, values, length = string.format('%.0f', at), {}, 0
-  c = math.min(c, count_of(k))
+  local pushed = math.min(c, count_of(k))
   -- in chunks: unpack() takes at most a few thousand values (a start may cost a million)
-  for i = 1, math.min(c, 1000) do values[i] = text end
-  while c > 0 do
-    local chunk = math.min(c, 1000)
+  for i = 1, math.min(pushed, 1000) do values[i] = text end
+  local left = pushed
+  while left > 0 do
+    local chunk = math.min(left, 1000)
     length = redis.call('RPUSH', list, unpack(values, 1, chunk))
-    c = c - chunk
+    left = left - chunk
   end
-  if length > count_of(k) then
+  if length > count_of(k) + LOG_SLACK then
     redis.call('LTRIM', list, -count_of(k), -1)
   end
-  redis.call('PEXPIRE', list, math.ceil(length_of(k) / 1000) + idle_ms)
+  -- (a list just made has no expiry yet)
+  if renew or length <= pushed then
+    redis.call('PEXPIRE', list, math.ceil(length_of(k) / 1000) + idle_ms)
+  end
 end
-"""
+-- after the logs are written: when their expiry was renewed, and the latest reservation
+local function note_logs(reserved_at)
+  if renew then st[11] = now end
+  if reserved_at then st[12] = reserved_at end
+end
+""".replace("LOG_SLACK", str(LOG_SLACK))
 
 # windows.take: ARGV[4] = max wait (-1: none), ARGV[5] = 1 to admit when no wait is needed.
 TAKE_WINDOWS_SCRIPT = (
@@ -275,8 +292,8 @@ TAKE_WINDOWS_SCRIPT = (
 local base = math.max(reserved, admitted, now)
 local rate_start = base + (cost - burst) * interval
 local start, bound = rate_start, 0
-local last = redis.call('LINDEX', KEYS[2], -1)
-if last then last = tonumber(last); start = math.max(start, last) end
+local last = nil
+if st[12] > 0 then last = st[12]; start = math.max(start, last) end
 -- windows.take: the most binding window, named even when the line before it binds more
 local latest, latest_bound = start, 0
 for k = 1, windows do
@@ -312,6 +329,7 @@ for k = 1, windows do
   log(KEYS[2 * k], k, now + wait, cost)
   if status == 0 then log(KEYS[2 * k + 1], k, now, cost) end
 end
+note_logs(now + wait)
 return reply({status, now, wait, bound}, true)
 """
 )
@@ -337,6 +355,7 @@ end
 admitted = math.max(admitted, now) + cost * interval
 st[4] = st[4] + cost
 for k = 1, windows do log(KEYS[2 * k + 1], k, now, cost) end
+note_logs(nil)
 return reply({0, now, 0, bound}, true)
 """
 )
@@ -350,7 +369,7 @@ local result = {math.max(reserved, admitted) - now, interval}
 for k = 1, windows do
   local used = 0
   for side = 0, 1 do
-    local n, logged = 0, redis.call('LRANGE', KEYS[2 * k + side], 0, -1)
+    local n, logged = 0, redis.call('LRANGE', KEYS[2 * k + side], -count_of(k), -1)
     for _, at in ipairs(logged) do
       if tonumber(at) > now - length_of(k) then n = n + 1 end
     end
@@ -365,7 +384,7 @@ return result
 
 #: The first byte of a bucket's value as this version writes it, then ``_STATE``.
 STATE_FORMAT = b"\x02"
-_STATE = struct.Struct("<10d")
+_STATE = struct.Struct("<12d")
 #: The fields of ``BucketState`` kept in microseconds in Redis (the others are counts).
 _TIME_FIELDS = frozenset({"reserved", "admitted", "interval", "mark_ns", "recover_at"})
 
