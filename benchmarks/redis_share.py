@@ -3,9 +3,10 @@
 Starts its own ``redis-server`` on a free 127.0.0.1 port (Debian package ``redis-server``).
 
 1. *Cost*: round-trip time of one admitted reservation (``RedisBucketStore.take``: one
-   EVALSHA of the GCRA script, on the server's clock) beside ``PING`` on the same
-   connection kind, interleaved, median µs per call and the ratio. Side by side,
-   pyrate-limiter's Redis bucket (``try_acquire``), if installed.
+   EVALSHA of the GCRA script, on the server's clock) beside redis-py's ``ping()``,
+   interleaved, median µs per call and the ratio. Side by side, pyrate-limiter's Redis
+   bucket (``try_acquire``), if installed, and a bare PING (packed once, sent and read on a
+   connection of its own, as the store sends its scripts: the wire alone).
 2. *Sharing*: S concurrent pytest sessions (default 3) on one key, each starting N trivial
    tests (default 60) under ``--rate-per-minute R --burst B`` (default 1200/min, burst 5)
    and writing a JSON report. Their admissions, on the server's clock (``store_ns``), are
@@ -43,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -78,8 +80,15 @@ def measure_cost(server: RedisServer, calls: int, rounds: int) -> dict[str, list
     client = redis.Redis.from_url(server.url)
     store = RedisBucketStore(server.url, "bench-cost")
     interval = RateLimit(1e12, 1).interval_ns
+    bare: Any = client.connection_pool.make_connection()  # redis-py leaves it untyped
+
+    def bare_ping() -> object:
+        bare.send_packed_command([b"*1\r\n$4\r\nPING\r\n"], check_health=False)
+        return bare.read_response()
+
     candidates: dict[str, Callable[[], object] | None] = {
         "PING": client.ping,
+        "bare PING": bare_ping,
         "ratebatch reservation": lambda: store.take(1, interval, 1, None, True),
         "pyrate-limiter Redis": pyrate_call(server.url),
     }
@@ -94,6 +103,7 @@ def measure_cost(server: RedisServer, calls: int, rounds: int) -> dict[str, list
                 call()  # warm: connection, script cache
                 results[name].append(per_call_us(call, calls))
     store.close()
+    bare.disconnect()
     client.close()
     return results
 

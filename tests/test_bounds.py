@@ -31,7 +31,7 @@ from pytest_ratebatch.limits.policy import (
 from pytest_ratebatch.stores.base import BucketStore
 from pytest_ratebatch.stores.files import FileBucketStore, FileSlotPool
 from pytest_ratebatch.stores.memory import MemoryBucketStore, MemorySlotPool
-from pytest_ratebatch.stores.redis import RedisBucketStore, RedisSlotPool
+from pytest_ratebatch.stores.redis import LOG_SLACK, RedisBucketStore, RedisSlotPool
 from tests.fakes import FakeClock
 from tests.redis_server import RedisServer
 
@@ -165,7 +165,9 @@ def test_a_start_costing_more_than_a_script_can_unpack(redis_server: RedisServer
     client = redis_server.client()
     name = f"{store.key}:window:10000/60000000us"
     assert client.llen(f"{name}:admitted") == 9000
-    assert client.llen(f"{name}:reserved") == 10_000  # trimmed to N
+    assert client.llen(f"{name}:reserved") == 10_001  # within LOG_SLACK of N: kept
+    assert store.take_windowed(LOG_SLACK, 0, 2**31, None, True, limits)[0] == gcra.RESERVED
+    assert client.llen(f"{name}:reserved") == 10_000  # past it: trimmed to N
     store.close()
 
 
