@@ -361,6 +361,36 @@ def test_redis_logs_stay_bounded_and_outlive_their_windows(
     store.close()
 
 
+def test_redis_renews_both_logs_whichever_a_start_writes(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> None:
+    """A reservation writes only the reserved logs, an admission only the admitted ones: the
+    renewal due at either gives every list its expiry, or a log still counting starts could
+    expire (and a window admit more than its count)."""
+    from pytest_ratebatch.stores.redis import KEY_PREFIX, RedisBucketStore, _dump, _load
+
+    key = f"windows-{request.node.name}"
+    store = RedisBucketStore(redis_server.url, key, idle_expiry_ms=2000)
+    limits = ((2, 3 * SECOND),)  # each list kept 3 s + 2 s past a renewal
+    client = redis_server.client()
+    name = f"{store.key}:window:2/3000000us"
+    assert store.commit_windowed(1, 1000, 1000, None, limits)[0] == gcra.ADMITTED
+    assert 4800 < client.pttl(f"{name}:admitted") <= 5000
+    time.sleep(1.2)  # past half the idle time: the next start renews
+    assert store.take_windowed(1, 1000, 1000, None, False, limits)[0] == gcra.RESERVED
+    assert client.pttl(f"{name}:admitted") > 4400  # (not renewed: 3800 or less)
+    assert client.pttl(f"{name}:reserved") > 4400
+    # A server clock gone back (the last renewal now in the future) renews at once.
+    state, (epoch, loss, _renewed, latest) = _load(client.get(KEY_PREFIX + key))
+    seconds, micros = client.time()
+    future = seconds * 1_000_000 + micros + 600_000_000
+    client.set(KEY_PREFIX + key, _dump(state, (epoch, loss, future, latest)), px=60_000)
+    client.pexpire(f"{name}:admitted", 1000)
+    assert store.take_windowed(1, 1000, 1000, None, False, limits)[0] == gcra.RESERVED
+    assert client.pttl(f"{name}:admitted") > 4400
+    store.close()
+
+
 def test_redis_windowed_outcomes_name_the_bound(
     redis_server: RedisServer, request: pytest.FixtureRequest
 ) -> None:

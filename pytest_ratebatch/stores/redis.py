@@ -242,9 +242,10 @@ local function length_of(k) return tonumber(ARGV[8 + 2 * k]) end
 for k = 1, windows do
   if st[10] > 0 then keep_until = math.max(keep_until, st[10] + length_of(k)) end
 end
--- Each renewal keeps a list for its window and the idle minute: renewed after half a
--- minute, it always outlives a start's window by half a minute or more.
-local renew = now - st[11] > idle_ms * 500
+-- Each renewal keeps every list (both sides: a start may write only one) for its window
+-- and the idle minute: renewed after half a minute, a list outlives the window of any start
+-- it holds by half a minute or more. (A clock gone back renews too.)
+local renew = now - st[11] > idle_ms * 500 or now < st[11]
 -- Window k's starts before those logged: at the loss, while the window still holds it
 local function filled(k)
   if st[10] > 0 and st[10] + length_of(k) > now then return st[10] end
@@ -272,14 +273,21 @@ local function log(list, k, at, c)
   if length > count_of(k) + LOG_SLACK then
     redis.call('LTRIM', list, -count_of(k), -1)
   end
-  -- (a list just made has no expiry yet)
-  if renew or length <= pushed then
+  -- (a list just made has no expiry yet; the others get theirs in ``note_logs``)
+  if length <= pushed and not renew then
     redis.call('PEXPIRE', list, math.ceil(length_of(k) / 1000) + idle_ms)
   end
 end
--- after the logs are written: when their expiry was renewed, and the latest reservation
+-- after the logs are written: every list's expiry when due, and the latest reservation
 local function note_logs(reserved_at)
-  if renew then st[11] = now end
+  if renew then
+    for k = 1, windows do
+      local keep = math.ceil(length_of(k) / 1000) + idle_ms
+      redis.call('PEXPIRE', KEYS[2 * k], keep)
+      redis.call('PEXPIRE', KEYS[2 * k + 1], keep)
+    end
+    st[11] = now
+  end
   if reserved_at then st[12] = reserved_at end
 end
 """.replace("LOG_SLACK", str(LOG_SLACK))
@@ -446,6 +454,8 @@ class RedisConnection:
         self._execute: Callable[..., Any] = self.client.execute_command
         self._lane = threading.Lock()
         self._connection: Any = None  # made on the first script call
+        self._closed = False
+        self._reply_error: type[BaseException] = redis.ResponseError
         self._pid = os.getpid()
         #: Each script's command up to its arguments, packed: (SHA1, *keys) -> bytes.
         self._heads: dict[tuple[str, ...], bytes] = {}
@@ -499,8 +509,8 @@ class RedisConnection:
         """EVALSHA on a connection of this object's own, the command packed here: redis-py's
         ``execute_command`` spends more than a loopback round trip on its pool's bookkeeping
         (a poll of the socket, counters) before it sends. A second thread calling meanwhile
-        goes through the pool as before."""
-        if not self._lane.acquire(blocking=False):
+        goes through the pool as before, as does a call after ``close``."""
+        if self._closed or not self._lane.acquire(blocking=False):
             return self._execute("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
             connection = self._connection
@@ -515,18 +525,29 @@ class RedisConnection:
                     map(_bulk, ("EVALSHA", script.sha, len(keys), *keys))
                 )
             count = b"*%d\r\n" % (3 + len(keys) + len(args))
-            connection.send_packed_command(
-                [b"".join((count, head, *map(_bulk, args)))], check_health=False
-            )
-            return connection.read_response()
+            try:
+                connection.send_packed_command(
+                    [b"".join((count, head, *map(_bulk, args)))], check_health=False
+                )
+                return connection.read_response()
+            except self._reply_error:
+                raise  # the reply was read: the connection is ready for the next command
+            except BaseException:
+                # Interrupted between sending and reading (Ctrl-C, a timeout's signal): the
+                # reply may still come, and the next command must not read it as its own.
+                connection.disconnect()
+                raise
         finally:
             self._lane.release()
 
     def close(self) -> None:
         """Close the connections (the pool's and this object's own)."""
-        if self._lane.acquire(timeout=SOCKET_TIMEOUT):  # a call in flight ends by then
+        self._closed = True
+        if self._pid != os.getpid():
+            self._connection = None  # the parent's (whose lock a fork may have left held)
+        elif self._lane.acquire(timeout=SOCKET_TIMEOUT):  # a call in flight ends by then
             try:
-                if self._connection is not None and self._pid == os.getpid():
+                if self._connection is not None:
                     self._connection.disconnect()
                 self._connection = None
             finally:
@@ -743,7 +764,11 @@ class RedisBucketStore:
                         pipe.watch(self.key)  # type: ignore[no-untyped-call]
                         seconds, micros = pipe.time()
                         now = (int(seconds) * 1_000_000 + int(micros)) * 1000
-                        state, tail = _load(pipe.get(self.key))
+                        # (bytes, even where the URL asks redis-py to decode replies)
+                        stored = pipe.execute_command(  # type: ignore[no-untyped-call]
+                            "GET", self.key, NEVER_DECODE=True
+                        )
+                        state, tail = _load(stored)
                         result = adapt_throttle(state, now, wait_ns, interval_ns, burst, adapt)
                         busy_ms = max(0, -(-(max(state.reserved, state.admitted) - now) // 10**6))
                         pipe.multi()
@@ -842,7 +867,8 @@ def _dump(state: BucketState, tail: Sequence[int] = ()) -> bytes:
         value // 1000 if name in _TIME_FIELDS and value >= 0 else value
         for name, value in zip(BucketState.FIELDS, state.values(), strict=True)
     ]
-    numbers = [*fields, *tail, 0, 0][: _STATE.size // 8]  # an epoch of 0: the script sets one
+    count = _STATE.size // 8  # (an epoch of 0, or none at all: the script sets one)
+    numbers = [*fields, *tail, *[0] * count][:count]
     return STATE_FORMAT + _STATE.pack(*numbers)
 
 
