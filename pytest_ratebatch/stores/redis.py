@@ -5,7 +5,9 @@ Each operation is one round trip: an atomic Lua script on one key (the ``BucketS
 clock (``TIME``, in microseconds), never the clients' clocks, so sessions on different
 machines agree on time; a throttle, rare, reads and writes it under WATCH. The key expires once the
 bucket has been full and idle for a minute. redis-py (the ``redis`` extra) does the
-talking; ``RedisConnection`` retries for ``RETRY_SECONDS`` (2 s) while the server cannot be
+talking (the scripts on a connection of the store's own, past redis-py's pool, which costs
+more than a loopback round trip per command); ``RedisConnection`` retries for
+``RETRY_SECONDS`` (2 s) while the server cannot be
 reached or does not answer within ``SOCKET_TIMEOUT`` (2 s), and what stays down becomes a
 ``StoreError``.
 
@@ -16,7 +18,8 @@ it had just been emptied, the windows as if full (``_READ``).
 
 **One limit per key**: each session claims the key for its limits (``claim``, a renewed
 lease beside the key); a session that states other limits while the key is held fails to
-start (``PolicyConflict``).
+start (``PolicyConflict``), as does a session of a version that keeps the bucket as text
+(``CLAIM_FORMAT``).
 
 **Slots** (``--max-concurrency``) are leases. A held slot is a member of a sorted set
 (``pytest-ratebatch:<key>:slots:leases``) scored by its expiry on the server's clock. The
