@@ -850,7 +850,8 @@ class RedisBucketStore:
 
 def _load(stored: bytes | str | None) -> tuple[BucketState, tuple[int, ...]]:
     """The state from its Redis string (microseconds) into nanoseconds, and the numbers that
-    follow it (the epoch and the last loss, kept as they are). Either format (``_READ``)."""
+    follow it, kept as they are (``_READ``: the epoch, the last loss, the logs' renewal, the
+    latest reservation; fewer in older values). Either format."""
     state = BucketState()
     if not stored:
         return state, ()
