@@ -460,8 +460,6 @@ class RedisConnection:
         self._closed = False
         self._reply_error: type[BaseException] = redis.ResponseError
         self._pid = os.getpid()
-        #: Each script's command up to its arguments, packed: (SHA1, *keys) -> bytes.
-        self._heads: dict[tuple[str, ...], bytes] = {}
 
     def clean(self, message: str) -> str:
         """No output, report or error ever contains the password."""
@@ -509,10 +507,10 @@ class RedisConnection:
         return self.call(evaluate, where)
 
     def _evalsha(self, script: Script, keys: Sequence[str], args: Sequence[object]) -> Any:
-        """EVALSHA on a connection of this object's own, the command packed here: redis-py's
-        ``execute_command`` spends more than a loopback round trip on its pool's bookkeeping
-        (a poll of the socket, counters) before it sends. A second thread calling meanwhile
-        goes through the pool as before, as does a call after ``close``."""
+        """EVALSHA on a connection of this object's own: redis-py's ``execute_command``
+        spends more than a loopback round trip on its pool's bookkeeping (a poll of the
+        socket, counters) before it sends. A second thread calling meanwhile goes through the
+        pool as before, as does a call after ``close``."""
         if self._closed or not self._lane.acquire(blocking=False):
             return self._execute("EVALSHA", script.sha, len(keys), *keys, *args)
         try:
@@ -521,17 +519,9 @@ class RedisConnection:
                 # (a forked child must not read its parent's replies)
                 connection = self._connection = self.client.connection_pool.make_connection()
                 self._pid = os.getpid()
-            name = (script.sha, *keys)
-            head = self._heads.get(name)
-            if head is None:
-                head = self._heads[name] = b"".join(
-                    map(_bulk, ("EVALSHA", script.sha, len(keys), *keys))
-                )
-            count = b"*%d\r\n" % (3 + len(keys) + len(args))
+            command = connection.pack_command("EVALSHA", script.sha, len(keys), *keys, *args)
             try:
-                connection.send_packed_command(
-                    [b"".join((count, head, *map(_bulk, args)))], check_health=False
-                )
+                connection.send_packed_command(command, check_health=False)
                 return connection.read_response()
             except self._reply_error:
                 raise  # the reply was read: the connection is ready for the next command
@@ -556,12 +546,6 @@ class RedisConnection:
             finally:
                 self._lane.release()
         self.client.close()
-
-
-def _bulk(value: object) -> bytes:
-    """One argument of a command as RESP sends it (numbers as their decimal text)."""
-    data = value if isinstance(value, bytes) else str(value).encode()
-    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 #: Ends a claim's limits: sessions of versions that keep the bucket in another form (before
